@@ -1,0 +1,130 @@
+"""Atomic outputs: nothing appears under its final name until it is complete and on disk.
+
+Files and folders are built under a hidden temporary name in the same folder (so the final
+rename stays on one file system), fsynced, then renamed into place. A crash at any point leaves
+at most a hidden `.<name>.tmp-*` entry, never a half file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+
+
+def temp_sibling(final: Path) -> Path:
+    """A unique hidden name beside `final`, recognisable as a leftover by `TMP_MARK`."""
+    return final.parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a folder's entries (a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder below a folder."""
+    if path.is_dir():
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                _fsync_file(Path(root) / name)
+            fsync_dir(Path(root))
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder if it exists."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success move it onto `final`.
+
+    The caller creates a file or a folder at the yielded path. When the block ends without an
+    exception the result is fsynced and renamed to `final` (replacing what was there); on an
+    exception it is removed and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written at {tmp} for {final}")
+        fsync_tree(tmp)
+        if tmp.is_dir() and final.is_dir() and not final.is_symlink():
+            # A folder cannot be renamed over a non-empty folder: move the old one aside first.
+            old = temp_sibling(final)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            remove_path(old)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        remove_path(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write `obj` as indented UTF-8 JSON (non-ASCII kept) to `path` atomically."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def clean_leftovers(folder: str | os.PathLike[str], name: str) -> int:
+    """Remove temporary entries that dead runs left beside `folder/name`; return how many.
+
+    Entries of a process that is still alive (a concurrent run) are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for entry in folder.glob(f".{name}{TMP_MARK}*"):
+        pid = entry.name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        remove_path(entry)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

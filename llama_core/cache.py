@@ -1,0 +1,138 @@
+"""Stage cache keys and manifests: an identical re-run finds its output complete and skips.
+
+A stage's key is a digest of its name, its output format version, the content digests of its
+input files and its parameters. The stage writes a manifest (JSON, atomically, last) that
+records the key and the size and digest of each output. An output counts as complete only when
+its manifest exists, carries the same key, and every listed output file is present with the
+recorded size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_core.atomic import write_bytes_atomic, write_json_atomic
+
+_CHUNK = 8 << 20
+
+
+def _digest_memo_dir() -> Path:
+    base = os.environ.get("LLAMA_CORE_CACHE_DIR") or Path.home() / ".cache" / "llama_core"
+    return Path(base) / "digests"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, memoised by (real path, size, mtime, inode).
+
+    Multi-GB checkpoints are hashed once; a changed file (new size, mtime or inode) is hashed
+    again. The memo is a cache only: deleting it costs time, never correctness.
+    """
+    path = Path(path)
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    memo = _digest_memo_dir() / hashlib.sha256(ident.encode()).hexdigest()
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(memo, digest.encode())
+    except OSError:
+        pass  # a read-only home only loses the memo
+    return digest
+
+
+def cache_key(
+    stage: str,
+    format_version: int,
+    inputs: Iterable[str | os.PathLike[str]],
+    params: Mapping[str, Any],
+) -> str:
+    """Digest of everything that determines a stage's output.
+
+    `inputs` are files whose content matters (their digests are used, not their paths, so a
+    moved input still hits); `params` must be JSON-serialisable and hold every setting that
+    changes the output, and nothing that does not (worker counts, log intervals).
+    """
+    h = hashlib.sha256()
+    h.update(f"{stage}\0{format_version}\0".encode())
+    for path in inputs:
+        h.update(file_sha256(path).encode() + b"\0")
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a completed stage wrote, read back from its manifest file."""
+
+    path: Path
+    stage: str
+    key: str
+    outputs: dict[str, int]
+    extra: dict[str, Any]
+
+
+def write_manifest(
+    manifest_path: str | os.PathLike[str],
+    *,
+    stage: str,
+    key: str,
+    outputs: Iterable[str | os.PathLike[str]],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Record a completed stage. Call it last, after every output is in place.
+
+    `outputs` are paths; they are stored relative to the manifest's folder with their sizes.
+    """
+    manifest_path = Path(manifest_path)
+    base = manifest_path.parent
+    sizes = {os.path.relpath(Path(p), base): Path(p).stat().st_size for p in outputs}
+    doc = {
+        "stage": stage,
+        "cache_key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "outputs": sizes,
+        **(extra or {}),
+    }
+    return write_json_atomic(manifest_path, doc)
+
+
+def read_manifest(manifest_path: str | os.PathLike[str]) -> Manifest | None:
+    """The manifest at `manifest_path`, or None when it is absent or unreadable."""
+    manifest_path = Path(manifest_path)
+    try:
+        doc = json.loads(manifest_path.read_text())
+        stage, key, outputs = doc.pop("stage"), doc.pop("cache_key"), doc.pop("outputs")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    doc.pop("created", None)
+    return Manifest(manifest_path, stage, key, dict(outputs), doc)
+
+
+def cached(manifest_path: str | os.PathLike[str], key: str) -> Manifest | None:
+    """The manifest if it proves a complete output for `key`, else None."""
+    manifest = read_manifest(manifest_path)
+    if manifest is None or manifest.key != key:
+        return None
+    base = manifest.path.parent
+    for rel, size in manifest.outputs.items():
+        try:
+            if (base / rel).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return manifest

@@ -1,0 +1,13 @@
+"""Errors a user can act on. The CLI prints their message alone, without a traceback."""
+
+
+class LlamaCoreError(Exception):
+    """Base class for errors caused by input, configuration or environment, not by a bug."""
+
+
+class InputError(LlamaCoreError, ValueError):
+    """Bad input data. The message names the file, record and field (or tensor) at fault."""
+
+
+class ConfigError(LlamaCoreError, ValueError):
+    """A configuration value that cannot work (wrong type, inconsistent shapes, unknown key)."""

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+from llama_core.cache import cache_key, cached, file_sha256, write_manifest
+
+
+def test_key_depends_on_content_params_and_version(tmp_path: Path) -> None:
+    a = tmp_path / "a.txt"
+    a.write_text("one")
+    base = cache_key("stage", 1, [a], {"seq_length": 8})
+    assert cache_key("stage", 1, [a], {"seq_length": 8}) == base
+    assert cache_key("stage", 2, [a], {"seq_length": 8}) != base
+    assert cache_key("stage", 1, [a], {"seq_length": 9}) != base
+    assert cache_key("other", 1, [a], {"seq_length": 8}) != base
+    a.write_text("two")  # new size and mtime: re-hashed, not served from the memo
+    assert cache_key("stage", 1, [a], {"seq_length": 8}) != base
+
+
+def test_moved_input_keeps_its_key(tmp_path: Path) -> None:
+    a = tmp_path / "a.txt"
+    a.write_text("same bytes")
+    b = tmp_path / "b.txt"
+    b.write_text("same bytes")
+    assert cache_key("s", 1, [a], {}) == cache_key("s", 1, [b], {})
+
+
+def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    p = tmp_path / "blob"
+    p.write_bytes(b"\x00\x01" * 10_000_000)
+    assert file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()  # memo hit
+
+
+def test_cached_requires_key_and_intact_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "data.bin"
+    out.write_bytes(b"12345")
+    manifest = tmp_path / "data.manifest.json"
+    write_manifest(manifest, stage="s", key="k1", outputs=[out], extra={"records": 3})
+
+    hit = cached(manifest, "k1")
+    assert hit is not None and hit.extra == {"records": 3} and hit.outputs == {"data.bin": 5}
+    assert cached(manifest, "k2") is None
+    out.write_bytes(b"123")  # truncated output
+    assert cached(manifest, "k1") is None
+    out.unlink()
+    assert cached(manifest, "k1") is None
+    manifest.write_text("{not json")
+    assert cached(manifest, "k1") is None
