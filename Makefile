@@ -30,7 +30,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-test
-	$(PY) -m bench
+	for b in bench/[a-z]*.py; do n=$$(basename $$b .py); [ $$n = report ] || $(PY) -m bench.$$n || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
