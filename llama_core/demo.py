@@ -1,0 +1,176 @@
+"""Small, generated inputs for the end-to-end demo: no download, no data of the user's.
+
+`python -m llama_core.demo DEST` writes, deterministically:
+- `alpaca.json`: Alpaca-format records (instruction, input, output), some with an input;
+- `tokenizer.model`: a sentencepiece BPE model trained on those texts, with Llama's special ids
+  (`<unk>` 0, `<s>` 1, `</s>` 2) and byte fallback, so every later stage treats it like Llama's;
+- `hf_model/`: a tiny random Llama in Hugging Face layout (`config.json` + `model.safetensors`),
+  the same files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_core.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+
+# Shape of the demo model; it matches configs/lora_llama2_tiny.yaml's model_config.
+DEMO_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+
+_TOPICS = ["LoRA", "MindRecord", "a checkpoint", "data parallelism", "an Ascend NPU", "Airflow", "café crème"]
+_TASKS = [
+    ("Explain {t} in one sentence.", "", "{T} is a building block of the fine-tuning pipeline."),
+    ("Give two facts about {t}.", "", "First, {t} is used every day. Second, {t} is well documented."),
+    (
+        "Summarise the text.",
+        "The pipeline converts data, shards {t} and trains.",
+        "It prepares {t} and trains.",
+    ),
+    ("Translate to French.", "I like {t}.", "J'aime {t}."),
+    ("Is the statement true?", "{T} needs no configuration.", "No: {t} needs a small configuration."),
+]
+
+
+@dataclass(frozen=True)
+class DemoInputs:
+    """Paths of the generated demo inputs."""
+
+    alpaca: Path
+    tokenizer: Path
+    hf_model: Path
+
+
+def alpaca_records(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
+    """`n` Alpaca-format records drawn from fixed templates."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        instruction, inp, out = rng.choice(_TASKS)
+        topic = rng.choice(_TOPICS)
+        fill = {"t": topic, "T": topic[0].upper() + topic[1:]}
+        records.append(
+            {
+                "instruction": instruction.format(**fill),
+                "input": inp.format(**fill),
+                "output": out.format(**fill),
+            }
+        )
+    return records
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
+    """A serialized sentencepiece BPE model with Llama's special ids and byte fallback."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus may support fewer pieces; the model vocab stays larger
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def hf_llama_weights(shape: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random fp32 weights under Hugging Face `LlamaForCausalLM` tensor names."""
+    rng = np.random.default_rng(seed)
+    hidden, ffn = int(shape["hidden_size"]), int(shape["intermediate_size"])
+    heads, kv_heads = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
+    head_dim, vocab = hidden // heads, int(shape["vocab_size"])
+
+    def normal(*dims: int) -> np.ndarray:
+        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": normal(vocab, hidden)}
+    for i in range(int(shape["num_hidden_layers"])):
+        p = f"model.layers.{i}."
+        weights |= {
+            p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": normal(ffn, hidden),
+            p + "mlp.up_proj.weight": normal(ffn, hidden),
+            p + "mlp.down_proj.weight": normal(hidden, ffn),
+            p + "input_layernorm.weight": np.ones(hidden, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
+        }
+    weights["model.norm.weight"] = np.ones(hidden, np.float32)
+    weights["lm_head.weight"] = normal(vocab, hidden)
+    return weights
+
+
+def hf_llama_config(shape: dict[str, float]) -> dict[str, object]:
+    """The `config.json` Hugging Face writes for a `LlamaForCausalLM` of this shape."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **shape,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
+    """Write the demo's Alpaca data, tokenizer and tiny HF Llama under `dest` (atomically)."""
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    records = alpaca_records(seed=seed)
+    alpaca = write_json_atomic(dest / "alpaca.json", records)
+    texts = [" ".join(r.values()) for r in records]
+    tokenizer = write_bytes_atomic(dest / "tokenizer.model", train_tokenizer(texts, DEMO_MODEL["vocab_size"]))
+    with atomic_path(dest / "hf_model") as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(hf_llama_config(DEMO_MODEL), indent=2))
+        save_file(
+            hf_llama_weights(DEMO_MODEL, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
+    return DemoInputs(alpaca=alpaca, tokenizer=tokenizer, hf_model=dest / "hf_model")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llama_core.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("dest", help="folder to write alpaca.json, tokenizer.model and hf_model/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    inputs = make_demo_inputs(args.dest, args.seed)
+    print(json.dumps({k: str(v) for k, v in inputs.__dict__.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    from llama_core.cli import run
+
+    raise SystemExit(run(main))
