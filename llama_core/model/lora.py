@@ -1,0 +1,138 @@
+"""LoRA beside the Llama model, with MindFormers/MindPet parameter names.
+
+A wrapped Linear keeps its `weight` under the same name and gains `mindpet_delta_lora_a` [r, in] and
+`mindpet_delta_lora_b` [out, r]; forward is `W x + B(A(dropout(x))) * alpha / r`. A starts He-uniform
+(kaiming uniform with a=sqrt(5), as MindPet and PEFT), B zeros, so a fresh adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from mindspore import Parameter, Tensor, nn
+from mindspore.common.initializer import HeUniform, Zero, initializer
+
+from llama_core.errors import ConfigError
+from llama_core.model.llama import DTYPES, LlamaConfig, Linear
+
+LORA_PREFIX = "mindpet_delta_lora_"
+_LEGACY_LORA_PREFIX = "tk_delta_lora_"
+
+
+def normalize_lora_name(name: str) -> str:
+    """Parameter name with the older `tk_delta_lora_*` LoRA names mapped to `mindpet_delta_lora_*`."""
+    return name.replace("." + _LEGACY_LORA_PREFIX, "." + LORA_PREFIX)
+
+
+def is_lora_parameter(name: str) -> bool:
+    return ("." + LORA_PREFIX) in normalize_lora_name(name)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA settings (reference section 4 defaults). `target_modules` is matched with re.match against
+    Linear cell names such as `model.layers.0.attention.wq`, as MindFormers does."""
+
+    rank: int = 16
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: str = r".*wq|.*wk|.*wv|.*wo"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"pet_config.lora_rank must be a positive integer, got {self.rank!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"pet_config.lora_alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"pet_config.lora_dropout must be in [0, 1), got {self.dropout!r}")
+        try:
+            re.compile(self.target_modules)
+        except re.error as exc:
+            raise ConfigError(
+                f"pet_config.target_modules {self.target_modules!r} is not a regex: {exc}"
+            ) from exc
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_pet_config(cls, pet_config: Mapping[str, Any]) -> LoraConfig:
+        """Build from MindFormers' `model.model_config.pet_config` (pet_type lora, lora_rank, lora_alpha,
+        lora_dropout, target_modules); other keys raise ConfigError naming them."""
+        names = {
+            "lora_rank": "rank",
+            "lora_alpha": "alpha",
+            "lora_dropout": "dropout",
+            "target_modules": "target_modules",
+        }
+        pet_type = pet_config.get("pet_type", "lora")
+        if pet_type != "lora":
+            raise ConfigError(f"pet_config.pet_type {pet_type!r} is not supported (only 'lora')")
+        unknown = sorted(k for k in pet_config if k not in names and k != "pet_type")
+        if unknown:
+            raise ConfigError(f"pet_config: unknown key(s) {', '.join(unknown)}")
+        return cls(**{names[k]: v for k, v in pet_config.items() if k in names})
+
+    def matches(self, cell_name: str) -> bool:
+        return re.match(self.target_modules, cell_name) is not None
+
+
+class LoraLinear(Linear):
+    """A Linear plus the low-rank update B(A(dropout(x))) * alpha / r."""
+
+    def __init__(self, base: Linear, cfg: LoraConfig, config: LlamaConfig) -> None:
+        # the same weight Parameter: base weights already loaded stay in place
+        super().__init__(base.in_features, base.out_features, config, weight=base.weight)
+        param_dtype = DTYPES[config.param_init_type]
+        self.mindpet_delta_lora_a = Parameter(
+            initializer(HeUniform(negative_slope=math.sqrt(5)), (cfg.rank, base.in_features), param_dtype),
+            name="mindpet_delta_lora_a",
+        )
+        self.mindpet_delta_lora_b = Parameter(
+            initializer(Zero(), (base.out_features, cfg.rank), param_dtype), name="mindpet_delta_lora_b"
+        )
+        self.scaling = cfg.scaling
+        self.dropout = nn.Dropout(p=cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def construct(self, x: Tensor) -> Tensor:
+        x = x.astype(self.compute_dtype)
+        down = self.project(self.dropout(x), self.mindpet_delta_lora_a)
+        return self.project(x, self.weight) + self.project(down, self.mindpet_delta_lora_b) * self.scaling
+
+
+def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
+    """Wrap every Linear whose cell name matches `cfg.target_modules` and freeze all non-LoRA parameters.
+
+    Returns the wrapped cell names. Raises ConfigError when the regex matches no Linear.
+    """
+    config: LlamaConfig = model.config
+    cells = dict(model.cells_and_names())
+    targets = [
+        (name, cell)
+        for name, cell in cells.items()
+        if isinstance(cell, Linear) and not isinstance(cell, LoraLinear) and cfg.matches(name)
+    ]
+    if not targets:
+        raise ConfigError(f"pet_config.target_modules {cfg.target_modules!r} matches no Linear layer")
+    for name, cell in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = cells[parent_name]
+        wrapped = LoraLinear(cell, cfg, config)
+        setattr(parent, attr, wrapped)
+        # parameter names are fixed when a cell is attached; give the new ones their full path
+        wrapped.update_parameters_name(name + ".")
+    for param in model.get_parameters():
+        param.requires_grad = is_lora_parameter(param.name)
+    return [name for name, _ in targets]
+
+
+def lora_num_parameters(config: LlamaConfig, cfg: LoraConfig) -> int:
+    """Trainable LoRA parameters for a model config, without allocating (7B default LoRA: 16,777,216)."""
+    return sum(
+        cfg.rank * (out + inp) for name, (out, inp) in config.linear_shapes().items() if cfg.matches(name)
+    )
