@@ -244,7 +244,7 @@ class Linear(nn.Cell):
         """x [..., in] @ weight[out, in]^T, flattened to 2-D for the matmul kernel."""
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]), weight.astype(self.compute_dtype))
-        return y.reshape(lead + (weight.shape[0],))
+        return y.reshape((*lead, weight.shape[0]))
 
     def construct(self, x: Tensor) -> Tensor:
         return self.project(x.astype(self.compute_dtype), self.weight)

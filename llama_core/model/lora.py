@@ -17,7 +17,7 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, Zero, initializer
 
 from llama_core.errors import ConfigError
-from llama_core.model.llama import DTYPES, LlamaConfig, Linear
+from llama_core.model.llama import DTYPES, Linear, LlamaConfig
 
 LORA_PREFIX = "mindpet_delta_lora_"
 _LEGACY_LORA_PREFIX = "tk_delta_lora_"
