@@ -1,0 +1,174 @@
+"""The msrun launcher on CPU: real msrun, small stand-in rank programs instead of llama_core.run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_core.launch import LaunchError, launch, main
+
+# Stand-in for `python -m llama_core.run`: msrun also starts the scheduler with the same command
+# (MS_ROLE=MS_SCHED), which exits at once here since no MindSpore cluster is built.
+RANK_PROGRAM = """
+import os, signal, sys, time
+if os.environ.get("MS_ROLE") == "MS_SCHED":
+    sys.exit(0)
+rank = int(os.environ["RANK_ID"])
+mode = sys.argv[1]
+print(f"hello rank={rank} device={os.environ['DEVICE_ID']} size={os.environ['RANK_SIZE']} "
+      f"args={sys.argv[1:]} extra={os.environ.get('EXTRA_SETTING')}", flush=True)
+if mode == "ok":
+    print(f"done rank={rank}")
+elif rank == 1 and mode == "fail":
+    print("rank 1 gives up", flush=True)
+    sys.exit(3)
+elif rank == 1 and mode == "vanish":
+    os.killpg(0, signal.SIGKILL)
+else:
+    time.sleep(600)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def program(tmp_path: Path) -> list[str]:
+    path = tmp_path / "rank_program.py"
+    path.write_text(RANK_PROGRAM)
+    return [sys.executable, str(path)]
+
+
+def run_two(program: list[str], mode: str, log_dir: Path, **kwargs):
+    return launch(
+        [mode, "--flag", "x"],
+        worker_num=2,
+        local_worker_num=2,
+        master_port=free_port(),
+        log_dir=log_dir,
+        command=program,
+        **kwargs,
+    )
+
+
+def test_two_ranks_succeed_with_codes_logs_and_live_lines(program: list[str], tmp_path: Path) -> None:
+    lines: list[tuple[int, str]] = []
+    result = run_two(
+        program,
+        "ok",
+        tmp_path / "logs",
+        env={"EXTRA_SETTING": "passed"},
+        on_line=lambda rank, line: lines.append((rank, line)),
+    )
+    assert result.ok and result.failure is None
+    assert result.exit_codes == {0: 0, 1: 0}
+    assert result.log_paths == {r: (tmp_path / "logs" / f"worker_{r}.log").resolve() for r in (0, 1)}
+    for rank in (0, 1):
+        text = result.log_paths[rank].read_text()
+        # msrun's DEVICE_ID/RANK_ID/RANK_SIZE, our run args and the caller's extra env reach each rank.
+        expected = f"hello rank={rank} device={rank} size=2 args=['ok', '--flag', 'x'] extra=passed"
+        assert expected in text
+        assert (rank, expected) in lines
+        assert (rank, f"done rank={rank}") in lines
+    assert result.scheduler is not None and result.scheduler.exit_code == 0
+    assert (tmp_path / "logs" / "scheduler.log").exists()
+
+
+def test_a_dying_rank_fails_fast_and_is_named(program: list[str], tmp_path: Path) -> None:
+    with pytest.raises(LaunchError) as info:
+        run_two(program, "fail", tmp_path / "logs")
+    err = info.value
+    log1 = (tmp_path / "logs" / "worker_1.log").resolve()
+    assert err.rank == 1
+    assert "rank 1 exited with code 3" in str(err)
+    assert str(log1) in str(err)
+    assert "rank 1 gives up" in str(err)  # the last lines of its log
+    assert err.result is not None and not err.result.ok
+    # Rank 0 would have slept 600 s: the launcher stopped it (SIGKILL) instead of waiting.
+    assert err.result.exit_codes == {0: -9, 1: 3}
+    assert err.result.ranks[0].killed_by_launcher
+    assert not _running(err.result.log_dir)
+
+
+def test_a_rank_killed_without_status_is_reported(program: list[str], tmp_path: Path) -> None:
+    with pytest.raises(LaunchError) as info:
+        run_two(program, "vanish", tmp_path / "logs")
+    assert info.value.rank == 1
+    assert "rank 1 vanished without an exit status" in str(info.value)
+    assert info.value.result.exit_codes == {0: -9, 1: None}
+
+
+def _running(log_dir: Path) -> list[int]:
+    """Pids from the status files that are still alive (should be none after a launch)."""
+    alive = []
+    for pid_file in (log_dir / ".rank_status").glob("*.pid.json"):
+        pid = json.loads(pid_file.read_text())["pid"]
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie awaiting its reaper is not running
+            if fh.read().split(") ")[1].startswith("Z"):
+                continue
+        alive.append(pid)
+    return alive
+
+
+def test_port_in_use_is_refused_naming_the_owner(program: list[str], tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(LaunchError, match=rf"master_port {port} on 127.0.0.1 is already in use") as info:
+            launch(
+                ["ok"], worker_num=2, local_worker_num=2, master_port=port, log_dir=tmp_path, command=program
+            )
+    assert f"pid {os.getpid()}" in str(info.value)
+    assert not (tmp_path / "worker_0.log").exists()
+
+
+def test_stale_process_of_an_earlier_job_is_refused(program: list[str], tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "MS_SCHED_PORT": str(port), "MS_ROLE": "MS_WORKER"}
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    try:
+        with pytest.raises(LaunchError, match="maybe the last training process is running") as info:
+            launch(
+                ["ok"], worker_num=2, local_worker_num=2, master_port=port, log_dir=tmp_path, command=program
+            )
+        assert f"pid {stale.pid}" in str(info.value)
+    finally:
+        stale.kill()
+        stale.wait()
+
+
+def test_unwritable_log_dir_is_refused(program: list[str], tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LaunchError, match="is not writable"):
+        launch(["ok"], worker_num=2, local_worker_num=2, master_port=free_port(), log_dir=blocker / "logs")
+
+
+def test_rank_wrapper_records_the_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK_ID", "5")
+    monkeypatch.delenv("MS_ROLE", raising=False)
+    code = main(["--rank-wrapper", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(7)"])
+    assert code == 7
+    assert json.loads((tmp_path / "rank_5.exit.json").read_text()) == {"exit_code": 7}
+    assert json.loads((tmp_path / "rank_5.pid.json").read_text())["pid"] == os.getpid()
+
+
+def test_cli_help_shows_msrun_defaults() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "llama_core.launch", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--master_port" in out and "-- <llama_core.run args>" in out
