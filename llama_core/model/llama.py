@@ -125,6 +125,50 @@ class LlamaConfig:
             )
         return cls(**{k: v for k, v in values.items() if k in fields})
 
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
+        """Build from a Hugging Face Llama `config.json` mapping; `overrides` set other fields (e.g.
+        seq_length, dtypes). Raises ConfigError for HF features this model does not implement."""
+        rope = hf.get("rope_parameters") or {}
+        unsupported = {
+            "model_type": (hf.get("model_type", "llama"), "llama"),
+            "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+            "attention_bias": (bool(hf.get("attention_bias", False)), False),
+            "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
+            "tie_word_embeddings": (bool(hf.get("tie_word_embeddings", False)), False),
+            "rope_scaling": (hf.get("rope_scaling"), None),
+            "rope_type": (rope.get("rope_type", "default"), "default"),
+        }
+        for key, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ConfigError(f"HF config: {key}={value!r} is not supported (only {supported!r})")
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        if head_dim * heads != hf["hidden_size"]:
+            raise ConfigError(
+                f"HF config: head_dim {head_dim} x heads {heads} != hidden_size {hf['hidden_size']}"
+            )
+        max_positions = hf.get("max_position_embeddings", 4096)
+        values: dict[str, Any] = {
+            "seq_length": min(max_positions, 4096),
+            "hidden_size": hf["hidden_size"],
+            "num_layers": hf["num_hidden_layers"],
+            "num_heads": heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or None,
+            "vocab_size": hf["vocab_size"],
+            "intermediate_size": hf["intermediate_size"],
+            "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
+            "theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            "max_position_embedding": max_positions,
+        }
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(hf.get(key), int):
+                values[key] = hf[key]
+        if values["n_kv_heads"] == heads:
+            values["n_kv_heads"] = None
+        values.update(overrides)
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
