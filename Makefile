@@ -16,7 +16,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
 	touch $@
 
 demo: $(VENV)/.installed-runtime
-	$(PY) -m llama_core.demo --workdir demo_output
+	scripts/demo.sh demo_output
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

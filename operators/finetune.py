@@ -1,0 +1,116 @@
+"""The msrun fine-tune as an Airflow task: N ranks on one node, each rank's log in the task log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+
+from operators.rank_logs import RankLogRelay, summary_lines
+
+log = logging.getLogger("llama_core.operators.finetune")
+
+
+def override_args(overrides: Mapping[str, Any] | None) -> list[str]:
+    """`{"runner_config.epochs": 1}` -> `["--runner_config.epochs", "1"]` (values as YAML scalars)."""
+    args: list[str] = []
+    for key, value in (overrides or {}).items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+class MsrunFinetuneOperator(BaseOperator):
+    """Launch `python -m llama_core.run` on `worker_num` ranks with msrun and wait for it.
+
+    Every rank's lines stream live into the task log under the source `msrun.rank_<i>` (filter by
+    it in the UI). When the launch ends, one collapsible group per rank follows, failed ranks
+    first; a failed rank fails the task at once with its rank, exit code and log path. A retry of
+    the same run resumes from the newest complete checkpoint in `output_dir` instead of starting
+    over. Returns the trainer's summary (steps, losses, throughput) as the task's XCom.
+    """
+
+    template_fields: Sequence[str] = (
+        "config",
+        "overrides",
+        "train_dataset_dir",
+        "load_checkpoint",
+        "output_dir",
+        "worker_num",
+        "device_target",
+        "master_port",
+    )
+    ui_color = "#f6c7b6"
+
+    def __init__(
+        self,
+        *,
+        config: str,
+        train_dataset_dir: str,
+        output_dir: str,
+        load_checkpoint: str | None = None,
+        overrides: Mapping[str, Any] | str | None = None,
+        worker_num: int | str = 8,
+        device_target: str = "Ascend",
+        master_port: int | str = 8118,
+        run_mode: str = "finetune",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.config, self.train_dataset_dir, self.output_dir = config, train_dataset_dir, output_dir
+        self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
+        self.worker_num, self.device_target, self.master_port = worker_num, device_target, master_port
+
+    def run_args(self, resume: bool) -> list[str]:
+        """The `llama_core.run` command line for this task."""
+        if isinstance(self.overrides, str):  # rendered without native objects
+            self.overrides = json.loads(self.overrides or "{}")
+        args = [
+            "--config", self.config,
+            "--run_mode", self.run_mode,
+            "--train_dataset_dir", self.train_dataset_dir,
+            "--output_dir", self.output_dir,
+            "--device_target", self.device_target,
+            "--use_parallel", str(int(self.worker_num) > 1),
+        ]  # fmt: skip
+        if self.load_checkpoint:
+            args += ["--load_checkpoint", self.load_checkpoint]
+        if resume:
+            args += ["--resume_training", "True"]
+        return args + override_args(self.overrides)  # type: ignore[arg-type]
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from llama_core.launch import LaunchError, launch
+        from llama_core.train import SUMMARY_NAME
+
+        output_dir = Path(self.output_dir)
+        resume = any(output_dir.glob("checkpoint/rank_*/*.ckpt"))
+        if resume:
+            log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
+        workers = int(self.worker_num)
+        try:
+            result = launch(
+                self.run_args(resume),
+                worker_num=workers,
+                local_worker_num=workers,
+                master_port=int(self.master_port),
+                log_dir=output_dir / "msrun_log",
+                join=True,
+                on_line=RankLogRelay(),
+            )
+        except LaunchError as exc:
+            if exc.result is not None:
+                self._log_rank_summary(exc.result.exit_codes, exc.result.log_paths)
+            if exc.rank is not None and exc.rank >= 0:
+                log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
+            raise
+        self._log_rank_summary(result.exit_codes, result.log_paths)
+        summary = json.loads((output_dir / SUMMARY_NAME).read_text())
+        return {"output_dir": str(output_dir), "duration_s": result.duration_s, **summary}
+
+    def _log_rank_summary(self, exit_codes: Mapping[int, int | None], log_paths: Mapping[int, Path]) -> None:
+        for line in summary_lines(exit_codes, log_paths):
+            log.info(line)

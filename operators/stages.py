@@ -1,0 +1,163 @@
+"""Operators for the pipeline's data and checkpoint stages: each calls one `llama_core` function.
+
+The stage does the work, the caching and the error reporting; the operator only renders its
+arguments, calls it, and hands its result object on as the task's XCom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseHook, BaseOperator, Context
+
+log = logging.getLogger("llama_core.operators")
+
+
+def to_xcom(result: Any) -> Any:
+    """A stage result (dataclasses, paths, lists) as plain JSON-able values."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return {f.name: to_xcom(getattr(result, f.name)) for f in dataclasses.fields(result)}
+    if isinstance(result, Mapping):
+        return {str(k): to_xcom(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return [to_xcom(v) for v in result]
+    if isinstance(result, Path):
+        return str(result)
+    return result
+
+
+class FetchOperator(BaseOperator):
+    """Download (or reuse from the cache) one source: a path, http(s)://, s3:// or hf:// URL.
+
+    `conn_id` names an Airflow connection whose credentials are handed to the fetch: an AWS
+    connection (login = access key, password = secret, extra `endpoint_url` for OBS/MinIO) for
+    s3://, or any connection whose password is a Hugging Face token for hf://.
+    """
+
+    template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id")
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self, *, source: str, dest: str, sha256: str | None = None, conn_id: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source, self.dest, self.sha256, self.conn_id = source, dest, sha256, conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from llama_core.fetch import Credentials, fetch
+
+        credentials = None
+        if self.conn_id:
+            conn = BaseHook.get_connection(self.conn_id)
+            extra = conn.extra_dejson
+            credentials = Credentials(
+                key=conn.login or None,
+                secret=conn.password or None,
+                token=extra.get("token") or conn.password or None,
+                endpoint_url=extra.get("endpoint_url") or conn.host or None,
+            )
+        result = fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials)
+        return to_xcom(result)
+
+
+class AlpacaToConversationsOperator(BaseOperator):
+    """Alpaca records -> the conversation JSON the tokenizer stage reads (MindFormers' format)."""
+
+    template_fields: Sequence[str] = ("data_path", "output_path")
+
+    def __init__(self, *, data_path: str, output_path: str, on_error: str = "raise", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_path, self.output_path, self.on_error = data_path, output_path, on_error
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from llama_core.data.alpaca_converter import convert_alpaca
+
+        return to_xcom(convert_alpaca(self.data_path, self.output_path, on_error=self.on_error))
+
+
+class TokenizeToMindRecordOperator(BaseOperator):
+    """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers."""
+
+    template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file")
+
+    def __init__(
+        self,
+        *,
+        input_glob: str,
+        model_file: str,
+        output_file: str,
+        seq_length: int | str = 4096,
+        dataset_type: str = "qa",
+        file_partition: int = 1,
+        workers: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input_glob, self.model_file, self.output_file = input_glob, model_file, output_file
+        self.seq_length, self.dataset_type = seq_length, dataset_type
+        self.file_partition, self.workers = file_partition, workers
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from llama_core.data.llama_preprocess import preprocess
+
+        result = preprocess(
+            dataset_type=self.dataset_type,
+            input_glob=self.input_glob,
+            model_file=self.model_file,
+            seq_length=int(self.seq_length),
+            output_file=self.output_file,
+            file_partition=self.file_partition,
+            workers=self.workers,
+        )
+        return to_xcom(result)
+
+
+class ImportCheckpointOperator(BaseOperator):
+    """A Hugging Face Llama folder -> one MindSpore .ckpt; a .ckpt input is passed on unchanged."""
+
+    template_fields: Sequence[str] = ("input_path", "output_path")
+
+    def __init__(self, *, input_path: str, output_path: str, dtype: str = "fp32", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.input_path, self.output_path, self.dtype = input_path, output_path, dtype
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        source = Path(self.input_path)
+        if source.is_file() and source.suffix == ".ckpt":
+            log.info("%s is already a MindSpore checkpoint: nothing to import", source)
+            return {"output_path": str(source), "imported": False}
+        from llama_core.checkpoint.convert import convert_hf_to_ms
+
+        return {**to_xcom(convert_hf_to_ms(source, self.output_path, dtype=self.dtype)), "imported": True}
+
+
+class ShardCheckpointOperator(BaseOperator):
+    """A complete (or distributed) checkpoint -> `rank_<i>/checkpoint_<i>.ckpt` for the config's layout."""
+
+    template_fields: Sequence[str] = ("load_checkpoint", "config", "overrides", "output_dir")
+
+    def __init__(
+        self,
+        *,
+        load_checkpoint: str,
+        config: str,
+        output_dir: str,
+        overrides: Mapping[str, Any] | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.load_checkpoint, self.config = load_checkpoint, config
+        self.output_dir, self.overrides = output_dir, overrides
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from llama_core.checkpoint.shard import shard_checkpoint
+        from llama_core.config import apply_overrides, load_config
+
+        overrides = json.loads(self.overrides) if isinstance(self.overrides, str) else (self.overrides or {})
+        config = apply_overrides(load_config(self.config), overrides.items())
+        return to_xcom(shard_checkpoint(self.load_checkpoint, config, self.output_dir))
