@@ -8,6 +8,7 @@ from llama_core.model.lora import (
     lora_num_parameters,
     normalize_lora_name,
 )
+from llama_core.model.weights import load_weights
 
 __all__ = [
     "LlamaConfig",
@@ -16,6 +17,7 @@ __all__ = [
     "LoraConfig",
     "apply_lora",
     "is_lora_parameter",
+    "load_weights",
     "lora_num_parameters",
     "normalize_lora_name",
 ]
