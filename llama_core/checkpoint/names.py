@@ -1,0 +1,301 @@
+"""The one HF <-> MindSpore name table for Llama (reference section 3), with shapes and slicing.
+
+Each row names a parameter on both sides, its shape in terms of the model's sizes, how tensor
+parallelism slices it (Megatron style) and which pipeline stage holds it:
+
+| MindSpore name (HF name)                                   | shape        | TP split              | stage |
+|------------------------------------------------------------|--------------|-----------------------|-------|
+| model.tok_embeddings.embedding_weight (model.embed_tokens) | [vocab, h]   | rows (vocab)          | first |
+| layers.i.attention_norm (input_layernorm)                  | [h]          | replicated            | layer |
+| layers.i.attention.wq (self_attn.q_proj)                   | [heads*d, h] | rows (whole heads)    | layer |
+| layers.i.attention.wk, wv (self_attn.k_proj, v_proj)       | [kv*d, h]    | rows (whole kv heads) | layer |
+| layers.i.attention.wo (self_attn.o_proj)                   | [h, heads*d] | columns               | layer |
+| layers.i.ffn_norm (post_attention_layernorm)               | [h]          | replicated            | layer |
+| layers.i.feed_forward.w1, w3 (mlp.gate_proj, up_proj)      | [ffn, h]     | rows                  | layer |
+| layers.i.feed_forward.w2 (mlp.down_proj)                   | [h, ffn]     | columns               | layer |
+| model.norm_out (model.norm)                                | [h]          | replicated            | last  |
+| lm_head (lm_head)                                          | [vocab, h]   | rows (vocab)          | last  |
+
+(`layers.i` is `model.layers.i`, stage "layer" is the stage of layer i; every name ends
+in `.weight` except the embedding's.)
+
+LoRA (`<linear>.mindpet_delta_lora_a` [r, in], `_lora_b` [out, r]; older files say `tk_delta_`)
+follows its linear: for a row-split linear B is split by rows and A replicated, for a
+column-split one A is split by columns and B replicated. Optimizer states `adam_m.<p>` and
+`adam_v.<p>` follow `<p>`. Training scalars (a name without a dot, at most one element, such as
+`global_step`) are replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from llama_core.errors import ConfigError, InputError
+
+LORA_PREFIXES = ("mindpet_delta_", "tk_delta_")
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The sizes that fix every parameter's shape."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def check(self) -> None:
+        if self.hidden % self.heads:
+            raise ConfigError(f"hidden_size {self.hidden} is not divisible by num_heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"num_heads {self.heads} is not divisible by n_kv_heads {self.kv_heads}")
+
+    def size(self, symbol: str) -> int:
+        return {
+            "h": self.hidden,
+            "q": self.heads * self.head_dim,
+            "kv": self.kv_heads * self.head_dim,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+        }[symbol]
+
+
+def dims_from_hf_config(cfg: dict[str, Any]) -> LlamaDims:
+    """Sizes from an HF `config.json` of a LlamaForCausalLM."""
+    try:
+        dims = LlamaDims(
+            hidden=int(cfg["hidden_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=int(cfg["num_attention_heads"]),
+            kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            ffn=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"config.json lacks {exc.args[0]!r}") from None
+    dims.check()
+    if cfg.get("head_dim") not in (None, dims.head_dim):
+        raise ConfigError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
+    return dims
+
+
+def mindformers_ffn_size(hidden: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """MindFormers' Llama FFN width: 2/3 of 4*hidden, scaled, rounded up to `multiple_of`."""
+    width = int(2 * (4 * hidden) / 3)
+    if ffn_dim_multiplier is not None:
+        width = int(ffn_dim_multiplier * width)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+def dims_from_model_config(cfg: dict[str, Any]) -> LlamaDims:
+    """Sizes from a MindFormers-style `model.model_config` mapping (hidden_size, num_layers, ...)."""
+    try:
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
+        ffn = cfg.get("intermediate_size") or mindformers_ffn_size(
+            hidden, int(cfg.get("multiple_of", 256)), cfg.get("ffn_dim_multiplier")
+        )
+        dims = LlamaDims(
+            hidden=hidden,
+            layers=int(cfg["num_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("n_kv_heads") or heads),
+            ffn=int(ffn),
+            vocab=int(cfg["vocab_size"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"model_config lacks {exc.args[0]!r}") from None
+    dims.check()
+    return dims
+
+
+@dataclass(frozen=True)
+class Param:
+    """One row of the table. `{i}` stands for the layer index."""
+
+    ms: str
+    hf: str
+    shape: tuple[str, ...]
+    tp_axis: int | None  # axis split by tensor parallelism; None = replicated
+    stage: str  # "first", "layer" or "last"
+
+
+TABLE: tuple[Param, ...] = (
+    Param("model.tok_embeddings.embedding_weight", "model.embed_tokens.weight", ("vocab", "h"), 0, "first"),
+    Param(
+        "model.layers.{i}.attention_norm.weight",
+        "model.layers.{i}.input_layernorm.weight",
+        ("h",),
+        None,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.attention.wq.weight",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        ("q", "h"),
+        0,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.attention.wk.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        ("kv", "h"),
+        0,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.attention.wv.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        ("kv", "h"),
+        0,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.attention.wo.weight",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        ("h", "q"),
+        1,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.ffn_norm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        ("h",),
+        None,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.feed_forward.w1.weight",
+        "model.layers.{i}.mlp.gate_proj.weight",
+        ("ffn", "h"),
+        0,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.feed_forward.w2.weight",
+        "model.layers.{i}.mlp.down_proj.weight",
+        ("h", "ffn"),
+        1,
+        "layer",
+    ),
+    Param(
+        "model.layers.{i}.feed_forward.w3.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+        ("ffn", "h"),
+        0,
+        "layer",
+    ),
+    Param("model.norm_out.weight", "model.norm.weight", ("h",), None, "last"),
+    Param("lm_head.weight", "lm_head.weight", ("vocab", "h"), 0, "last"),
+)
+
+# HF buffers that are recomputed from the config, not weights (older HF checkpoints hold them).
+HF_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(\d+)") + r"\Z")
+
+
+_MS_RE = [(_compile(p.ms), p) for p in TABLE]
+_HF_RE = [(_compile(p.hf), p) for p in TABLE]
+
+
+@dataclass(frozen=True)
+class Match:
+    """A name resolved against the table: the row and the layer index (None outside layers)."""
+
+    param: Param
+    layer: int | None
+
+    @property
+    def ms_name(self) -> str:
+        return self.param.ms.replace("{i}", str(self.layer))
+
+    @property
+    def hf_name(self) -> str:
+        return self.param.hf.replace("{i}", str(self.layer))
+
+    def shape(self, dims: LlamaDims) -> tuple[int, ...]:
+        return tuple(dims.size(s) for s in self.param.shape)
+
+
+def _lookup(name: str, table: list[tuple[re.Pattern[str], Param]], dims: LlamaDims | None) -> Match | None:
+    for regex, param in table:
+        m = regex.match(name)
+        if m:
+            layer = int(m.group(1)) if m.groups() else None
+            if dims is not None and layer is not None and layer >= dims.layers:
+                raise InputError(f"tensor {name!r}: layer {layer} but the config has {dims.layers} layers")
+            return Match(param, layer)
+    return None
+
+
+def match_ms(name: str, dims: LlamaDims | None = None) -> Match | None:
+    """The table row of a MindSpore base-weight name, or None."""
+    return _lookup(name, _MS_RE, dims)
+
+
+def match_hf(name: str, dims: LlamaDims | None = None) -> Match | None:
+    """The table row of an HF base-weight name, or None."""
+    return _lookup(name, _HF_RE, dims)
+
+
+def hf_to_ms(name: str) -> str:
+    """HF name -> MindSpore name (InputError for a name outside the table)."""
+    m = match_hf(name)
+    if m is None:
+        raise InputError(f"tensor {name!r}: not a Llama weight name known to the HF -> MindSpore table")
+    return m.ms_name
+
+
+def ms_to_hf(name: str) -> str:
+    """MindSpore name -> HF name (InputError for a name outside the table)."""
+    m = match_ms(name)
+    if m is None:
+        raise InputError(f"tensor {name!r}: not a Llama weight name known to the MindSpore -> HF table")
+    return m.hf_name
+
+
+def check_shape(name: str, shape: tuple[int, ...], match: Match, dims: LlamaDims) -> None:
+    """Fail naming the tensor when its shape is not the one the config implies."""
+    expected = match.shape(dims)
+    if tuple(shape) != expected:
+        raise InputError(
+            f"tensor {name!r}: shape {list(shape)} does not match the config, expected {list(expected)}"
+        )
+
+
+def expected_ms_names(dims: LlamaDims) -> list[str]:
+    """Every base weight a complete checkpoint of `dims` holds, in model order."""
+    names = []
+    for p in TABLE:
+        if "{i}" in p.ms:
+            continue
+        names.append(p.ms)
+    per_layer = [p.ms for p in TABLE if "{i}" in p.ms]
+    first, last = names[:1], names[1:]
+    return first + [n.replace("{i}", str(i)) for i in range(dims.layers) for n in per_layer] + last
+
+
+def split_lora_name(name: str) -> tuple[str, str, str] | None:
+    """'m.wq.mindpet_delta_lora_a' -> ('m.wq', 'mindpet_delta_', 'a'); None for other names."""
+    for prefix in LORA_PREFIXES:
+        for ab in ("a", "b"):
+            suffix = f".{prefix}lora_{ab}"
+            if name.endswith(suffix):
+                return name[: -len(suffix)], prefix, ab
+    return None
+
+
+def is_training_scalar(name: str, numel: int) -> bool:
+    """Step counters and loss scale: a dot-free name with at most one element."""
+    return "." not in name and numel <= 1
