@@ -109,6 +109,11 @@ def test_from_dict_reads_mindformers_model_config(caplog: pytest.LogCaptureFixtu
     assert "batch_size, type, use_past" in caplog.text
     with pytest.raises(ConfigError, match="hidden_sise"):
         LlamaConfig.from_dict({**section4, "hidden_sise": 1})
+    assert LlamaConfig.from_dict({**section4, "extend_method": "None", "qkv_concat": False}) == cfg
+    with pytest.raises(ConfigError, match="qkv_concat=True"):  # would rename wq/wk/wv to w_qkv
+        LlamaConfig.from_dict({**section4, "qkv_concat": True})
+    with pytest.raises(ConfigError, match="extend_method='NTK'"):  # would change RoPE
+        LlamaConfig.from_dict({**section4, "extend_method": "NTK"})
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,9 @@ logger = logging.getLogger("llama_core.model")
 
 DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
 
-# MindFormers `model_config` keys that exist for features this model does not have (incremental
-# inference, parallel layouts, generation defaults, fused-kernel tuning). They are accepted so the
-# reference YAML loads as is, and listed in a log line so nothing is dropped without a word.
+# MindFormers `model_config` keys for features that do not change what is trained here (incremental
+# inference, parallel layouts, generation defaults, kernel tuning). They are accepted so the reference
+# YAML loads as is, and listed in a log line so nothing is dropped without a word.
 IGNORED_MINDFORMERS_KEYS = frozenset(
     {
         "type",
@@ -39,8 +39,6 @@ IGNORED_MINDFORMERS_KEYS = frozenset(
         "checkpoint_name_or_path",
         "use_past",
         "use_past_shard",
-        "extend_method",
-        "scaling_factor",
         "is_dynamic",
         "use_kvcache_op",
         "is_flexible_shape",
@@ -55,17 +53,25 @@ IGNORED_MINDFORMERS_KEYS = frozenset(
         "top_p",
         "do_sample",
         "fine_grain_interleave",
-        "qkv_concat",
         "compute_in_2d",
         "pretrain_seqlen",
         "parallel_config",
-        "moe_config",
         "embedding_init_type",
         "init_method_std",
         "fused_rms_norm",
         "pet_config",  # read by LoraConfig.from_pet_config
     }
 )
+# MindFormers keys that would change the model (names, maths): accepted only at these values.
+NEUTRAL_MINDFORMERS_VALUES: dict[str, tuple[Any, ...]] = {
+    "extend_method": ("None", None),
+    "scaling_factor": (1.0, None),
+    "qkv_concat": (False,),
+    "qkv_has_bias": (False,),
+    "attn_proj_has_bias": (False,),
+    "tie_word_embeddings": (False,),
+    "moe_config": (None,),
+}
 
 # Llama's standard deviation for the normal init of linear and embedding weights (MindFormers default).
 INIT_STD = 0.02
@@ -111,13 +117,20 @@ class LlamaConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> LlamaConfig:
         """Build from a YAML `model.model_config` mapping.
 
-        Unknown keys raise ConfigError naming them; MindFormers keys for features this model does not
-        have (`IGNORED_MINDFORMERS_KEYS`) are skipped and listed in one log line.
+        Unknown keys raise ConfigError naming them. MindFormers keys for features that do not change
+        the trained model (`IGNORED_MINDFORMERS_KEYS`) are skipped and listed in one log line; those that
+        would change it (`NEUTRAL_MINDFORMERS_VALUES`: qkv_concat, extend_method...) must keep their
+        neutral value or raise ConfigError.
         """
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if k not in fields and k not in IGNORED_MINDFORMERS_KEYS)
+        known = fields | IGNORED_MINDFORMERS_KEYS | NEUTRAL_MINDFORMERS_VALUES.keys()
+        unknown = sorted(k for k in values if k not in known)
         if unknown:
             raise ConfigError(f"model_config: unknown key(s) {', '.join(unknown)}")
+        for key, neutral in NEUTRAL_MINDFORMERS_VALUES.items():
+            if key in values and values[key] not in neutral:
+                allowed = " or ".join(map(repr, neutral))
+                raise ConfigError(f"model_config.{key}={values[key]!r} is not supported (only {allowed})")
         ignored = sorted(k for k in values if k in IGNORED_MINDFORMERS_KEYS and k != "pet_config")
         if ignored:
             logger.info(
