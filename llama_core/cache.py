@@ -28,6 +28,23 @@ def _digest_memo_dir() -> Path:
     return Path(base) / "digests"
 
 
+def _memo_path(path: Path) -> Path:
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return _digest_memo_dir() / hashlib.sha256(ident.encode()).hexdigest()
+
+
+def remember_sha256(path: str | os.PathLike[str], digest: str) -> None:
+    """Memoise a digest computed while `path` was written (a download hashes as it goes),
+    so a later `file_sha256(path)` does not read a multi-GB file again."""
+    try:
+        memo = _memo_path(Path(path))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(memo, digest.encode())
+    except OSError:
+        pass  # a read-only home only loses the memo
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a file's bytes, memoised by (real path, size, mtime, inode).
 
@@ -35,9 +52,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     again. The memo is a cache only: deleting it costs time, never correctness.
     """
     path = Path(path)
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    memo = _digest_memo_dir() / hashlib.sha256(ident.encode()).hexdigest()
+    memo = _memo_path(path)
     try:
         return memo.read_text().strip()
     except OSError:

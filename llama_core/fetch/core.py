@@ -1,0 +1,326 @@
+"""fetch(): download a source into a folder, resumably, verified, once, and cached.
+
+Layout under the store folder (`dest`, or `cache_dir/<source digest>` when a shared cache is used):
+- `<name>`                 the fetched file, or a folder of files (s3 prefix, local folder, hf repo)
+- `.<name>.fetch.json`     manifest: redacted source, and per file its size, sha256 and validator
+- `.<name>.fetch.lock`     file lock: concurrent fetches of one source download it once
+- `.<file>.part[.json]`    a partial download and the validator it started from (for resuming)
+A file appears under its final name only complete and verified (atomic rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from llama_core.atomic import atomic_path, remove_path, write_json_atomic
+from llama_core.cache import cache_key, file_sha256, read_manifest, remember_sha256, write_manifest
+from llama_core.errors import ConfigError, InputError, LlamaCoreError
+from llama_core.fetch.redact import redact
+from llama_core.fetch.remote import FetchError, Reader, RemoteFile, Timeouts, Transient, make_reader
+from llama_core.fetch.source import Credentials, Source, parse_source
+from llama_core.progress import Progress
+
+log = logging.getLogger("llama_core.fetch")
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """One fetched file. `cached` is True when it was already there and valid (no download)."""
+
+    source: str  # redacted
+    path: Path
+    size: int
+    sha256: str
+    cached: bool
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What `fetch` delivered: `path` is the file or folder under `dest`."""
+
+    source: str  # redacted
+    path: Path
+    files: tuple[FetchedFile, ...]
+    total_bytes: int
+    elapsed: float
+
+    @property
+    def cached(self) -> bool:
+        """True when nothing had to be downloaded."""
+        return all(f.cached for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (paths as strings), e.g. for the CLI output or an Airflow XCom."""
+        doc = asdict(self)
+        doc["path"] = str(self.path)
+        doc["files"] = [{**asdict(f), "path": str(f.path)} for f in self.files]
+        doc["cached"] = self.cached
+        return doc
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`retries` consecutive failures without progress are tolerated; waits double from `backoff`."""
+
+    retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+
+
+def fetch(
+    source: str,
+    dest: str | os.PathLike[str],
+    *,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    credentials: Credentials | None = None,
+    retry: RetryPolicy | None = None,
+    timeouts: Timeouts | None = None,
+    progress_interval: float = 5.0,
+) -> FetchResult:
+    """Fetch `source` (path, file://, http(s)://, s3://, hf://) to `dest/<name>`.
+
+    `sha256` pins a single-file source's digest: a mismatch raises and keeps nothing. With
+    `cache_dir`, the download lands in that shared cache and is hard-linked (or copied) into
+    `dest`. Credentials not given in `credentials` come from the environment.
+    """
+    t0 = time.monotonic()
+    creds = credentials or Credentials()
+    secrets = creds.secrets()
+    src = parse_source(source)
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ConfigError(f"sha256 for {src.redacted} must be 64 hex digits, got {sha256!r}")
+    expected = sha256.lower() if sha256 else None
+    if expected and src.scheme == "hf":
+        raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
+    store = (
+        Path(cache_dir) / hashlib.sha256(src.redacted.encode()).hexdigest()[:24] if cache_dir else Path(dest)
+    )
+    try:
+        with _locked(store, src):
+            if src.scheme == "hf":
+                from llama_core.fetch.hf import fetch_hf
+
+                files = fetch_hf(src, store / src.name, creds, timeouts or Timeouts())
+            else:
+                reader = make_reader(src, creds, timeouts or Timeouts())
+                files = _fetch_store(src, store, reader, expected, retry or RetryPolicy(), progress_interval)
+        if cache_dir:
+            files = [_link_into(f, store, Path(dest)) for f in files]
+    except LlamaCoreError as exc:
+        raise type(exc)(redact(exc, secrets)) from None
+    except Exception as exc:
+        # Third-party messages may quote URLs or keys: re-raise redacted, without the raw chain.
+        log.debug("%s", redact("".join(traceback.format_exception(exc)), secrets))
+        raise FetchError(
+            redact(f"fetch of {src.redacted} failed: {type(exc).__name__}: {exc}", secrets)
+        ) from None
+    result = FetchResult(
+        src.redacted, Path(dest) / src.name, tuple(files), sum(f.size for f in files), time.monotonic() - t0
+    )
+    got = "cached" if result.cached else "fetched"
+    log.info(
+        "%s %s: %d file(s), %d bytes in %.1fs",
+        got,
+        src.redacted,
+        len(files),
+        result.total_bytes,
+        result.elapsed,
+    )
+    return result
+
+
+@contextlib.contextmanager
+def _locked(store: Path, src: Source) -> Iterator[None]:
+    store.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(store / f".{src.name}.fetch.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another fetch of %s to finish (%s)", src.redacted, lock.lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _fetch_store(
+    src: Source, store: Path, reader: Reader, expected: str | None, retry: RetryPolicy, interval: float
+) -> list[FetchedFile]:
+    entry = store / src.name
+    manifest_path = store / f".{src.name}.fetch.json"
+    key = cache_key("fetch", FORMAT_VERSION, [], {"source": src.redacted})
+    if expected and entry.is_file() and file_sha256(entry) == expected:
+        # Content-addressed hit: the pinned digest proves the content, no need to ask the store.
+        return [FetchedFile(src.redacted, entry, entry.stat().st_size, expected, True)]
+    remote = _retrying(reader.listing, retry, src.redacted)
+    if expected and (len(remote) != 1 or remote[0].rel):
+        raise ConfigError(f"sha256 pins one file; {src.redacted} holds {len(remote)} files")
+    manifest = read_manifest(manifest_path)
+    old = manifest.extra.get("files", {}) if manifest and manifest.key == key else {}
+    files, records = [], {}
+    for rf in remote:
+        path = entry / rf.rel if rf.rel else entry
+        fetched = _still_valid(rf, path, old.get(rf.rel))
+        validator = rf.validator
+        if fetched is None:
+            fetched, validator = _download(reader, rf, path, expected, retry, interval)
+        files.append(fetched)
+        records[rf.rel] = {"size": fetched.size, "sha256": fetched.sha256, "validator": validator}
+    for rel in set(old) - set(records):  # gone from the source since the last fetch
+        remove_path(entry / rel)
+    write_manifest(
+        manifest_path,
+        stage="fetch",
+        key=key,
+        outputs=[f.path for f in files],
+        extra={"source": src.redacted, "files": records},
+    )
+    return files
+
+
+def _still_valid(rf: RemoteFile, path: Path, record: dict[str, Any] | None) -> FetchedFile | None:
+    """The local copy if the store reports the same size and validator as when it was fetched."""
+    if not record or rf.validator is None or record.get("validator") != rf.validator:
+        return None
+    if rf.size != record.get("size") or not path.is_file() or path.stat().st_size != rf.size:
+        return None
+    if file_sha256(path) != record.get("sha256"):  # memoised: free unless the file was touched
+        return None
+    return FetchedFile(rf.source, path, rf.size, record["sha256"], True)
+
+
+def _retrying(fn, retry: RetryPolicy, shown: str):
+    failures = 0
+    while True:
+        try:
+            return fn()
+        except Transient as exc:
+            failures += 1
+            _wait(exc, failures, retry, shown, 0)
+
+
+def _wait(exc: Transient, failures: int, retry: RetryPolicy, shown: str, offset: int) -> None:
+    """Sleep before the next attempt, or raise FetchError when the retries are used up."""
+    if failures > retry.retries:
+        raise FetchError(f"giving up on {shown} after {failures} attempts: {exc}")
+    delay = min(retry.backoff * 2 ** (failures - 1), retry.max_backoff)
+    if exc.retry_after is not None:
+        delay = min(max(delay, exc.retry_after), retry.max_backoff)
+    log.warning("%s; retry %d/%d in %.1fs from byte %d", exc, failures, retry.retries, delay, offset)
+    time.sleep(delay)
+
+
+def _download(
+    reader: Reader, rf: RemoteFile, final: Path, expected: str | None, retry: RetryPolicy, interval: float
+) -> tuple[FetchedFile, str | None]:
+    """Stream `rf` into `.<name>.part` (resuming one left by an earlier run), verify, rename.
+
+    Returns the file and the validator the store gave for the bytes received."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.parent / f".{final.name}.part"
+    meta_path = final.parent / f".{final.name}.part.json"
+    meta = _read_meta(meta_path)
+    if not (partial.is_file() and meta.get("validator") and meta.get("validator") == rf.validator):
+        meta = {"validator": rf.validator, "size": rf.size}
+        partial.write_bytes(b"")
+    hasher, offset = _hash_file(partial)
+    # Resume against the validator the partial started from: If-Range/ETag detect a change.
+    current = RemoteFile(rf.rel, rf.source, meta.get("size"), meta.get("validator"), rf.address)
+    progress = Progress(
+        f"fetch {rf.source}", rf.size, unit="bytes", interval=interval, logger=log, start=offset
+    )
+    failures, failed_at = 0, -1
+    with open(partial, "ab") as out:
+        while True:
+            try:
+                stream = reader.open(current, offset)
+                if stream.start != offset:
+                    log.info(
+                        "%s: restarting from byte 0 (was at %d): no usable Range/validator", rf.source, offset
+                    )
+                    out.truncate(0)
+                    hasher, offset = hashlib.sha256(), 0
+                    progress = Progress(
+                        f"fetch {rf.source}", stream.size, unit="bytes", interval=interval, logger=log
+                    )
+                if stream.validator != current.validator or stream.size != current.size:
+                    current = RemoteFile(rf.rel, rf.source, stream.size, stream.validator, rf.address)
+                    write_json_atomic(meta_path, {"validator": stream.validator, "size": stream.size})
+                for chunk in stream.chunks:
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    offset += len(chunk)
+                    progress.update(len(chunk))
+                if stream.size is not None and offset != stream.size:
+                    raise Transient(f"{rf.source}: connection closed at byte {offset} of {stream.size}")
+                break
+            except Transient as exc:
+                out.flush()
+                # Count consecutive failures without progress: a long transfer over a flaky link
+                # that keeps advancing is not given up on.
+                failures = 1 if offset > failed_at else failures + 1
+                failed_at = offset
+                _wait(exc, failures, retry, rf.source, offset)
+    progress.close()
+    digest = hasher.hexdigest()
+    if expected and digest != expected:
+        remove_path(partial)
+        remove_path(meta_path)
+        raise InputError(
+            f"sha256 mismatch for {rf.source}: expected {expected}, got {digest}; nothing was kept"
+        )
+    with atomic_path(final) as tmp:
+        os.replace(partial, tmp)
+    remove_path(meta_path)
+    remember_sha256(final, digest)
+    return FetchedFile(rf.source, final, offset, digest, False), current.validator
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _hash_file(path: Path) -> tuple[Any, int]:
+    """sha256 state and length of what a partial already holds (to resume hashing, not restart it)."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h, n
+
+
+def _link_into(f: FetchedFile, store: Path, dest: Path) -> FetchedFile:
+    """Place a cached file under `dest` (hard link; a copy across file systems), atomically."""
+    target = dest / f.path.relative_to(store)
+    if not (target.exists() and os.path.samefile(target, f.path)):
+        with atomic_path(target) as tmp:
+            try:
+                os.link(f.path, tmp)
+            except OSError:
+                shutil.copy2(f.path, tmp)
+        remember_sha256(target, f.sha256)
+    return FetchedFile(f.source, target, f.size, f.sha256, f.cached)

@@ -1,0 +1,71 @@
+"""hf:// sources through huggingface_hub.snapshot_download (its own resume, retries and cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llama_core.cache import file_sha256
+from llama_core.fetch.remote import FetchError, Timeouts
+from llama_core.fetch.source import Credentials, Source
+
+
+def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -> list:
+    """Download the matching files of `src`'s repo into the folder `local`; one FetchedFile each.
+
+    huggingface_hub keeps per-file metadata in `local/.cache/huggingface` and skips files whose
+    hub ETag is unchanged; a file counts as `cached` when the call left it untouched.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from llama_core.fetch.core import FetchedFile
+
+    before = _identities(local)
+    try:
+        huggingface_hub.snapshot_download(
+            src.repo_id,
+            repo_type=src.repo_type,
+            revision=src.revision,
+            local_dir=local,
+            allow_patterns=list(src.include) or None,
+            ignore_patterns=list(src.exclude) or None,
+            token=creds.token or None,  # None: huggingface_hub reads HF_TOKEN itself
+            endpoint=creds.endpoint_url,
+            etag_timeout=timeouts.connect,
+        )
+    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError) as exc:
+        raise FetchError(f"hf download of {src.redacted} failed: {type(exc).__name__}: {exc}") from None
+    after = _identities(local)
+    # Only the files the patterns select: others may be left from a fetch with other patterns.
+    rels = sorted(
+        filter_repo_objects(
+            after, allow_patterns=list(src.include) or None, ignore_patterns=list(src.exclude) or None
+        )
+    )
+    if not rels:
+        raise FetchError(f"hf source {src.redacted} matched no files")
+    rev = f"@{src.revision}" if src.revision else ""
+    base = f"hf://{'' if src.repo_type == 'model' else src.repo_type + 's/'}{src.repo_id}{rev}"
+    return [
+        FetchedFile(
+            f"{base}/{rel}",
+            local / rel,
+            after[rel][0],
+            file_sha256(local / rel),
+            before.get(rel) == after[rel],
+        )
+        for rel in rels
+    ]
+
+
+def _identities(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """{relative path: (size, mtime_ns, inode)} of the files under `folder`, minus hub metadata."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        if Path(root) == folder and ".cache" in dirs:
+            dirs.remove(".cache")
+        for name in files:
+            st = (Path(root) / name).stat()
+            out[(Path(root) / name).relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
