@@ -1,0 +1,2 @@
+"""Data stages: Alpaca -> conversation JSON (`llama_core.data.alpaca_converter`), conversations or
+wikitext -> MindRecord (`llama_core.data.llama_preprocess`)."""
