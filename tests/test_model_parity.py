@@ -110,3 +110,17 @@ def test_lora_logits_match_peft(tmp_path: Path) -> None:
         base = hf_logits(peft_model, ids)
     assert np.abs(expected - base).max() > 0.1  # the adapter changes the output
     assert np.abs(ms_logits(model, ids) - expected).max() <= TOL
+
+
+def test_bf16_checkpoint_loads_into_fp32_model(tmp_path: Path) -> None:
+    hf = tiny_hf_model(2)
+    hf.save_pretrained(tmp_path / "hf")
+    convert_hf_to_ms(tmp_path / "hf", tmp_path / "bf16.ckpt", dtype="bf16")
+    model = LlamaForCausalLM(LlamaConfig.from_hf_config(hf.config.to_dict(), seq_length=32))
+    load_weights(model, tmp_path / "bf16.ckpt", allow_missing_lora=False)
+    assert {p.dtype for p in model.get_parameters()} == {ms.float32}  # cast to the model's type
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.copy_(param.to(torch.bfloat16).float())  # the same rounding the bf16 file applied
+    ids = np.random.default_rng(2).integers(0, 256, size=(1, 24))
+    assert np.abs(ms_logits(model, ids) - hf_logits(hf, ids)).max() <= TOL
