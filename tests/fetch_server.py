@@ -120,8 +120,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
-                self.end_headers()
-                return self._record(416, 0)
+                self._record(416, 0)
+                return self.end_headers()
+        if head:
+            self._record(200, 0)
         self.send_response(206 if partial else 200)
         if partial:
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
@@ -131,43 +133,41 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if head:
-            return self._record(200, 0)
+            return
         end = size
         if spec.drop:
             with self.server.lock:
                 spec.drop -= 1
             end = start + (size - start) // 2
-        sent = self._send_body(spec, start, end)
-        self._record(206 if partial else 200, sent)
+        # Logged before sending, so the client never sees the end of a body that is not logged yet.
+        self._record(206 if partial else 200, end - start)
+        self._send_body(spec, start, end)
         if end != size:  # cut off: close without the rest of the promised Content-Length
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
-    def _send_body(self, spec: Spec, start: int, end: int) -> int:
-        if isinstance(spec.body, Path) and not spec.trickle:
-            with open(spec.body, "rb") as f:
-                return self.connection.sendfile(f, start, end - start)
-        data = spec.body if isinstance(spec.body, bytes) else spec.body.read_bytes()
-        sent = 0
+    def _send_body(self, spec: Spec, start: int, end: int) -> None:
         try:
+            if isinstance(spec.body, Path) and not spec.trickle:
+                with open(spec.body, "rb") as f:
+                    self.connection.sendfile(f, start, end - start)
+                return
+            data = spec.body if isinstance(spec.body, bytes) else spec.body.read_bytes()
             for pos in range(start, end, 1 << 16):
-                piece = data[pos : min(pos + (1 << 16), end)]
-                self.wfile.write(piece)
-                sent += len(piece)
+                self.wfile.write(data[pos : min(pos + (1 << 16), end)])
                 if spec.trickle:
                     time.sleep(spec.trickle)
         except OSError:
             self.close_connection = True  # the client went away (e.g. its read timeout)
-        return sent
 
     def _status(self, code: int, reason: str) -> None:
+        self._record(code, 0)
         body = f"{code} {reason}\n".encode()
         self.send_response(code, reason)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self._record(code, 0)
 
 
 if __name__ == "__main__":

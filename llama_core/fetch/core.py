@@ -109,7 +109,9 @@ def fetch(
     if expected and src.scheme == "hf":
         raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
     store = (
-        Path(cache_dir) / hashlib.sha256(src.redacted.encode()).hexdigest()[:24] if cache_dir else Path(dest)
+        Path(cache_dir) / hashlib.sha256(_identity(src).encode()).hexdigest()[:24]
+        if cache_dir
+        else Path(dest)
     )
     try:
         with _locked(store, src):
@@ -145,6 +147,11 @@ def fetch(
     return result
 
 
+def _identity(src: Source) -> str:
+    """What makes two sources the same (a path and its file:// URL are; tokens never count)."""
+    return str(Path(src.path).resolve()) if src.scheme == "file" else src.redacted
+
+
 @contextlib.contextmanager
 def _locked(store: Path, src: Source) -> Iterator[None]:
     store.mkdir(parents=True, exist_ok=True)
@@ -165,7 +172,7 @@ def _fetch_store(
 ) -> list[FetchedFile]:
     entry = store / src.name
     manifest_path = store / f".{src.name}.fetch.json"
-    key = cache_key("fetch", FORMAT_VERSION, [], {"source": src.redacted})
+    key = cache_key("fetch", FORMAT_VERSION, [], {"source": _identity(src)})
     if expected and entry.is_file() and file_sha256(entry) == expected:
         # Content-addressed hit: the pinned digest proves the content, no need to ask the store.
         return [FetchedFile(src.redacted, entry, entry.stat().st_size, expected, True)]
