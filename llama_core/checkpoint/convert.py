@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import cache_key, cached, write_manifest
+from llama_core.cache import write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import (
@@ -32,6 +32,7 @@ from llama_core.checkpoint.names import (
     match_hf,
 )
 from llama_core.checkpoint.safetensors_io import StEntry, hf_weight_files, read_entry, scan_hf_folder
+from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.errors import ConfigError, InputError
 from llama_core.progress import Progress
@@ -118,8 +119,8 @@ def convert_hf_to_ms(
 
     manifest_path = output_path.with_name(output_path.name + ".manifest.json")
     inputs = [input_path / "config.json", *hf_weight_files(input_path)]
-    key = cache_key("checkpoint.convert", FORMAT_VERSION, inputs, {"dtype": target, "crc": crc})
-    if cached(manifest_path, key):
+    key = StageKey(manifest_path, "checkpoint.convert", FORMAT_VERSION, inputs, {"dtype": target, "crc": crc})
+    if key.hit():
         log.info("cache hit: %s is already the conversion of %s", output_path, input_path)
         return ConvertResult(output_path, manifest_path, len(plan), 0, True, skipped)
     clean_leftovers(output_path.parent, output_path.name)
@@ -136,7 +137,7 @@ def convert_hf_to_ms(
     write_manifest(
         manifest_path,
         stage="checkpoint.convert",
-        key=key,
+        key=key.value(),
         outputs=[output_path],
         extra={"source": str(input_path), "dtype": target, "tensors": len(plan), "skipped": skipped},
     )

@@ -109,6 +109,13 @@ def _parse_tensor(src: _Source, start: int, end: int, where: str) -> tuple[list[
     return dims, ttype, content[0], content[1]
 
 
+def has_crc_trailer(path: str | os.PathLike[str]) -> bool:
+    """Whether a .ckpt ends with MindSpore's `crc_num` trailer."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return size >= _CRC_TRAILER and os.pread(f.fileno(), len(_CRC_MARK), size - _CRC_TRAILER) == _CRC_MARK
+
+
 def scan_ckpt(path: str | os.PathLike[str]) -> list[TensorEntry]:
     """Index a .ckpt: every tensor's name, shape, type and byte ranges, without reading the data."""
     path = Path(path)

@@ -1,0 +1,165 @@
+"""A checkpoint to read whole tensors from: a complete .ckpt, or a distributed folder of rank_<i>/.
+
+A distributed folder written by `shard` (it has the shard manifest) is reassembled tensor by
+tensor from its slices, so re-sharding never materialises the complete checkpoint. A folder
+without that manifest (e.g. the trainer's data-parallel output) must hold the complete model on
+every rank; rank 0's file is read and the others are checked to hold the same tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_core.checkpoint.dtypes import storage_dtype
+from llama_core.checkpoint.layout import Layout, read_shard_manifest
+from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer
+from llama_core.errors import InputError
+
+log = logging.getLogger("llama_core.checkpoint.sources")
+_RANK_DIR = re.compile(r"rank_(\d+)\Z")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor of the complete checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the data (0 for string entries)."""
+        return (
+            0
+            if self.dtype == STR_TYPE
+            else int(np.prod(self.shape, dtype=np.int64)) * storage_dtype(self.dtype).itemsize
+        )
+
+
+def rank_file(folder: Path) -> Path:
+    """The checkpoint of one rank folder: its only .ckpt, or the newest by modification time."""
+    files = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    if not files:
+        raise InputError(f"{folder}: rank folder holds no .ckpt file")
+    if len(files) > 1:
+        log.info("%s holds %d checkpoints: using the newest, %s", folder, len(files), files[-1].name)
+    return files[-1]
+
+
+def rank_folders(folder: Path, world_size: int | None = None) -> list[Path]:
+    """rank_0 .. rank_<n-1> of a distributed checkpoint; a gap or a missing rank names the folder."""
+    found = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))}
+    if not found:
+        raise InputError(f"{folder}: neither a .ckpt file nor a folder of rank_<i>/ sub-folders")
+    n = world_size if world_size is not None else max(found) + 1
+    for i in range(n):
+        if i not in found:
+            raise InputError(f"{folder / f'rank_{i}'}: rank folder is missing")
+    return [found[i] for i in range(n)]
+
+
+class CheckpointSource:
+    """Whole tensors of a complete or distributed checkpoint, read one at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: checkpoint not found")
+        self.manifest = read_shard_manifest(self.path) if self.path.is_dir() else None
+        self._readers: dict[Path, CkptReader] = {}
+        if self.path.is_file():
+            self.kind = "complete"
+            self.files = [self.path]
+            reader = self._reader(self.path)
+            self.tensors = [TensorMeta(e.name, e.shape, e.dtype) for e in reader.entries.values()]
+            self.crc = has_crc_trailer(self.path)
+        elif self.manifest is not None:
+            self.kind = "sharded"
+            self._init_sharded()
+        else:
+            self.kind = "replicated"
+            self._init_replicated()
+
+    # -- set-up
+    def _reader(self, path: Path) -> CkptReader:
+        if path not in self._readers:
+            self._readers[path] = CkptReader(path)
+        return self._readers[path]
+
+    def _init_replicated(self) -> None:
+        files = [rank_file(f) for f in rank_folders(self.path)]
+        first = self._reader(files[0])
+        self.tensors = [TensorMeta(e.name, e.shape, e.dtype) for e in first.entries.values()]
+        want = {t.name: (t.shape, t.dtype) for t in self.tensors}
+        for f in files[1:]:
+            # Index only (no data read): every rank must hold the same complete set of tensors.
+            got = {e.name: (e.shape, e.dtype) for e in CkptReader(f).entries.values()}
+            for name in want.keys() | got.keys():
+                if want.get(name) != got.get(name):
+                    raise InputError(
+                        f"{f}: tensor {name!r} is {got.get(name)} but {files[0]} has {want.get(name)}; "
+                        f"a distributed checkpoint without a shard manifest must hold the full model on "
+                        f"every rank"
+                    )
+        self.files = [files[0]]
+        self.crc = has_crc_trailer(files[0])
+
+    def _init_sharded(self) -> None:
+        doc = self.manifest
+        assert doc is not None
+        lay = doc["layout"]
+        self.layout = Layout(lay["data_parallel"], lay["model_parallel"], lay["pipeline_stage"])
+        folders = rank_folders(self.path, self.layout.world_size)
+        self._rank_files = [f / f"checkpoint_{i}.ckpt" for i, f in enumerate(folders)]
+        for f in self._rank_files:
+            if not f.is_file():
+                raise InputError(f"{f}: rank checkpoint is missing")
+        self.tensors = [TensorMeta(t["name"], tuple(t["shape"]), t["dtype"]) for t in doc["tensors"]]
+        self._placement = {t["name"]: (t["axis"], t["stages"][0]) for t in doc["tensors"]}
+        unique: dict[tuple[int, int], Path] = {}
+        for f in self._rank_files:
+            st = f.stat()
+            unique.setdefault((st.st_dev, st.st_ino), f)
+        self.files = [self.path / "manifest.json", *unique.values()]
+        self.crc = bool(doc["source"].get("crc", False))
+
+    # -- reading
+    def read(self, meta: TensorMeta) -> np.ndarray:
+        """The complete tensor (slices of a sharded source are concatenated)."""
+        if self.kind != "sharded":
+            return self._reader(self.files[0] if self.kind == "replicated" else self.path).read(meta.name)
+        axis, stage = self._placement[meta.name]
+        if axis is None:
+            return self._read_rank(self.layout.rank(stage, 0, 0), meta)
+        parts = [self._read_rank(self.layout.rank(stage, 0, m), meta) for m in range(self.layout.mp)]
+        full = np.concatenate(parts, axis=axis)
+        if full.shape != meta.shape:
+            raise InputError(
+                f"{self.path}: tensor {meta.name!r} reassembles to {list(full.shape)}, not {meta.shape}"
+            )
+        return full
+
+    def _read_rank(self, rank: int, meta: TensorMeta) -> np.ndarray:
+        f = self._rank_files[rank]
+        reader = self._reader(f)
+        if meta.name not in reader.entries:
+            raise InputError(f"{f}: tensor {meta.name!r} is missing")
+        return reader.read(meta.name)
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> CheckpointSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
