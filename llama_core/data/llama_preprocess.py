@@ -87,23 +87,62 @@ def load_tokenizer(model_file: str | os.PathLike[str]) -> Any:
         raise InputError(f"{path}: not a valid sentencepiece model ({exc})") from None
 
 
+def _wire_fields(buf: bytes) -> Iterator[tuple[int, bytes | None]]:
+    """(field number, payload) of a protobuf message; payload None for non length-delimited."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = value = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while pos < len(buf):
+        key = varint()
+        wire = key & 7
+        if wire == 2:
+            n = varint()
+            yield key >> 3, buf[pos : pos + n]
+            pos += n
+        else:
+            if wire == 0:
+                varint()
+            else:
+                pos += {1: 8, 5: 4}[wire]
+            yield key >> 3, None
+
+
 def splits_at_spaces(sp: Any) -> bool:
-    """True when encoding `x + " " + y` always equals encode(x) followed by encode(" " + y) minus
-    its dummy prefix, i.e. no piece can join text with a following space mark.
+    """True when encoding `x + " " + y` (x not ending in a space) always equals encode(x) followed
+    by encode(y): no piece can join text with a following space mark.
 
     Holds when the normalizer is the identity, a dummy prefix is added, extra spaces are kept,
-    and no normal or user-defined piece has a space mark after a non-space character.
+    and no normal or user-defined piece has a space mark after a non-space character. The model
+    proto is scanned directly (parsing its 32,000 pieces with protobuf classes takes a second).
     """
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    norm = proto.normalizer_spec
-    if norm.name != "identity" or not norm.add_dummy_prefix or norm.remove_extra_whitespaces:
-        return False
-    if proto.trainer_spec.treat_whitespace_as_suffix:
-        return False
-    return not any("\u2581" in p.piece.lstrip("\u2581") for p in proto.pieces)
+    specs = {}
+    for number, payload in _wire_fields(sp.serialized_model_proto()):
+        if number == 1 and payload is not None:  # a piece: its text is field 1
+            text = next((p for n, p in _wire_fields(payload) if n == 1 and p is not None), b"").decode()
+            if "\u2581" in text.lstrip("\u2581"):
+                return False
+        elif number in (2, 3) and payload is not None:
+            specs[number] = payload
+    trainer = pb.TrainerSpec.FromString(specs.get(2, b""))
+    norm = pb.NormalizerSpec.FromString(specs.get(3, b""))
+    return (
+        norm.name == "identity"
+        and norm.add_dummy_prefix
+        and not norm.remove_extra_whitespaces
+        and not trainer.treat_whitespace_as_suffix
+    )
 
 
 @dataclass
@@ -126,7 +165,13 @@ def _init_worker(job: _Job) -> None:
 
     sp = load_tokenizer(job.model_file)
     conv = get_conv_template(TEMPLATE)
-    _STATE.update(job=job, sp=sp, fast=splits_at_spaces(sp), conv=conv)
+    fast = splits_at_spaces(sp)
+    # Every prompt starts with the template's system message and a space: with `fast`, its
+    # tokens are a fixed prefix of the first round's tokens, encoded once here.
+    system = conv.system_message + conv.sep if fast and conv.system_message[-1:].strip() else None
+    _STATE.update(
+        job=job, sp=sp, fast=fast, conv=conv, system=system, system_ids=sp.encode(conv.system_message)
+    )
 
 
 # ---------------------------------------------------------------- qa: one chunk of records
@@ -179,13 +224,20 @@ def _prompt(job: _Job, conv: Any, file_no: int, index: int, record: Any) -> str:
     return conv.get_prompt()
 
 
+_SPLIT, _LITERAL, _UNLABELLED = range(3)
+
+
 def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[RecordStats]]:
     """Tokenize and label a chunk of records; return their MindRecord blobs and stats."""
     job, sp, conv, fast = _STATE["job"], _STATE["sp"], _STATE["conv"], _STATE["fast"]
+    system, system_ids = _STATE["system"], _STATE["system_ids"]
     sep = conv.sep + conv.roles[1] + ": "  # " ASSISTANT: "
     head = sep.rstrip(" ")
     texts: list[str] = []
-    plans = []  # per record: list of rounds (text index, instruction text index or None, split)
+    # Per record, per round: (how, index of its first text in `texts`, prefix ids). `how` is
+    # SPLIT (texts: instruction head, answer), LITERAL (texts: round, part0 + sep) or
+    # UNLABELLED (text: round; labelling stopped at or before this round).
+    plans = []
     for file_no, index, record in items:
         rounds, labelled = [], True
         for rou in _prompt(job, conv, file_no, index, record).split(conv.sep2):
@@ -195,38 +247,42 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[Reco
             labelled = len(parts) == 2
             if labelled and fast and parts[1]:
                 # tokens(round) = tokens(part0 + " ASSISTANT:") + tokens(answer); see module doc.
-                rounds.append((len(texts), None, True))
-                texts += [parts[0] + head, parts[1]]
+                instr = parts[0] + head
+                prefix: list[int] = []
+                if system is not None and instr.startswith(system):
+                    instr, prefix = instr[len(system) :], system_ids
+                rounds.append((_SPLIT, len(texts), prefix))
+                texts += [instr, parts[1]]
             elif labelled:
-                rounds.append((len(texts), len(texts) + 1, False))
+                rounds.append((_LITERAL, len(texts), None))
                 texts += [rou, parts[0] + sep]
             else:
-                rounds.append((len(texts), None, False))
+                rounds.append((_UNLABELLED, len(texts), None))
                 texts.append(rou)
         plans.append(rounds)
-    encoded = sp.encode(texts)
+    encoded = sp.encode(texts, num_threads=1)  # one thread: the workers are the parallelism
 
     length = job.seq_length + 1
     offset = MASKING_OFFSET[job.masking]
     blobs, stats = [], []
     for (file_no, index, record), rounds in zip(items, plans, strict=True):
-        ids, cuts, cur, labelled = [BOS], [], 1, True
-        for text_i, instr_i, split in rounds:
-            if split:
-                head_ids = encoded[text_i]
-                round_ids = head_ids + encoded[text_i + 1]
+        ids, cuts, cur = [BOS], [], 1
+        labelled = True
+        for how, i, prefix in rounds:
+            if how == _SPLIT:
+                head_ids = prefix + encoded[i]
+                round_ids = head_ids + encoded[i + 1]
                 instr_tokens = len(head_ids) + 1  # + the lone space mark ending " ASSISTANT: "
             else:
-                round_ids = encoded[text_i]
-                instr_tokens = len(encoded[instr_i]) if instr_i is not None else -1
+                round_ids = encoded[i]
+                instr_tokens = len(encoded[i + 1]) if how == _LITERAL else -1
             ids += round_ids
             ids.append(EOS)
-            if labelled and instr_tokens >= 0:
+            labelled = how != _UNLABELLED
+            if labelled:
                 # Tokenize() adds bos+eos: len(Tokenize(x)) == len(encode(x)) + 2.
                 cuts.append((cur, instr_tokens + 2 - offset))
                 cur += len(round_ids) + 1
-            else:
-                labelled = False
         arr = np.asarray(ids, dtype=np.int32)
         n = len(arr)
         total = int(np.count_nonzero(arr))
