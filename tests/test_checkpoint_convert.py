@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llama_core.checkpoint import msckpt
-from llama_core.checkpoint.convert import convert_hf_to_ms, main
+from llama_core.checkpoint.convert import convert_hf_to_ms, convert_ms_to_hf, main
 from llama_core.checkpoint.msckpt import load_ckpt_dict, scan_ckpt, write_ckpt
 from llama_core.cli import run
 from llama_core.errors import InputError
@@ -222,3 +222,98 @@ def test_cli_help_and_run(hf_gqa, tmp_path, capsys):
     assert main(["--model", "llama", "--input_path", str(folder), "--output_path", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["tensors"] == 21 and out.exists()
+
+
+# ------------------------------------------------------------------------------ MS -> HF
+def _hf_state(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    state = {}
+    for f in files:
+        with safe_open(folder / f, "pt") as st:
+            state.update({k: st.get_tensor(k) for k in st.keys()})  # noqa: SIM118 - safe_open is not a dict
+    return state
+
+
+def test_round_trip_hf_ms_hf_is_bit_exact_and_loads_in_transformers(hf_gqa, tmp_path):
+    folder, state = hf_gqa
+    ckpt = tmp_path / "m.ckpt"
+    convert_hf_to_ms(folder, ckpt)
+    write_ckpt(
+        tmp_path / "with_opt.ckpt",
+        [
+            *((e.name, a, e.dtype) for e, a in msckpt.CkptReader(ckpt)),
+            ("global_step", np.array(3, np.int32), "I32"),
+            ("adam_m.lm_head.weight", state["lm_head.weight"], "F32"),
+        ],
+    )
+    out = tmp_path / "hf_back"
+    res = convert_ms_to_hf(tmp_path / "with_opt.ckpt", out, folder / "config.json", max_shard_size="20KB")
+    assert sorted(res.skipped) == ["adam_m.lm_head.weight", "global_step"]
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("*.safetensors"))) > 1
+    back = _hf_state(out)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert torch.equal(back[k], torch.from_numpy(v)), k
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, torch.from_numpy(state[k])), k
+    assert convert_ms_to_hf(
+        tmp_path / "with_opt.ckpt", out, folder / "config.json", max_shard_size="20KB"
+    ).cached
+
+
+def test_bf16_round_trip_and_yaml_config(tmp_path):
+    folder = tmp_path / "hf"
+    model = tiny_hf(folder, kv_heads=2, dtype=torch.bfloat16)
+    convert_hf_to_ms(folder, tmp_path / "f32.ckpt")  # widen to fp32 ...
+    run_cfg = {
+        "model": {
+            "model_config": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "n_kv_heads": 2,
+                "intermediate_size": 64,
+                "vocab_size": 64,
+                "rms_norm_eps": 1e-6,
+                "seq_length": 64,
+            }
+        }
+    }
+    out = tmp_path / "back"
+    convert_ms_to_hf(tmp_path / "f32.ckpt", out, run_cfg, dtype="bf16")  # ... and back to bf16
+    back = _hf_state(out)
+    for k, v in model.state_dict().items():
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], v), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_key_value_heads"], cfg["intermediate_size"], cfg["torch_dtype"]) == (2, 64, "bfloat16")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_reversed_refuses_lora(hf_gqa, tmp_path, capsys):
+    folder, _state = hf_gqa
+    ckpt = tmp_path / "l.ckpt"
+    write_ckpt(
+        ckpt, [("model.layers.0.attention.wq.mindpet_delta_lora_a", np.zeros((2, 32), np.float32), "F32")]
+    )
+    argv = [
+        "--reversed",
+        "--input_path",
+        str(ckpt),
+        "--output_path",
+        str(tmp_path / "o"),
+        "--config",
+        str(folder / "config.json"),
+    ]
+    assert run(main, argv) == 2
+    assert "mindpet_delta_lora_a" in capsys.readouterr().err and not (tmp_path / "o").exists()

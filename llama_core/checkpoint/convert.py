@@ -15,25 +15,45 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from llama_core.atomic import atomic_path, clean_leftovers
+import numpy as np
+
+from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
 from llama_core.cache import write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
+from llama_core.checkpoint.layout import dims_from_run_config
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import (
     HF_DERIVED,
+    OPTIMIZER_PREFIXES,
     LlamaDims,
     check_shape,
     dims_from_hf_config,
     expected_ms_names,
+    is_training_scalar,
     match_hf,
+    match_ms,
+    split_lora_name,
 )
-from llama_core.checkpoint.safetensors_io import StEntry, hf_weight_files, read_entry, scan_hf_folder
+from llama_core.checkpoint.safetensors_io import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    PlannedTensor,
+    StEntry,
+    hf_weight_files,
+    read_entry,
+    scan_hf_folder,
+    write_safetensors,
+)
+from llama_core.checkpoint.sources import CheckpointSource
 from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
+from llama_core.config import load_config
 from llama_core.errors import ConfigError, InputError
 from llama_core.progress import Progress
 
@@ -145,6 +165,175 @@ def convert_hf_to_ms(
     return ConvertResult(output_path, manifest_path, len(plan), writer.bytes_written, False, skipped)
 
 
+_HF_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+SHARD_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as transformers uses; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    for unit in sorted(SHARD_UNITS, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * SHARD_UNITS[unit])
+    if t.isdigit():
+        return int(t)
+    raise ConfigError(f"max_shard_size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+
+
+def hf_config_from_run_config(cfg: Mapping[str, Any], torch_dtype: str) -> dict[str, Any]:
+    """An HF LlamaForCausalLM config.json for a run config's `model.model_config`."""
+    dims = dims_from_run_config(cfg)
+    mc = cfg["model"]["model_config"]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": dims.hidden,
+        "intermediate_size": dims.ffn,
+        "num_attention_heads": dims.heads,
+        "num_hidden_layers": dims.layers,
+        "num_key_value_heads": dims.kv_heads,
+        "vocab_size": dims.vocab,
+        "rms_norm_eps": float(mc.get("rms_norm_eps", 1e-5)),
+        "rope_theta": float(mc.get("theta", 10000.0)),
+        "max_position_embeddings": int(mc.get("max_position_embedding") or mc.get("seq_length", 4096)),
+        "bos_token_id": int(mc.get("bos_token_id", 1)),
+        "eos_token_id": int(mc.get("eos_token_id", 2)),
+        "pad_token_id": int(mc.get("pad_token_id", 0)),
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+    }
+
+
+def load_hf_config(config: str | os.PathLike[str] | Mapping[str, Any], torch_dtype: str) -> dict[str, Any]:
+    """HF config.json content from an HF config.json path, a run-config YAML path or a run-config dict."""
+    if isinstance(config, Mapping):
+        return hf_config_from_run_config(config, torch_dtype)
+    path = Path(config)
+    if path.suffix == ".json":
+        hf = _read_json(path)
+        for key in ("dtype", "torch_dtype"):
+            if key in hf:
+                hf[key] = torch_dtype
+        return hf
+    return hf_config_from_run_config(load_config(path), torch_dtype)
+
+
+def _plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def convert_ms_to_hf(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> ConvertResult:
+    """Convert a MindSpore Llama checkpoint (complete .ckpt or rank_<i>/ folder) to an HF folder.
+
+    `config` gives the architecture (HF config.json, or a run config with model.model_config);
+    `dtype` None keeps the stored type. Optimizer states and step counters are left out (listed in
+    `skipped`); LoRA weights are refused (use merge_lora or export_peft).
+    """
+    out = Path(output_path)
+    target = _target_dtype(dtype)
+    manifest_path = out / "convert_manifest.json"
+    with CheckpointSource(input_path) as src:
+        skipped, by_name = [], {}
+        dims = None
+        for meta in src.tensors:
+            if split_lora_name(meta.name):
+                raise InputError(
+                    f"tensor {meta.name!r} is a LoRA weight: merge it (merge_lora) or export it (export_peft)"
+                )
+            if meta.name.startswith(OPTIMIZER_PREFIXES) or is_training_scalar(
+                meta.name, int(np.prod(meta.shape))
+            ):
+                skipped.append(meta.name)
+                continue
+            by_name[meta.name] = meta
+        first = src.tensors[0].dtype if src.tensors else "F32"
+        hf_config = load_hf_config(config, _HF_TORCH_DTYPE.get(target or first, "float32"))
+        dims = dims_from_hf_config(hf_config)
+        plan_tensors, metas = [], []
+        for name in expected_ms_names(dims):
+            meta = by_name.pop(name, None)
+            if meta is None:
+                raise InputError(f"{src.path}: tensor {name!r} is missing (not a complete Llama checkpoint)")
+            m = match_ms(name, dims)
+            assert m is not None
+            check_shape(name, meta.shape, m, dims)
+            if meta.dtype not in FLOAT_TYPES:
+                raise InputError(f"{src.path}: tensor {name!r} has non-float type {meta.dtype}")
+            plan_tensors.append(PlannedTensor(m.hf_name, target or meta.dtype, meta.shape))
+            metas.append(meta)
+        if by_name:
+            raise InputError(
+                f"{src.path}: tensor {next(iter(by_name))!r} is not a Llama weight (unknown name)"
+            )
+        if skipped:
+            log.info("left out %d optimizer/step tensors (e.g. %s)", len(skipped), skipped[0])
+        shards = _plan_shards(plan_tensors, parse_size(max_shard_size))
+        params = {"dtype": target, "config": hf_config, "max_shard_size": parse_size(max_shard_size)}
+        key = StageKey(manifest_path, "checkpoint.convert_reversed", FORMAT_VERSION, src.files, params)
+        if key.hit():
+            log.info("cache hit: %s is already the HF form of %s", out, src.path)
+            return ConvertResult(out, manifest_path, len(plan_tensors), 0, True, skipped)
+        clean_leftovers(out.parent, out.name)
+        meta_of = dict(zip((t.name for t in plan_tensors), metas, strict=True))
+        progress = Progress(
+            f"convert {src.path.name}", sum(t.nbytes for t in plan_tensors), "bytes", logger=log
+        )
+        written = 0
+
+        def arrays(shard: list[PlannedTensor]) -> Iterator[np.ndarray]:
+            for t in shard:
+                meta = meta_of[t.name]
+                yield cast(src.read(meta), meta.dtype, t.dtype)
+                progress.update(t.nbytes)
+
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            names = (
+                [SINGLE_NAME]
+                if len(shards) == 1
+                else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+            )
+            for fname, shard in zip(names, shards, strict=True):
+                written += write_safetensors(tmp / fname, shard, arrays(shard), metadata={"format": "pt"})
+            if len(shards) > 1:
+                weight_map = {
+                    t.name: fname for fname, shard in zip(names, shards, strict=True) for t in shard
+                }
+                total = sum(t.nbytes for t in plan_tensors)
+                write_json_atomic(
+                    tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
+                )
+            write_json_atomic(tmp / "config.json", hf_config)
+            outputs = [tmp / n for n in names] + [tmp / "config.json"]
+            write_manifest(
+                tmp / manifest_path.name,
+                stage="checkpoint.convert_reversed",
+                key=key.value(),
+                outputs=outputs,
+                extra={"source": str(src.path.resolve()), "skipped": skipped},
+            )
+        progress.close()
+    log.info("wrote %s: %d tensors in %d file(s)", out, len(plan_tensors), len(shards))
+    return ConvertResult(out, manifest_path, len(plan_tensors), written, False, skipped)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llama_core.checkpoint.convert",
@@ -155,12 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", required=True, help="output .ckpt (or HF folder with --reversed)")
     p.add_argument("--dtype", choices=sorted(CLI_DTYPES), default=None, help="stored type (default fp32)")
     p.add_argument("--crc", action="store_true", help="append MindSpore's CRC32 trailer to the .ckpt")
+    p.add_argument(
+        "--reversed", action="store_true", help="MindSpore .ckpt (or rank_<i>/ folder) -> HF folder"
+    )
+    p.add_argument(
+        "--config", help="with --reversed: HF config.json or run-config YAML giving the architecture"
+    )
+    p.add_argument("--max_shard_size", default="5GB", help="with --reversed: safetensors shard size (5GB)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    res = convert_hf_to_ms(args.input_path, args.output_path, dtype=args.dtype or "fp32", crc=args.crc)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.reversed:
+        if not args.config:
+            parser.error("--reversed needs --config (HF config.json or run-config YAML)")
+        res = convert_ms_to_hf(
+            args.input_path, args.output_path, args.config, args.dtype, args.max_shard_size
+        )
+    else:
+        res = convert_hf_to_ms(args.input_path, args.output_path, dtype=args.dtype or "fp32", crc=args.crc)
     print(json.dumps({"output_path": str(res.output_path), "tensors": res.tensors, "cached": res.cached}))
     return 0
 
