@@ -75,7 +75,7 @@ NEUTRAL_MINDFORMERS_VALUES: dict[str, tuple[Any, ...]] = {
 
 # Llama's standard deviation for the normal init of linear and embedding weights (MindFormers default).
 INIT_STD = 0.02
-# Additive score for masked (future) positions, per softmax dtype: exp() of it is exactly 0.
+# Added to the scores of future positions, per softmax dtype: exp() of the sum is exactly 0.
 _MASK_VALUE = {mstype.float32: -1.0e9, mstype.float16: -6.0e4, mstype.bfloat16: -1.0e9}
 # flash_attention_score's compressed causal mask (sparse_mode 2) is always 2048 x 2048.
 _FLASH_MASK_SIZE = 2048
@@ -414,8 +414,9 @@ class Attention(nn.Cell):
             v = ops.repeat_interleave(v, groups, 1)
         seq = q.shape[2]
         scores = ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2)).astype(self.softmax_dtype)
-        causal = ops.tril(ops.ones((seq, seq), mstype.bool_))
-        scores = ops.where(causal, scores, ops.full_like(scores, self.mask_value))
+        # additive [seq, seq] bias broadcast over batch and heads: 0 on and below the diagonal
+        future = ops.triu(ops.ones((seq, seq), self.softmax_dtype), 1)
+        scores = scores + future * self.mask_value
         probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
         return ops.matmul(probs, v)
 
