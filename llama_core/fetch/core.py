@@ -14,8 +14,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -254,7 +256,7 @@ def _download(
         f"fetch {rf.source}", rf.size, unit="bytes", interval=interval, logger=log, start=offset
     )
     failures, failed_at = 0, -1
-    with open(partial, "ab") as out:
+    with _Sink(partial, hasher) as sink:
         while True:
             try:
                 stream = reader.open(current, offset)
@@ -262,8 +264,8 @@ def _download(
                     log.info(
                         "%s: restarting from byte 0 (was at %d): no usable Range/validator", rf.source, offset
                     )
-                    out.truncate(0)
-                    hasher, offset = hashlib.sha256(), 0
+                    sink.restart()
+                    offset = 0
                     progress = Progress(
                         f"fetch {rf.source}", stream.size, unit="bytes", interval=interval, logger=log
                     )
@@ -271,22 +273,21 @@ def _download(
                     current = RemoteFile(rf.rel, rf.source, stream.size, stream.validator, rf.address)
                     write_json_atomic(meta_path, {"validator": stream.validator, "size": stream.size})
                 for chunk in stream.chunks:
-                    out.write(chunk)
-                    hasher.update(chunk)
+                    sink.put(chunk)
                     offset += len(chunk)
                     progress.update(len(chunk))
                 if stream.size is not None and offset != stream.size:
                     raise Transient(f"{rf.source}: connection closed at byte {offset} of {stream.size}")
                 break
             except Transient as exc:
-                out.flush()
+                sink.drain()
                 # Count consecutive failures without progress: a long transfer over a flaky link
                 # that keeps advancing is not given up on.
                 failures = 1 if offset > failed_at else failures + 1
                 failed_at = offset
                 _wait(exc, failures, retry, rf.source, offset)
+        digest = sink.hexdigest()
     progress.close()
-    digest = hasher.hexdigest()
     if expected and digest != expected:
         remove_path(partial)
         remove_path(meta_path)
@@ -298,6 +299,66 @@ def _download(
     remove_path(meta_path)
     remember_sha256(final, digest)
     return FetchedFile(rf.source, final, offset, digest, False), current.validator
+
+
+class _Sink:
+    """Appends chunks to a file and hashes them on a worker thread, so the next socket read
+    overlaps the write and the sha256 (all three release the GIL). The queue is bounded: at most
+    `_DEPTH` chunks are in flight, so memory stays flat whatever the file size."""
+
+    _DEPTH = 8
+
+    def __init__(self, path: Path, hasher: Any) -> None:
+        self.out = open(path, "ab")  # noqa: SIM115 - closed in __exit__
+        self.hasher = hasher
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
+        self.thread = threading.Thread(target=self._work, name="fetch-sink", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            chunk = self.queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self.error is None:
+                    self.out.write(chunk)
+                    self.hasher.update(chunk)
+            except BaseException as exc:  # handed to the producer thread by put/drain
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def drain(self) -> None:
+        """Wait until every queued chunk is written (the file size is then the offset)."""
+        self.queue.join()
+        self.out.flush()
+        if self.error is not None:
+            raise self.error
+
+    def restart(self) -> None:
+        """Empty the file and the digest: the store sends the whole file again."""
+        self.drain()
+        self.out.truncate(0)
+        self.hasher = hashlib.sha256()
+
+    def hexdigest(self) -> str:
+        self.drain()
+        return self.hasher.hexdigest()
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.out.close()
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
