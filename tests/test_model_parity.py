@@ -24,6 +24,8 @@ HF_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 
 
 def tiny_hf_model(kv_heads: int) -> transformers.LlamaForCausalLM:
+    """MHA (4 KV heads) or GQA (2); the GQA one also has non-default RoPE theta and RMS eps."""
+    gqa = kv_heads < 4
     config = transformers.LlamaConfig(
         hidden_size=64,
         intermediate_size=160,
@@ -32,7 +34,8 @@ def tiny_hf_model(kv_heads: int) -> transformers.LlamaForCausalLM:
         num_key_value_heads=kv_heads,
         vocab_size=256,
         max_position_embeddings=64,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=1e-6 if gqa else 1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0 if gqa else 10000.0},
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
