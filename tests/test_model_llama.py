@@ -329,3 +329,18 @@ def test_load_weights_names_missing_extra_and_misshaped_tensors(tmp_path: Path) 
         )
     with pytest.raises(InputError, match=r"lm_head\.weight has shape \(3, 64\)"):
         load_weights(model, save(tmp_path, {**tensors, "lm_head.weight": np.zeros((3, 64), np.float32)}))
+
+
+def test_lora_dropout_only_on_the_adapter_input_and_only_in_training() -> None:
+    model = LlamaForCausalLM(tiny(num_layers=1))
+    apply_lora(model, LoraConfig(rank=4, alpha=4, dropout=0.5, target_modules=".*wv"))
+    ids = ms.Tensor(np.arange(16, dtype=np.int32).reshape(1, 16))
+    model.set_train(False)
+    base = model(ids).asnumpy()
+    model.set_train(True)
+    np.testing.assert_array_equal(model(ids).asnumpy(), base)  # B = 0: dropout never touches W x
+    b = dict(model.parameters_and_names())["model.layers.0.attention.wv.mindpet_delta_lora_b"]
+    b.set_data(ms.Tensor(np.full(b.shape, 0.5, np.float32)))
+    assert np.abs(model(ids).asnumpy() - model(ids).asnumpy()).max() > 0  # random masks in training
+    model.set_train(False)
+    np.testing.assert_array_equal(model(ids).asnumpy(), model(ids).asnumpy())
