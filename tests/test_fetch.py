@@ -151,7 +151,7 @@ def test_shared_cache_dir_downloads_once_for_two_dests(server, tmp_path):
 
 def test_two_processes_fetching_at_once_download_once(server, tmp_path):
     body = os.urandom(1 << 20)
-    url = server.add("/w/big.ckpt", body, trickle=0.1)  # 16 pieces: ~1.6 s, so the runs overlap
+    url = server.add("/w/big.ckpt", body, trickle=0.25)  # 16 pieces: ~4 s, so the runs overlap
     cmd = [sys.executable, "-m", "llama_core.fetch", url, "--dest", str(tmp_path / "d")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     procs = [
@@ -188,9 +188,7 @@ def test_credentials_never_appear_in_logs_errors_results_or_manifests(server, tm
     assert "?token=***&v=2" in seen and "http://***@127.0.0.1" in seen  # the redacted form is there
     for secret in ("pa55word", "alice", "T0KEN-SECRET", "BEARER-SECRET"):
         assert secret not in seen
-    assert (err.value.__cause__ is None and err.value.__context__ is None) or "T0KEN" not in str(
-        err.value.__context__
-    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no raw chain in tracebacks
 
 
 def test_redact_masks_userinfo_secret_params_and_given_values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -362,8 +363,6 @@ class _Sink:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         doc = json.loads(path.read_text())
         return doc if isinstance(doc, dict) else {}

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 from llama_core.cache import file_sha256
+from llama_core.fetch.core import FetchedFile
 from llama_core.fetch.remote import FetchError, Timeouts
 from llama_core.fetch.source import Credentials, Source
 
 
-def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -> list:
+def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -> list[FetchedFile]:
     """Download the matching files of `src`'s repo into the folder `local`; one FetchedFile each.
 
     huggingface_hub keeps per-file metadata in `local/.cache/huggingface` and skips files whose
@@ -18,8 +19,6 @@ def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -
     """
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
-
-    from llama_core.fetch.core import FetchedFile
 
     before = _identities(local)
     try:

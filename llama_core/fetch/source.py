@@ -32,8 +32,8 @@ class Credentials:
 
     def secrets(self) -> tuple[str | None, ...]:
         """Every secret value in play (explicit or from the environment), for `redact`."""
-        env = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-        return (self.secret, self.session_token, self.token, *(os.environ.get(v) for v in env))
+        env = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "HTTP_TOKEN")
+        return (self.key, self.secret, self.session_token, self.token, *(os.environ.get(v) for v in env))
 
 
 @dataclass(frozen=True)
