@@ -39,9 +39,16 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def parse_scalar(text: str) -> Any:
     """Parse an override value as a YAML scalar ('1e-4' -> 1e-4, 'True' -> True, '[a, b]' -> list)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse override value {text!r}: {exc}") from exc
+    if isinstance(value, str):
+        # YAML 1.1 reads '1e-4' (no dot) as a string; a number is meant.
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_override_args(args: Iterable[str]) -> list[tuple[str, Any]]:
