@@ -155,6 +155,7 @@ class _Job:
     masking: str
     blob_fields: list[str]
     files: list[str]
+    repeat: int = 1
 
 
 _STATE: dict[str, Any] = {}
@@ -443,7 +444,7 @@ class _MindRecordSink:
 
         self.final = final
         self.tmp_dir = temp_sibling(final)
-        self.tmp_dir.mkdir()
+        self.tmp_dir.mkdir(parents=True)
         self._fw = FileWriter(str(self.tmp_dir / final.name), shard_num=shards)
         self._fw.add_schema(schema, description)
         self.blob_fields = list(self._fw._header.blob_fields)
@@ -569,7 +570,7 @@ def preprocess(
     else:
         schema = {"input_ids": {"type": "int32", "shape": [-1]}}
     sink = _MindRecordSink(out, file_partition, schema, dataset_type)
-    job = _Job(dataset_type, str(model_file), seq_length, masking, sink.blob_fields, files)
+    job = _Job(dataset_type, str(model_file), seq_length, masking, sink.blob_fields, files, params["repeat"])
     result = PreprocessResult(
         output_file=str(output_file), console_path=console_path, records_written=0, seq_length=seq_length,
         dataset_type=dataset_type, masking=masking, file_partition=file_partition,

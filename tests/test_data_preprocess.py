@@ -1,0 +1,299 @@
+"""llama_preprocess against expectations derived by hand from sentencepiece pieces (contract §2).
+
+Every expected record below is assembled in the test from `sp.encode` of the prompt pieces the
+contract names, never by calling the implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from llama_core.data.llama_preprocess import clean_wikitext, main, preprocess, report_path
+from llama_core.errors import InputError
+
+SYS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+IGN = -100
+SEQ = 64
+L = SEQ + 1
+
+
+@pytest.fixture(scope="module")
+def sp(tokenizer_path):
+    return spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+
+
+def conv(*turns: tuple[str, str], rid: str = "1") -> dict:
+    return {"id": rid, "conversations": [{"from": f, "value": v} for f, v in turns]}
+
+
+def read(path, fields=("input_ids", "labels")):
+    import mindspore.dataset as ds
+
+    it = ds.MindDataset(str(path), columns_list=list(fields), shuffle=False).create_tuple_iterator(
+        output_numpy=True
+    )
+    return [[a.tolist() for a in row] for row in it]
+
+
+def run_qa(tmp_path, recs, seq=SEQ, **kw):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(recs, ensure_ascii=False))
+    out = tmp_path / "out" / "data.mindrecord"
+    out.parent.mkdir(exist_ok=True)
+    kw.setdefault("workers", 1)
+    result = preprocess("qa", str(src), kw.pop("model"), out, seq_length=seq, **kw)
+    return result, read(out)
+
+
+def one_round(sp, human: str, gpt: str, first: bool = True, length: int = L, offset: int = 3):
+    """Expected (ids, labels) for a one-round prompt, straight from the contract's formulas."""
+    rnd = (SYS + " " if first else "") + "USER: " + human + " ASSISTANT: " + gpt
+    enc = sp.encode(rnd)
+    ids = [1, *enc, 2]
+    round_len = len([1, *enc, 2]) - 1
+    instr_len = len([1, *sp.encode(rnd.split(" ASSISTANT: ")[0] + " ASSISTANT: "), 2]) - offset
+    labels = [IGN] * (1 + instr_len) + ids[1 + instr_len : 1 + round_len]
+    return ids, labels, round_len
+
+
+def pad(x, value, length=L):
+    return (x + [value] * (length - len(x)))[:length]
+
+
+def test_single_turn_without_and_with_input(tmp_path, sp, tokenizer_path, alpaca_path):
+    from llama_core.data.alpaca_converter import convert_alpaca
+
+    recs = json.loads(alpaca_path.read_text())
+    sample = [next(r for r in recs if r["input"] == ""), next(r for r in recs if r["input"] != "")]
+    (tmp_path / "alpaca.json").write_text(json.dumps(sample))
+    convert_alpaca(tmp_path / "alpaca.json", tmp_path / "conv.json")
+    conversations = json.loads((tmp_path / "conv.json").read_text())
+    out = tmp_path / "o.mindrecord"
+    res = preprocess("qa", str(tmp_path / "conv.json"), tokenizer_path, out, seq_length=1024, workers=1)
+    got = read(out)
+    for row, c in zip(got, conversations, strict=True):
+        ids, labels, _ = one_round(
+            sp, c["conversations"][0]["value"], c["conversations"][1]["value"], length=1025
+        )
+        assert row == [pad(ids, 0, 1025), pad(labels, IGN, 1025)]
+    assert res.records_written == 2 and res.records_fully_masked["count"] == 0
+    assert res.supervised_tokens == sum(sum(x != IGN for x in row[1]) for row in got)
+
+
+def test_multi_turn_with_leading_gpt_dropped_and_unicode(tmp_path, sp, tokenizer_path):
+    rec = conv(("gpt", "Hello! I am dropped."), ("human", "Grüß dich, 世界?"), ("gpt", "Servus 🌍."),
+               ("human", "  and again"), ("gpt", "ok"))  # fmt: skip
+    _, got = run_qa(tmp_path, [rec], model=tokenizer_path, seq=128)
+    r1 = SYS + " USER: Grüß dich, 世界? ASSISTANT: Servus 🌍."
+    r2 = "USER:   and again ASSISTANT: ok"
+    e1, e2 = sp.encode(r1), sp.encode(r2)
+    ids = [1, *e1, 2, *e2, 2]
+    i1 = len(sp.encode(SYS + " USER: Grüß dich, 世界? ASSISTANT: ")) + 2 - 3
+    i2 = len(sp.encode("USER:   and again ASSISTANT: ")) + 2 - 3
+    labels = list(ids)
+    labels[0] = IGN
+    cur = 1
+    for instr, enc in ((i1, e1), (i2, e2)):
+        labels[cur : cur + instr] = [IGN] * instr
+        cur += len(enc) + 1
+    assert got == [[pad(ids, 0, 129), pad(labels, IGN, 129)]]
+
+
+def test_fastchat_masking_masks_one_more_token(tmp_path, sp, tokenizer_path):
+    rec = conv(("human", "Name a colour."), ("gpt", "Blue."))
+    _, got = run_qa(tmp_path, [rec], model=tokenizer_path, masking="fastchat")
+    ids, labels, _ = one_round(sp, "Name a colour.", "Blue.", offset=2)
+    assert got == [[pad(ids, 0), pad(labels, IGN)]]
+    _, mf, _ = one_round(sp, "Name a colour.", "Blue.")
+    assert sum(x != IGN for x in mf) == sum(x != IGN for x in labels) + 1
+
+
+def test_record_longer_than_seq_length_is_truncated(tmp_path, sp, tokenizer_path):
+    human, gpt = "Repeat: " + "lorem ipsum " * 20, "dolor sit amet " * 30
+    res, got = run_qa(tmp_path, [conv(("human", human), ("gpt", gpt))], model=tokenizer_path)
+    ids, labels, _ = one_round(sp, human, gpt)
+    assert len(ids) > L
+    assert got == [[ids[:L], labels[:L]]]
+    assert res.records_truncated == {"count": 1, "first_ids": ["1"]}
+
+
+@pytest.mark.parametrize(
+    ("gpt", "why"),
+    [("", "empty answer: fschat writes 'ASSISTANT:' with no space"),
+     ("Type ASSISTANT: then wait.", "answer holds ' ASSISTANT: ': three parts")],
+)  # fmt: skip
+def test_quirk_whole_record_masked_with_warning(tmp_path, sp, tokenizer_path, caplog, gpt, why):
+    recs = [conv(("human", "Hi"), ("gpt", gpt), rid="q1"), conv(("human", "Hi"), ("gpt", "Yo"), rid="ok")]
+    res, got = run_qa(tmp_path, recs, model=tokenizer_path)
+    # ids: the prompt's only non-empty piece, tokenized (fschat omits the space and "</s>" when empty)
+    prompt = SYS + " USER: Hi ASSISTANT:" + (" " + gpt + "</s>" if gpt else "")
+    ids = [1]
+    for piece in prompt.split("</s>"):
+        if piece == "":
+            break
+        ids += [*sp.encode(piece), 2]
+    assert got[0] == [pad(ids, 0), [IGN] * L], why
+    assert res.records_fully_masked["count"] == 1 and res.records_fully_masked["first_ids"] == ["q1"]
+    assert "record q1: every label masked" in caplog.text
+    report = json.loads(report_path(tmp_path / "out" / "data.mindrecord").read_text())["result"]
+    assert report["records_fully_masked"]["first_ids"] == ["q1"] and report["seq_length"] == SEQ
+
+
+def test_masked_long_record_keeps_untruncated_labels(tmp_path, sp, tokenizer_path):
+    gpt = "x ASSISTANT: " + "word " * 100
+    res, got = run_qa(tmp_path, [conv(("human", "Hi"), ("gpt", gpt))], model=tokenizer_path)
+    n = 1 + len(sp.encode(SYS + " USER: Hi ASSISTANT: " + gpt)) + 1
+    assert n > L
+    assert len(got[0][0]) == L and got[0][1] == [IGN] * n
+    assert res.labels_longer_than_record["count"] == 1
+
+
+def test_wiki_chunking_repeat_and_several_files(tmp_path, sp, tokenizer_path):
+    a = " = Title = \n\nFirst para , with @-@ dash .\nsecond line\n\n = = Sub = = \n\nThird ( x ) para\n"
+    b = "Other file para one .\n\nand two\n"
+    (tmp_path / "w1.txt").write_text(a)
+    (tmp_path / "w2.txt").write_text(b)
+    out = tmp_path / "wiki.mindrecord"
+    seq = 9
+    res = preprocess(
+        "wiki", str(tmp_path / "w*.txt"), tokenizer_path, out, seq_length=seq, repeat=2, workers=1
+    )
+    # clean-up by hand, as the reference's rules do for these strings
+    assert clean_wikitext(" , with @-@ dash .") == ", with-dash ."
+    # " ." before a newline is not a " . " pattern, so it stays
+    paras = ["First para, with-dash .\nsecond line", "Third (x) para\n", "Other file para one .", "and two\n"]
+    stream = []
+    for p in paras:
+        stream += [1, *sp.encode(p), 2]
+    stream *= 2
+    chunks = [stream[i : i + seq + 1] for i in range(0, len(stream) - seq, seq + 1)]
+    chunks = [c for c in chunks if len(c) == seq + 1]
+    assert read(out, ("input_ids",)) == [[c] for c in chunks]
+    assert res.records_written == len(chunks) > 0
+
+
+def test_several_files_sharded_output_parallel(tmp_path, sp, tokenizer_path, capsys):
+    qa = [(f"Q{i}?", f"A{i}.") for i in range(7)]
+    (tmp_path / "b.json").write_text(json.dumps([conv(("human", q), ("gpt", a), rid=q) for q, a in qa[:3]]))
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps(conv(("human", q), ("gpt", a), rid=q)) for q, a in qa[3:])
+    )
+    out = tmp_path / "shard.mindrecord"
+    assert main(["--dataset_type", "qa", "--input_glob", str(tmp_path / "*.json*"), "--model_file",
+                 str(tokenizer_path), "--seq_length", str(SEQ), "--output_file", str(out),
+                 "--file_partition", "3", "--workers", "2"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["Transformed 7 records.", f"Transform finished, output files refer: {out}0"]
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shard"))
+    assert names == sorted(
+        "shard.mindrecord" + s for s in ("0", "0.db", "1", "1.db", "2", "2.db", ".report.json")
+    )
+    got = read(tmp_path / "shard.mindrecord0")
+    # files in sorted order (a.jsonl, then b.json); FileWriter spreads rows over shards its own way
+    expected = []
+    for q, a in qa[3:] + qa[:3]:
+        ids, labels, _ = one_round(sp, q, a)
+        expected.append([pad(ids, 0), pad(labels, IGN)])
+    assert sorted(got) == sorted(expected)
+    # any shard opens the whole set (the header names its siblings, which survived the rename)
+    for k in (1, 2):
+        assert sorted(read(tmp_path / f"shard.mindrecord{k}")) == sorted(expected)
+
+
+def test_identical_rerun_is_cached(tmp_path, tokenizer_path, capsys):
+    rec = [conv(("human", "Hi"), ("gpt", "Yo"))]
+    first, _ = run_qa(tmp_path, rec, model=tokenizer_path)
+    out1 = capsys.readouterr().out
+    again, _ = run_qa(tmp_path, rec, model=tokenizer_path)
+    assert not first.cached and again.cached
+    assert capsys.readouterr().out == out1
+    changed, _ = run_qa(tmp_path, rec, model=tokenizer_path, masking="fastchat")
+    assert not changed.cached
+
+
+BAD = [
+    ([{"id": "r", "conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}],
+     "record 0 (id r): roles do not alternate: conversations[1]"),
+    ([{"conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]}],
+     "roles do not alternate"),
+    ([{"conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "b"}]}],
+     "record 0: field 'conversations[0].value' must be a string, got int"),
+    ([{"conversations": [{"from": "robot", "value": "a"}]}], "field 'conversations[0].from'"),
+    ([{"id": "z"}], "record 0 (id z): field 'conversations'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("recs", "needle"), BAD)
+def test_bad_records_fail_and_leave_nothing(tmp_path, tokenizer_path, recs, needle):
+    good = [conv(("human", "fine"), ("gpt", "ok"))] * 3
+    with pytest.raises(InputError) as err:
+        run_qa(tmp_path, good + recs, model=tokenizer_path)
+    msg = str(err.value).replace("record 3", "record 0")
+    assert needle in msg and str(tmp_path / "in.json") in msg
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_files_fail_and_leave_nothing(tmp_path, tokenizer_path):
+    src = tmp_path / "in.json"
+    src.write_text('[{"conversations": []},')
+    out = tmp_path / "o" / "data"
+    with pytest.raises(InputError, match="tokenizer model file not found"):
+        preprocess("qa", str(src), tmp_path / "missing.model", out, workers=1)
+    corrupt = tmp_path / "corrupt.model"
+    corrupt.write_bytes(b"not a model" * 10)
+    with pytest.raises(InputError, match=f"{corrupt}: not a valid sentencepiece model"):
+        preprocess("qa", str(src), corrupt, out, workers=1)
+    with pytest.raises(InputError, match="no input file matches"):
+        preprocess("qa", str(tmp_path / "nothing*.json"), tokenizer_path, out, workers=1)
+    with pytest.raises(InputError, match=f"{src}: invalid JSON at line 1"):
+        preprocess("qa", str(src), tokenizer_path, out, workers=1)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_killed_run_leaves_no_final_file(tmp_path, tokenizer_path):
+    recs = [conv(("human", f"question {i} " * 20), ("gpt", f"answer {i} " * 40)) for i in range(20000)]
+    src = tmp_path / "big.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in recs))
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llama_core.data.llama_preprocess", "--dataset_type", "qa", "--input_glob",
+           str(src), "--model_file", str(tokenizer_path), "--seq_length", "4096", "--output_file",
+           str(out_dir / "data.mindrecord"), "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    tmp_file = None
+    while time.monotonic() < deadline and tmp_file is None:  # wait until the MindRecord file is open
+        tmp_file = next((d / "data.mindrecord" for d in out_dir.glob(".data.mindrecord.tmp-*")), None)
+        time.sleep(0.05)
+    time.sleep(1.5)  # records are being tokenized and written (20,000 take far longer)
+    assert proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert tmp_file is not None, "the run never started writing"
+    assert not [p for p in out_dir.iterdir() if not p.name.startswith(".")]
+    # a new run clears the dead run's leftovers (here: on a small input)
+    src.write_text(json.dumps(recs[0]))
+    preprocess("qa", str(src), tokenizer_path, out_dir / "data.mindrecord", seq_length=SEQ, workers=1)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["data.mindrecord", "data.mindrecord.db",
+                                                         "data.mindrecord.report.json"]  # fmt: skip
+
+
+def test_fast_tokenization_matches_literal_encodes(sp):
+    """The one-pass rule (tokens of head + tokens of answer) against literal encodes of awkward text."""
+    for answer in ["x", " leading", "  two", "\nnewline", "ünï 😀", "a\tb", ":", "ASSISTANT:", " "]:
+        head = SYS + " USER: q ASSISTANT:"
+        assert sp.encode(head + " " + answer) == sp.encode(head) + sp.encode(answer), answer
+        assert len(sp.encode(head + " ")) == len(sp.encode(head)) + 1
+        assert sp.encode(SYS + " USER: " + answer) == sp.encode(SYS) + sp.encode("USER: " + answer)
+    assert np.array_equal(np.array(sp.encode([SYS])[0]), np.array(sp.encode(SYS)))
