@@ -172,3 +172,16 @@ def test_cli_help_shows_msrun_defaults() -> None:
         [sys.executable, "-m", "llama_core.launch", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "--master_port" in out and "-- <llama_core.run args>" in out
+
+
+def test_an_interrupted_launch_leaves_no_rank_running(program: list[str], tmp_path: Path) -> None:
+    """An exception in the caller (here from on_line; in Airflow a task kill) stops every process."""
+
+    def interrupt(rank: int, line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_two(program, "hang", tmp_path / "logs", on_line=interrupt)
+    pid_files = list((tmp_path / "logs" / ".rank_status").glob("rank_*.pid.json"))
+    assert pid_files  # the ranks did start
+    assert not _running(tmp_path / "logs")
