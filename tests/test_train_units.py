@@ -125,5 +125,9 @@ def test_greedy_generate_stops_at_eos_and_limits() -> None:
     assert greedy_generate(model, [1, 2], seq_length=12, max_new_tokens=10, eos_id=6, pad_id=0) == [3, 4, 5]
     assert greedy_generate(model, [1, 2], seq_length=12, max_new_tokens=2, eos_id=6, pad_id=0) == [3, 4]
     assert greedy_generate(model, [7, 8], seq_length=5, max_new_tokens=10, eos_id=6, pad_id=0) == [9, 10, 11]
+    # ids the tokenizer does not have (>= vocab_limit) are never chosen: after 9, the best allowed is 0
+    assert greedy_generate(
+        model, [8], seq_length=5, max_new_tokens=2, eos_id=6, pad_id=0, vocab_limit=10
+    ) == [9, 0]
     with pytest.raises(InputError, match="shorter than seq_length"):
         greedy_generate(model, [1] * 5, seq_length=5, max_new_tokens=1, eos_id=6, pad_id=0)

@@ -55,10 +55,12 @@ def greedy_generate(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    vocab_limit: int | None = None,
 ) -> list[int]:
     """Greedy decoding without a KV cache: the sequence is padded to `seq_length` (one compiled shape;
     causal attention makes the padding invisible to earlier positions) and the next token is the
-    argmax at the last real position. Returns only the new tokens (eos excluded)."""
+    argmax at the last real position, over ids < `vocab_limit` (a model vocab may be padded beyond
+    the tokenizer's pieces). Returns only the new tokens (eos excluded)."""
     ids = list(prompt_ids)
     if len(ids) >= seq_length:
         raise InputError(f"prompt has {len(ids)} tokens; it must be shorter than seq_length {seq_length}")
@@ -67,7 +69,7 @@ def greedy_generate(
         buf = np.full((1, seq_length), pad_id, np.int32)
         buf[0, : len(ids)] = ids
         logits = model(ms.Tensor(buf)).asnumpy()
-        nxt = int(np.argmax(logits[0, len(ids) - 1]))
+        nxt = int(np.argmax(logits[0, len(ids) - 1, :vocab_limit]))
         if nxt == eos_id:
             break
         ids.append(nxt)
@@ -99,6 +101,7 @@ def run_predict(tc: TrainConfig, prompts: Sequence[str]) -> list[tuple[str, str]
             max_new_tokens=int(mc.get("max_decode_length", 128)),
             eos_id=int(mc.get("eos_token_id", 2)),
             pad_id=int(mc.get("pad_token_id", 0)),
+            vocab_limit=sp.get_piece_size(),
         )
         out.append((prompt, sp.decode(new)))
     write_json_atomic(
