@@ -297,3 +297,10 @@ def test_fast_tokenization_matches_literal_encodes(sp):
         assert len(sp.encode(head + " ")) == len(sp.encode(head)) + 1
         assert sp.encode(SYS + " USER: " + answer) == sp.encode(SYS) + sp.encode("USER: " + answer)
     assert np.array_equal(np.array(sp.encode([SYS])[0]), np.array(sp.encode(SYS)))
+
+
+def test_error_in_a_worker_process_fails_cleanly(tmp_path, tokenizer_path):
+    recs = [conv(("human", "fine"), ("gpt", "ok"))] * 600 + [conv(("human", "a"), ("human", "b"), rid="bad")]
+    with pytest.raises(InputError, match=r"record 600 \(id bad\): roles do not alternate"):
+        run_qa(tmp_path, recs, model=tokenizer_path, workers=2)
+    assert list((tmp_path / "out").iterdir()) == []
