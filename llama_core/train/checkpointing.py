@@ -27,7 +27,7 @@ logger = logging.getLogger("llama_core.train")
 
 COUNTERS = ("epoch_num", "step_num", "global_step", "loss_scale")
 # Parameters that are training machinery, not model or optimizer state.
-_TRANSIENT = ("accu_grads.", "learning_rate")
+TRANSIENT = ("accu_grads.", "learning_rate")
 
 
 def rank_dir(output_dir: str | Path, rank: int) -> Path:
@@ -78,7 +78,7 @@ def save(
     clean_leftovers(folder, final.name)
 
     def keep(name: str) -> bool:
-        if name.startswith(_TRANSIENT):
+        if name.startswith(TRANSIENT):
             return False
         if not trainable_only or name.startswith(("adam_m.", "adam_v.", "global_step")):
             return True

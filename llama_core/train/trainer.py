@@ -247,7 +247,7 @@ def train(tc: TrainConfig) -> TrainResult:
         else:
             path, params = found
             names = {p.name for p in step_cell.get_parameters()}
-            state = {k: v for k, v in params.items() if k in names and not k.startswith(ckpt._TRANSIENT)}
+            state = {k: v for k, v in params.items() if k in names and not k.startswith(ckpt.TRANSIENT)}
             ms.load_param_into_net(step_cell, state)
             start = ckpt.counters_of(params)
             resumed_from = str(path)
