@@ -126,6 +126,7 @@ with DAG(
         overrides="{{ params.overrides }}",
         train_dataset_dir="{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['output_file'] }}",
         load_checkpoint="{{ ti.xcom_pull(task_ids='shard_checkpoint')['output_dir'] }}",
+        seq_length="{{ params.seq_length }}",
         output_dir=f"{WORK}/runs/{{{{ run_id }}}}",
         worker_num="{{ params.worker_num }}",
         device_target="{{ params.device_target }}",

@@ -2,7 +2,8 @@
 
 `python -m llama_core.demo DEST` writes, deterministically:
 - `alpaca.json`: Alpaca-format records (instruction, input, output), some with an input;
-- `tokenizer.model`: a sentencepiece BPE model trained on those texts, with Llama's special ids
+- `tokenizer.model`: a sentencepiece BPE model trained on those records' full chat prompts (the
+  system prompt and Alpaca preamble included, so a prompt fits a short sequence), with Llama's special ids
   (`<unk>` 0, `<s>` 1, `</s>` 2) and byte fallback, so every later stage treats it like Llama's;
 - `hf_model/`: a tiny random Llama in Hugging Face layout (`config.json` + `model.safetensors`),
   the same files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds.
@@ -17,10 +18,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from llama_core.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from llama_core.data.alpaca_converter import alpaca_to_conversation
 
 # Shape of the demo model; it matches configs/lora_llama2_tiny.yaml's model_config.
 DEMO_MODEL = {
@@ -34,6 +37,9 @@ DEMO_MODEL = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
 }
+
+# Every demo prompt (110-143 tokens with the demo tokenizer) fits, so no answer is cut off.
+DEMO_SEQ_LENGTH = 160
 
 _TOPICS = ["LoRA", "MindRecord", "a checkpoint", "data parallelism", "an Ascend NPU", "Airflow", "café crème"]
 _TASKS = [
@@ -74,6 +80,16 @@ def alpaca_records(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
             }
         )
     return records
+
+
+def chat_prompt(record: dict[str, Any]) -> str:
+    """The vicuna_v1.1 prompt the tokenizer stage builds for a conversation record."""
+    from fastchat.conversation import get_conv_template
+
+    conv = get_conv_template("vicuna_v1.1")
+    for turn in record["conversations"]:
+        conv.append_message(conv.roles[turn["from"] == "gpt"], turn["value"])
+    return conv.get_prompt()
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
@@ -149,7 +165,7 @@ def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
     dest.mkdir(parents=True, exist_ok=True)
     records = alpaca_records(seed=seed)
     alpaca = write_json_atomic(dest / "alpaca.json", records)
-    texts = [" ".join(r.values()) for r in records]
+    texts = [chat_prompt(alpaca_to_conversation(r, i, alpaca)) for i, r in enumerate(records)]
     tokenizer = write_bytes_atomic(dest / "tokenizer.model", train_tokenizer(texts, DEMO_MODEL["vocab_size"]))
     with atomic_path(dest / "hf_model") as tmp:
         tmp.mkdir()

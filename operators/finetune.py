@@ -39,6 +39,7 @@ class MsrunFinetuneOperator(BaseOperator):
         "train_dataset_dir",
         "load_checkpoint",
         "output_dir",
+        "seq_length",
         "worker_num",
         "device_target",
         "master_port",
@@ -52,6 +53,7 @@ class MsrunFinetuneOperator(BaseOperator):
         train_dataset_dir: str,
         output_dir: str,
         load_checkpoint: str | None = None,
+        seq_length: int | str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
         worker_num: int | str = 8,
         device_target: str = "Ascend",
@@ -62,6 +64,7 @@ class MsrunFinetuneOperator(BaseOperator):
         super().__init__(**kwargs)
         self.config, self.train_dataset_dir, self.output_dir = config, train_dataset_dir, output_dir
         self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
+        self.seq_length = seq_length
         self.worker_num, self.device_target, self.master_port = worker_num, device_target, master_port
 
     def run_args(self, resume: bool) -> list[str]:
@@ -80,11 +83,13 @@ class MsrunFinetuneOperator(BaseOperator):
             args += ["--load_checkpoint", self.load_checkpoint]
         if resume:
             args += ["--resume_training", "True"]
+        if self.seq_length:  # the model trains on the records' length: one setting, not two
+            args += ["--model.model_config.seq_length", str(int(self.seq_length))]
         return args + override_args(self.overrides)  # type: ignore[arg-type]
 
     def execute(self, context: Context) -> dict[str, Any]:
         from llama_core.launch import LaunchError, launch
-        from llama_core.train import SUMMARY_NAME
+        from llama_core.train.trainer import SUMMARY_NAME
 
         output_dir = Path(self.output_dir)
         resume = any(output_dir.glob("checkpoint/rank_*/*.ckpt"))

@@ -21,6 +21,7 @@ airflow db migrate >"$out/airflow-db.log" 2>&1 || { cat "$out/airflow-db.log"; e
 
 conf=$(python - "$out" "$repo" <<'PY'
 import json, sys
+from llama_core.demo import DEMO_SEQ_LENGTH
 out, repo = sys.argv[1:]
 print(json.dumps({
     "alpaca_url": f"{out}/inputs/alpaca.json",
@@ -28,7 +29,7 @@ print(json.dumps({
     "weights_url": f"{out}/inputs/hf_model",
     "work_dir": f"{out}/work",
     "config": f"{repo}/configs/lora_llama2_tiny.yaml",
-    "seq_length": 64,
+    "seq_length": DEMO_SEQ_LENGTH,
     "worker_num": 2,
     "device_target": "CPU",
     "master_port": 8129,
@@ -43,6 +44,6 @@ if ! airflow dags test llama2_lora_finetune -c "$conf" >"$out/dag-run.log" 2>&1;
   exit 1
 fi
 grep -E "Marking run|msrun.rank_0\].*(loss|step)" "$out/dag-run.log" | tail -n 8 || true
-summary=$(ls -t "$out"/work/runs/*/summary.json 2>/dev/null | head -n 1)
+summary=$(ls -t "$out"/work/runs/*/train_summary.json 2>/dev/null | head -n 1)
 echo "== done. Training summary: ${summary:-<none>}"
 [ -n "$summary" ] && python -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s[k] for k in s if k != 'loss_series'})" "$summary"

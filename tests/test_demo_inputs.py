@@ -54,3 +54,18 @@ def test_inputs_are_deterministic(tmp_path: Path, demo_inputs) -> None:
     assert (again.hf_model / "model.safetensors").read_bytes() == (
         demo_inputs.hf_model / "model.safetensors"
     ).read_bytes()
+
+
+def test_every_prompt_fits_the_demo_sequence(demo_inputs) -> None:
+    """A truncated demo record would lose its answer: every label masked, loss 0, nothing learnt."""
+    import sentencepiece as spm
+
+    from llama_core.data.alpaca_converter import alpaca_to_conversation
+    from llama_core.demo import DEMO_SEQ_LENGTH, chat_prompt
+
+    sp = spm.SentencePieceProcessor(model_file=str(demo_inputs.tokenizer))
+    records = json.loads(Path(demo_inputs.alpaca).read_text(encoding="utf-8"))
+    lengths = [
+        len(sp.encode(chat_prompt(alpaca_to_conversation(r, i, "demo")))) for i, r in enumerate(records)
+    ]
+    assert max(lengths) + 2 <= DEMO_SEQ_LENGTH  # + bos and eos
