@@ -13,6 +13,7 @@ CLI: python -m llama_core.checkpoint.convert --model llama --input_path HF_DIR -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -147,10 +148,19 @@ def convert_hf_to_ms(
 
     total = sum(e.nbytes for _, e in plan)
     progress = Progress(f"convert {input_path.name}", total=total, unit="bytes", logger=log)
-    with atomic_path(output_path) as tmp, open(tmp, "wb") as f:
-        writer = CkptWriter(f, crc=crc)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(output_path))
+        writer = CkptWriter(stack.enter_context(open(tmp, "wb")), crc=crc)
+        inputs_fd = {}
         for ms_name, entry in plan:
-            writer.write(ms_name, cast(read_entry(entry), entry.dtype, target), target)
+            if entry.dtype == target:  # same type: copy the bytes file to file in the kernel
+                if entry.path not in inputs_fd:
+                    inputs_fd[entry.path] = stack.enter_context(open(entry.path, "rb")).fileno()
+                writer.write_ranges(
+                    ms_name, entry.shape, target, inputs_fd[entry.path], [(entry.offset, entry.nbytes)]
+                )
+            else:
+                writer.write(ms_name, cast(read_entry(entry), entry.dtype, target), target)
             progress.update(entry.nbytes)
         writer.finish()
     progress.close()

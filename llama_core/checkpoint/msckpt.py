@@ -198,6 +198,9 @@ class CkptReader:
     def close(self) -> None:
         self._f.close()
 
+    def fileno(self) -> int:
+        return self._f.fileno()
+
     def names(self) -> list[str]:
         """Tensor names in file order."""
         return list(self.entries)
@@ -246,19 +249,71 @@ def _field(no: int, payload_len: int) -> bytes:
     return _enc_varint((no << 3) | 2) + _enc_varint(payload_len)
 
 
+def sub_ranges(ranges: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """The file ranges holding bytes [start, start + length) of the content stored in `ranges`."""
+    out, pos = [], 0
+    for offset, n in ranges:
+        lo, hi = max(start, pos), min(start + length, pos + n)
+        if lo < hi:
+            out.append((offset + lo - pos, hi - lo))
+        pos += n
+    return out
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append `length` bytes of `src_fd` from `offset` to `dst_fd`, in the kernel when it can."""
+    while length:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+        except OSError:  # e.g. EXDEV on old kernels or ENOSYS: copy through user space
+            n = 0
+        if n <= 0:
+            block = os.pread(src_fd, min(length, 64 << 20), offset)
+            if not block:
+                raise InputError(f"unexpected end of input file at byte {offset}")
+            _write_all(dst_fd, block)
+            n = len(block)
+        offset += n
+        length -= n
+
+
 class CkptWriter:
-    """Appends tensors to an open binary file in MindSpore's layout (optionally with its CRC)."""
+    """Appends tensors to an open binary file in MindSpore's layout (optionally with its CRC).
+
+    Writes go straight to the file descriptor (the file object is flushed once and then left
+    alone), so tensor bytes can also be copied file-to-file in the kernel (`write_ranges`).
+    """
 
     def __init__(self, f: BinaryIO, crc: bool = False) -> None:
-        self.f, self.crc = f, crc
+        f.flush()
+        self.fd, self.crc = f.fileno(), crc
         self._crc = 0
         self.bytes_written = 0
 
     def _emit(self, data: bytes | memoryview) -> None:
         if self.crc:
             self._crc = zlib.crc32(data, self._crc)
-        self.f.write(data)
+        _write_all(self.fd, data)
         self.bytes_written += len(data)
+
+    @staticmethod
+    def _frames(name: str, dims: list[int], ms_type: str, total: int) -> Iterator[tuple[bytes, int, int]]:
+        """(framing bytes, content start, content length) per Value; > 512 MiB splits as MindSpore does."""
+        dims_bytes = b"".join(b"\x08" + _enc_varint(d) for d in dims)
+        tag = name.encode("utf-8")
+        type_bytes = ms_type.encode()
+        for start in range(0, max(total, 1), CHUNK_BYTES):
+            length = min(CHUNK_BYTES, total - start)
+            tensor_head = dims_bytes + _field(2, len(type_bytes)) + type_bytes + _field(3, length)
+            tensor_len = len(tensor_head) + length
+            value_head = _field(1, len(tag)) + tag + _field(2, tensor_len)
+            yield _field(1, len(value_head) + tensor_len) + value_head + tensor_head, start, length
 
     def write(self, name: str, array: np.ndarray, dtype: str) -> None:
         """Write tensor `name`, held in `dtype`'s storage (BF16 as uint16 bits); 'str' for raw strings."""
@@ -267,24 +322,34 @@ class CkptWriter:
         if dtype != STR_TYPE and array.dtype != storage_dtype(dtype):
             raise ValueError(f"tensor {name!r}: array dtype {array.dtype} does not hold {dtype}")
         content = memoryview(np.ascontiguousarray(array)).cast("B")
-        dims_bytes = b"".join(b"\x08" + _enc_varint(d) for d in dims)
-        tag = name.encode("utf-8")
-        type_bytes = ms_type.encode()
-        pieces = range(0, max(len(content), 1), CHUNK_BYTES)
-        for start in pieces:
-            piece = content[start : start + CHUNK_BYTES]
-            tensor_head = dims_bytes + _field(2, len(type_bytes)) + type_bytes + _field(3, len(piece))
-            tensor_len = len(tensor_head) + len(piece)
-            value_head = _field(1, len(tag)) + tag + _field(2, tensor_len)
-            value_len = len(value_head) + tensor_len
-            self._emit(_field(1, value_len) + value_head + tensor_head)
-            self._emit(piece)
+        for head, start, length in self._frames(name, dims, ms_type, len(content)):
+            self._emit(head)
+            self._emit(content[start : start + length])
+
+    def write_ranges(
+        self, name: str, shape: tuple[int, ...], dtype: str, src_fd: int, ranges: list[tuple[int, int]]
+    ) -> None:
+        """Write tensor `name` whose bytes are `ranges` of the open file `src_fd`, copied in the kernel."""
+        total = sum(n for _, n in ranges)
+        if self.crc:  # the CRC needs the bytes in user space
+            buf = np.empty(total, np.uint8)
+            at = 0
+            for offset, n in ranges:
+                buf[at : at + n] = np.frombuffer(os.pread(src_fd, n, offset), np.uint8)
+                at += n
+            self.write(name, buf.view(storage_dtype(dtype)).reshape(shape), dtype)
+            return
+        for head, start, length in self._frames(name, list(shape), to_ms_type(dtype), total):
+            self._emit(head)
+            for offset, n in sub_ranges(ranges, start, length):
+                copy_file_range(src_fd, self.fd, offset, n)
+            self.bytes_written += length
 
     def finish(self) -> None:
         """Append the CRC trailer when asked for (call once, after the last tensor)."""
         if self.crc:
             trailer = _CRC_MARK + self._crc.to_bytes(10, byteorder="big")
-            self.f.write(trailer)
+            _write_all(self.fd, trailer)
             self.bytes_written += len(trailer)
 
 

@@ -299,3 +299,48 @@ def split_lora_name(name: str) -> tuple[str, str, str] | None:
 def is_training_scalar(name: str, numel: int) -> bool:
     """Step counters and loss scale: a dot-free name with at most one element."""
     return "." not in name and numel <= 1
+
+
+PEFT_PREFIX = "base_model.model."
+_PEFT_LORA = re.compile(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight\Z")
+
+
+def ms_lora_to_peft(name: str) -> str:
+    """'model.layers.0.attention.wq.mindpet_delta_lora_a' -> PEFT's
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    parts = split_lora_name(name)
+    if parts is None:
+        raise InputError(f"tensor {name!r}: not a LoRA weight")
+    hf_linear = ms_to_hf(parts[0] + ".weight")[: -len(".weight")]
+    return f"{PEFT_PREFIX}{hf_linear}.lora_{parts[2].upper()}.weight"
+
+
+def peft_to_ms_lora(name: str) -> str:
+    """PEFT adapter tensor name (with or without the adapter name) -> MindSpore LoRA name."""
+    m = _PEFT_LORA.match(name)
+    if m is None or not name.startswith(PEFT_PREFIX):
+        raise InputError(f"tensor {name!r}: not a PEFT LoRA weight of a Llama linear layer")
+    ms_linear = hf_to_ms(m.group(1)[len(PEFT_PREFIX) :] + ".weight")[: -len(".weight")]
+    return f"{ms_linear}.{LORA_PREFIXES[0]}lora_{m.group(2).lower()}"
+
+
+def lora_pairs(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+    """Group LoRA weights by linear: {linear: (a_name, b_name)}; a lone half or a rank mismatch fails.
+
+    Optimizer states of LoRA weights (adam_m.*, adam_v.*) are not LoRA weights and are ignored.
+    """
+    halves: dict[str, dict[str, str]] = {}
+    for name in shapes:
+        parts = None if name.startswith(OPTIMIZER_PREFIXES) else split_lora_name(name)
+        if parts:
+            halves.setdefault(parts[0], {})[parts[2]] = name
+    pairs = {}
+    for linear, ab in halves.items():
+        if set(ab) != {"a", "b"}:
+            present = next(iter(ab.values()))
+            raise InputError(f"tensor {present!r}: its LoRA partner ({'b' if 'a' in ab else 'a'}) is missing")
+        a, b = shapes[ab["a"]], shapes[ab["b"]]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise InputError(f"tensor {ab['a']!r} {list(a)} and {ab['b']!r} {list(b)} are not a LoRA pair")
+        pairs[linear] = (ab["a"], ab["b"])
+    return pairs

@@ -53,7 +53,7 @@ from llama_core.checkpoint.layout import (
     slice_bounds,
     stage_layer_ranges,
 )
-from llama_core.checkpoint.msckpt import CkptWriter
+from llama_core.checkpoint.msckpt import CkptWriter, sub_ranges
 from llama_core.checkpoint.names import expected_ms_names
 from llama_core.checkpoint.sources import CheckpointSource, TensorMeta
 from llama_core.checkpoint.stagekey import StageKey
@@ -134,17 +134,31 @@ def _write_ranks(
     )
     try:
         for meta, p in plan:
-            full = src.read(meta)
             bounds = slice_bounds(meta.shape[p.axis], layout.mp) if p.axis is not None else None
-            for stage in p.stages:
-                for m in range(layout.mp):
-                    piece = full
-                    if bounds is not None:
-                        lo, hi = bounds[m]
-                        piece = full[lo:hi] if p.axis == 0 else full[:, lo:hi]
-                    writers[(stage, m)].write(meta.name, piece, meta.dtype)
-            progress.update(full.nbytes)
-            del full
+            located = src.file_ranges(meta) if p.axis in (None, 0) else None
+            if located is not None:
+                # Whole tensors and row blocks are byte ranges of the source: copy them in the kernel.
+                fd, ranges = located
+                row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else 0
+                for stage in p.stages:
+                    for m in range(layout.mp):
+                        shape, part = meta.shape, ranges
+                        if bounds is not None:
+                            lo, hi = bounds[m]
+                            shape = (hi - lo, *meta.shape[1:])
+                            part = sub_ranges(ranges, lo * row_bytes, (hi - lo) * row_bytes)
+                        writers[(stage, m)].write_ranges(meta.name, shape, meta.dtype, fd, part)
+            else:
+                full = src.read(meta)
+                for stage in p.stages:
+                    for m in range(layout.mp):
+                        piece = full
+                        if bounds is not None:
+                            lo, hi = bounds[m]
+                            piece = full[lo:hi] if p.axis == 0 else full[:, lo:hi]
+                        writers[(stage, m)].write(meta.name, piece, meta.dtype)
+                del full
+            progress.update(meta.nbytes)
         for w in writers.values():
             w.finish()
     finally:

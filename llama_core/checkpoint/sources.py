@@ -146,6 +146,13 @@ class CheckpointSource:
             )
         return full
 
+    def file_ranges(self, meta: TensorMeta) -> tuple[int, list[tuple[int, int]]] | None:
+        """(open fd, byte ranges) holding the complete tensor, or None when it is spread over ranks."""
+        if self.kind == "sharded" or meta.dtype == STR_TYPE:
+            return None
+        reader = self._reader(self.files[0])
+        return reader.fileno(), reader.entries[meta.name].chunks
+
     def _read_rank(self, rank: int, meta: TensorMeta) -> np.ndarray:
         f = self._rank_files[rank]
         reader = self._reader(f)
