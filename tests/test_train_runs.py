@@ -128,6 +128,7 @@ def hf_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_msrun_two_workers_finetune_from_hf_and_loss_falls(tmp_path: Path, hf_ckpt: Path) -> None:
     data = write_records(tmp_path / "train.mindrecord", 64, patterns=4)
     out = tmp_path / "out"
@@ -163,6 +164,7 @@ def test_msrun_two_workers_finetune_from_hf_and_loss_falls(tmp_path: Path, hf_ck
         assert f"llama_tiny_lora_rank_{rank}-2_16.ckpt" in names
 
 
+@pytest.mark.slow
 def test_two_rank_data_parallel_equals_one_process_on_same_global_batch(tmp_path: Path) -> None:
     """Rank r reads block r of every global batch (dataset.ShardPlan), so 2 ranks x batch 2 see
     exactly the samples of 1 process x batch 4, in the same order.
@@ -195,6 +197,7 @@ def test_two_rank_data_parallel_equals_one_process_on_same_global_batch(tmp_path
     assert np.ptp(one) > 1e-3  # the curve moves: equality is not two flat lines
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = write_records(tmp_path / "train.mindrecord", 96, patterns=96)
     common = [
@@ -250,6 +253,7 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path: Path)
     np.testing.assert_allclose(got, reference[start:], rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch_and_eval_and_predict(tmp_path: Path) -> None:
     """batch 2 x 2 accumulation steps == batch 4 (equal target counts per record, so the mean of the two
     micro-batch losses is the 4-record loss and the averaged gradient its gradient); --do_eval reports
