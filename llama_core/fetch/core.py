@@ -112,7 +112,7 @@ def fetch(
     if expected and src.scheme == "hf":
         raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
     store = (
-        Path(cache_dir) / hashlib.sha256(_identity(src).encode()).hexdigest()[:24]
+        Path(cache_dir) / hashlib.sha256(_identity(src, creds).encode()).hexdigest()[:24]
         if cache_dir
         else Path(dest)
     )
@@ -124,7 +124,15 @@ def fetch(
                 files = fetch_hf(src, store / src.name, creds, timeouts or Timeouts())
             else:
                 reader = make_reader(src, creds, timeouts or Timeouts())
-                files = _fetch_store(src, store, reader, expected, retry or RetryPolicy(), progress_interval)
+                files = _fetch_store(
+                    src,
+                    _identity(src, creds),
+                    store,
+                    reader,
+                    expected,
+                    retry or RetryPolicy(),
+                    progress_interval,
+                )
         if cache_dir:
             files = [_link_into(f, store, Path(dest)) for f in files]
     except LlamaCoreError as exc:
@@ -150,9 +158,12 @@ def fetch(
     return result
 
 
-def _identity(src: Source) -> str:
-    """What makes two sources the same (a path and its file:// URL are; tokens never count)."""
-    return str(Path(src.path).resolve()) if src.scheme == "file" else src.redacted
+def _identity(src: Source, creds: Credentials) -> str:
+    """What makes two sources the same: a path and its file:// URL are; tokens never count; one
+    bucket name on two endpoints (OBS, MinIO) is not."""
+    if src.scheme == "file":
+        return str(Path(src.path).resolve())
+    return f"{src.redacted} {creds.endpoint_url}" if creds.endpoint_url else src.redacted
 
 
 @contextlib.contextmanager
@@ -171,11 +182,17 @@ def _locked(store: Path, src: Source) -> Iterator[None]:
 
 
 def _fetch_store(
-    src: Source, store: Path, reader: Reader, expected: str | None, retry: RetryPolicy, interval: float
+    src: Source,
+    identity: str,
+    store: Path,
+    reader: Reader,
+    expected: str | None,
+    retry: RetryPolicy,
+    interval: float,
 ) -> list[FetchedFile]:
     entry = store / src.name
     manifest_path = store / f".{src.name}.fetch.json"
-    key = cache_key("fetch", FORMAT_VERSION, [], {"source": _identity(src)})
+    key = cache_key("fetch", FORMAT_VERSION, [], {"source": identity})
     if expected and entry.is_file() and file_sha256(entry) == expected:
         # Content-addressed hit: the pinned digest proves the content, no need to ask the store.
         return [FetchedFile(src.redacted, entry, entry.stat().st_size, expected, True)]
