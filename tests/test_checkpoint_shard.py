@@ -242,3 +242,23 @@ def test_cli_with_yaml_and_override(src, tmp_path, capsys):
     assert "model_parallel = 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_tensors_split_over_several_values(tmp_path, monkeypatch):
+    """MindSpore splits tensors > 512 MiB into several Values; slices must cross those seams."""
+    from llama_core.checkpoint import msckpt
+
+    monkeypatch.setattr(msckpt, "CHUNK_BYTES", 1000)  # 64x32 fp32 = 8192 bytes -> 9 Values
+    t = tensors(lora=False)
+    path = save(tmp_path / "full.ckpt", t)
+    assert len(msckpt.scan_ckpt(path)[0].chunks) == 9
+    res = shard_checkpoint(path, model_config(model_parallel=2), tmp_path / "tp2")
+    got = load_ckpt_dict(res.rank_files[1])
+    np.testing.assert_array_equal(
+        got["model.tok_embeddings.embedding_weight"], t["model.tok_embeddings.embedding_weight"][32:]
+    )
+    np.testing.assert_array_equal(
+        got["model.layers.0.feed_forward.w2.weight"], t["model.layers.0.feed_forward.w2.weight"][:, 32:]
+    )
+    unshard_checkpoint(tmp_path / "tp2", tmp_path / "back.ckpt")
+    assert (tmp_path / "back.ckpt").read_bytes() == path.read_bytes()
