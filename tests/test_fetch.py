@@ -16,6 +16,7 @@ from fetch_server import FetchServer
 from llama_core.errors import ConfigError, InputError
 from llama_core.fetch import Credentials, FetchError, RetryPolicy, Timeouts, fetch, parse_source, redact
 from llama_core.fetch.__main__ import main
+from llama_core.fetch.hf import LoggedTqdm
 
 FAST = RetryPolicy(retries=3, backoff=0.01)
 BODY = os.urandom(600_000) + b"tail"
@@ -293,6 +294,19 @@ def test_hf_calls_snapshot_download_and_reports_files(tmp_path, monkeypatch):
         ),
     ]
     assert second.cached and first.path == tmp_path / "Llama-2-7b-hf"
+    assert kw["tqdm_class"] is LoggedTqdm
+
+
+def test_hub_progress_bars_become_rate_limited_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="llama_core.fetch")
+    with LoggedTqdm(
+        total=1 << 30, unit="B", unit_scale=True, desc="Downloading bytes", name="hf-group"
+    ) as bar:
+        for _ in range(5000):
+            bar.update(1 << 10)
+    lines = [r.getMessage() for r in caplog.records]
+    # one line when the bar opens and one when it closes; the 5000 updates fall within 5 s
+    assert len(lines) == 2 and lines[-1].startswith("Downloading bytes:   0% 5.12M/1.07G")
 
 
 def test_cli_prints_result_and_turns_errors_into_exit_2(server, tmp_path, capsys):

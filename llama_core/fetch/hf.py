@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 from pathlib import Path
+
+from tqdm import tqdm
 
 from llama_core.cache import file_sha256
 from llama_core.fetch.core import FetchedFile
@@ -32,6 +36,7 @@ def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -
             token=creds.token or None,  # None: huggingface_hub reads HF_TOKEN itself
             endpoint=creds.endpoint_url,
             etag_timeout=timeouts.connect,
+            tqdm_class=LoggedTqdm,
         )
     except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError) as exc:
         raise FetchError(f"hf download of {src.redacted} failed: {type(exc).__name__}: {exc}") from None
@@ -56,6 +61,37 @@ def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -
         )
         for rel in rels
     ]
+
+
+_BAR_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+class _LogLines(io.TextIOBase):
+    """A text stream that turns each tqdm refresh into one log line."""
+
+    def write(self, text: str) -> int:
+        line = text.strip("\r\n ")
+        if line:
+            logging.getLogger("llama_core.fetch").info("%s", line)
+        return len(text)
+
+
+class LoggedTqdm(tqdm):
+    """huggingface_hub's progress bars as log lines, at most one per bar every 5 s.
+
+    A terminal bar redrawn every 0.1 s becomes thousands of lines in an Airflow task log; this
+    real tqdm (so every method the hub calls exists) prints to the log, rate-limited, no bar graphic.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.pop("name", None)  # an HF-only argument
+        kwargs.update(
+            file=_LogLines(),
+            mininterval=5.0,
+            disable=False,
+            bar_format=_BAR_FORMAT,
+        )
+        super().__init__(*args, **kwargs)
 
 
 def _identities(folder: Path) -> dict[str, tuple[int, int, int]]:
