@@ -321,3 +321,15 @@ def test_cli_prints_result_and_turns_errors_into_exit_2(server, tmp_path, capsys
     assert code.returncode == 2 and code.stderr.strip().endswith(
         f"HTTP 404 Not Found for HEAD {server.base}/nope"
     )
+
+
+@pytest.mark.parametrize(("partial", "body_gets"), [(BODY, []), (BODY + b"extra", [(None, 200)])])
+def test_partial_that_is_complete_or_too_long(server, tmp_path, partial, body_gets):
+    """416 for the resume range: a complete partial is kept (no body sent), a longer one refetched."""
+    url = server.add("/w/t.model", BODY)
+    (tmp_path / ".t.model.part").write_bytes(partial)
+    validator = server.specs["/w/t.model"].etag
+    (tmp_path / ".t.model.part.json").write_text(json.dumps({"validator": validator, "size": len(BODY)}))
+    assert fetch(url, tmp_path, retry=FAST).files[0].sha256 == SHA and _sha(tmp_path / "t.model") == SHA
+    assert [(g.range, g.status) for g in server.body_gets("/w/t.model")] == body_gets
+    assert next(r.status for r in server.log if r.method == "GET") == 416

@@ -27,6 +27,9 @@ from llama_core.fetch.source import Credentials, Source
 CHUNK = 1 << 20  # 1 MiB: large enough for full loopback speed, small enough to keep memory flat
 
 
+log = logging.getLogger("llama_core.fetch")
+
+
 class FetchError(LlamaCoreError):
     """A source that cannot be fetched: not found, refused, retries exhausted, or a bad digest."""
 
@@ -183,15 +186,16 @@ class HttpReader:
         if status == 416 and offset and _content_range_total(h) == offset:
             resp.close()  # the partial already holds every byte
             return Stream(offset, offset, file.validator, iter(()))
-        if status == 206:
-            m = _CONTENT_RANGE.fullmatch(h.get("Content-Range", "").strip())
-            if not m or int(m[1]) != offset or (file.size is not None and m[3] not in ("*", str(file.size))):
-                resp.close()
-                raise Transient(f"unexpected Content-Range {h.get('Content-Range')!r} from {file.source}")
+        m = _CONTENT_RANGE.fullmatch(h.get("Content-Range", "").strip()) if status == 206 else None
+        if m and int(m[1]) == offset and (file.size is None or m[3] in ("*", str(file.size))):
             size = int(m[3]) if m[3] != "*" else file.size
             return Stream(offset, size, _validator(h) or file.validator, _http_chunks(resp, file.source))
-        if status == 200 or (status == 416 and offset):
-            if status == 416:  # the partial is longer than the file now is: start again
+        if status in (200, 206, 416):
+            if status != 200:
+                # 416: the partial is longer than the file now is; 206 for another range or total
+                # size: the file changed. Either way the partial is useless: start again.
+                log.info("%s: HTTP %d (%s) for bytes=%d-: fetching the whole file", file.source, status,
+                         h.get("Content-Range"), offset)  # fmt: skip
                 resp.close()
                 resp = self._request("GET", {})
                 if resp.status_code != 200:
