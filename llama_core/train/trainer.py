@@ -17,7 +17,7 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import nn, ops
 
 from llama_core.atomic import write_json_atomic
 from llama_core.config import TrainConfig
@@ -139,14 +139,26 @@ def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int)
     return loss, math.exp(min(loss, 700.0))
 
 
+class _SumOverRanks(nn.Cell):
+    """Sum over all ranks as a compiled cell (CPU has neither an eager collective nor MIN/int32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduce = ops.AllReduce()
+
+    def construct(self, x: ms.Tensor) -> ms.Tensor:
+        return self.reduce(x)
+
+
 def _agree_on_resume(found: tuple[Path, dict[str, Any]] | None, tc: TrainConfig, rt: Runtime):
     """All ranks must resume from the same step: take the smallest newest-readable step over ranks."""
     if rt.world_size == 1:
         return found
-    from mindspore.communication.comm_func import all_reduce
-
     mine = ckpt.counters_of(found[1]).global_step if found else -1
-    agreed = int(all_reduce(ms.Tensor(np.array([mine], np.int32)), op="min")[0].asnumpy()[0])
+    # each rank fills its own slot, the sum gathers them all (float32 is exact for step counts < 2**24)
+    slots = np.zeros(rt.world_size, np.float32)
+    slots[rt.rank] = mine
+    agreed = int(_SumOverRanks()(ms.Tensor(slots)).asnumpy().min())
     if agreed == mine:
         return found
     if agreed < 0:
