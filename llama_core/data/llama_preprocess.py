@@ -15,7 +15,7 @@ Reference quirks reproduced by default (`--masking mindformers`), each counted i
    writes "ASSISTANT:" with no space) or when a conversation ends with a human turn. If the
    labelled length then falls short of the token count (and of seq_length+1) the WHOLE record
    is masked (all -100): the reference does this silently, here it is logged as a WARNING
-   naming the record and listed in the report.
+   naming the record (the first 50 by name, then a total) and listed in the report.
 3. Labels are computed on the padded, untruncated ids and only then cut to seq_length+1; a
    record masked by quirk 2 keeps its untruncated label length (longer than seq_length+1 when
    its ids were).
