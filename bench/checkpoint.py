@@ -20,6 +20,7 @@ shows every run and the goal uses the best of each.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -229,6 +230,16 @@ def main() -> None:
     shutil.rmtree(ROOT / "tp2")
     warm([ckpt])
     tp_memo = timed("llama_core.checkpoint.shard", tp_args, env)
+    # unshard goes through memory (concatenating slices): its RSS shows the in-memory bound
+    full = ROOT / "unsharded.ckpt"
+    unshard = timed(
+        "llama_core.checkpoint.unshard",
+        ["--load_checkpoint", str(ROOT / "tp2"), "--output_path", str(full)],
+        env,
+    )
+    unshard_exact = filecmp.cmp(full, ckpt, shallow=False)
+    full.unlink()
+    full.with_name(full.name + ".manifest.json").unlink()
     shutil.rmtree(ROOT / "tp2")
     dp_args = ["--load_checkpoint", str(ckpt), "--config", str(run_config(ROOT / "dp8.yaml", 8, 1))]
     dp_args += ["--output_dir", str(ROOT / "dp8")]
@@ -276,6 +287,10 @@ read once just before each timed command). Two alternating runs each; ratio = be
 With the input digests already memoised (re-run after deleting the output), the same commands
 took {conv_memo[0]:.1f} s (convert) and {tp_memo[0]:.1f} s (TP-2 shard): the rest of a first run is the
 sha256 of the inputs for the cache key, computed in a background thread beside the work.
+
+Unshard of the TP-2 folder back to one file: {unshard[0]:.1f} s, peak RSS {unshard[1] / 2**20:.0f} MiB
+({"met" if unshard[1] <= bound else "NOT met"}: this path holds a tensor's slices and their concatenation),
+result byte-identical to the converted .ckpt: {unshard_exact}.
 
 DP-8 shard (`data_parallel 8`): {dp[0]:.1f} s, peak RSS {dp[1] / 2**20:.0f} MiB, bytes written
 {dp_written:,} ({100 * dp_written / model_bytes:.4f}% of the model; goal <= 1%): the 8 rank files

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llama_core.atomic import atomic_path, clean_leftovers
 from llama_core.cache import file_sha256, write_manifest
 from llama_core.checkpoint.layout import (
@@ -112,6 +114,19 @@ def _link(target: Path, link: Path) -> str:
     return "symlink"
 
 
+class _Scratch:
+    """Reusable uint8 buffers (0: whole tensor, 1: column slice), grown to the largest size asked:
+    one allocation instead of a fresh, page-faulting one per tensor."""
+
+    def __init__(self) -> None:
+        self._bufs = [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+
+    def get(self, i: int, nbytes: int) -> np.ndarray:
+        if self._bufs[i].nbytes < nbytes:
+            self._bufs[i] = np.empty(nbytes, np.uint8)
+        return self._bufs[i]
+
+
 def _write_ranks(
     src: CheckpointSource, plan: list[tuple[TensorMeta, Placement]], layout: Layout, tmp: Path
 ) -> tuple[int, str]:
@@ -129,6 +144,7 @@ def _write_ranks(
     primaries = {(s, m): layout.rank(s, 0, m) for s in range(layout.pp) for m in range(layout.mp)}
     files = {key: open(path_of(rank), "wb") for key, rank in primaries.items()}  # noqa: SIM115
     writers = {key: CkptWriter(f, crc=src.crc) for key, f in files.items()}
+    scratch = _Scratch()
     progress = Progress(
         f"shard {src.path.name}", total=sum(meta.nbytes for meta, _ in plan), unit="bytes", logger=log
     )
@@ -149,13 +165,21 @@ def _write_ranks(
                             part = sub_ranges(ranges, lo * row_bytes, (hi - lo) * row_bytes)
                         writers[(stage, m)].write_ranges(meta.name, shape, meta.dtype, fd, part)
             else:
-                full = src.read(meta)
+                full = src.read(meta, out=scratch.get(0, meta.nbytes))
                 for stage in p.stages:
                     for m in range(layout.mp):
                         piece = full
                         if bounds is not None:
                             lo, hi = bounds[m]
                             piece = full[lo:hi] if p.axis == 0 else full[:, lo:hi]
+                        if not piece.flags.c_contiguous:
+                            dense = (
+                                scratch.get(1, piece.nbytes)[: piece.nbytes]
+                                .view(piece.dtype)
+                                .reshape(piece.shape)
+                            )
+                            np.copyto(dense, piece)
+                            piece = dense
                         writers[(stage, m)].write(meta.name, piece, meta.dtype)
                 del full
             progress.update(meta.nbytes)

@@ -131,10 +131,13 @@ class CheckpointSource:
         self.crc = bool(doc["source"].get("crc", False))
 
     # -- reading
-    def read(self, meta: TensorMeta) -> np.ndarray:
-        """The complete tensor (slices of a sharded source are concatenated)."""
+    def read(self, meta: TensorMeta, out: np.ndarray | None = None) -> np.ndarray:
+        """The complete tensor (slices of a sharded source are concatenated).
+
+        `out` (uint8, large enough) receives the bytes when the tensor is stored in one piece.
+        """
         if self.kind != "sharded":
-            return self._reader(self.files[0] if self.kind == "replicated" else self.path).read(meta.name)
+            return self._reader(self.files[0]).read(meta.name, out)
         axis, stage = self._placement[meta.name]
         if axis is None:
             return self._read_rank(self.layout.rank(stage, 0, 0), meta)
