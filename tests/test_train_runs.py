@@ -1,6 +1,7 @@
 """End-to-end proofs of the trainer on the tiny config (CPU, graph mode):
 
-- msrun with 2 workers fine-tunes from a converted Hugging Face checkpoint and the loss falls;
+- msrun with 2 workers fine-tunes from a converted Hugging Face checkpoint and the loss falls; a
+  resume under msrun with one rank's newest checkpoint damaged continues from the common step;
 - 2-rank data parallel reproduces the 1-process loss curve on the same global batch;
 - a run killed (SIGKILL) after a checkpoint and resumed continues exactly like an uninterrupted run,
   skipping a truncated newer checkpoint.
@@ -133,23 +134,11 @@ def test_msrun_two_workers_finetune_from_hf_and_loss_falls(tmp_path: Path, hf_ck
     data = write_records(tmp_path / "train.mindrecord", 64, patterns=4)
     out = tmp_path / "out"
     # Config defaults: gradients summed over the 2 ranks (gradients_mean False, as the reference).
-    run_msrun(
-        tmp_path,
-        [
-            "--run_mode",
-            "finetune",
-            "--load_checkpoint",
-            str(hf_ckpt),
-            "--train_dataset_dir",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--epochs",
-            "2",
-            "--lr_schedule.learning_rate",
-            "0.02",
-        ],
-    )
+    # fmt: off
+    args = ["--run_mode", "finetune", "--load_checkpoint", str(hf_ckpt), "--train_dataset_dir", str(data),
+            "--output_dir", str(out), "--epochs", "2", "--lr_schedule.learning_rate", "0.02", *NO_DROPOUT]
+    # fmt: on
+    run_msrun(tmp_path, args)
     curve = losses(out)
     assert len(curve) == 2 * 64 // 4  # 2 epochs x 64 records / global batch (2 per rank x 2 ranks)
     assert np.isfinite(curve).all()
@@ -159,9 +148,20 @@ def test_msrun_two_workers_finetune_from_hf_and_loss_falls(tmp_path: Path, hf_ck
     assert abs(curve[0] - np.log(VOCAB)) < 0.5
     assert np.mean(curve[-4:]) < np.mean(curve[:4]) - 0.05
     assert curve[-1] < curve[0]
+    # save every 5 steps, keep 3, and at the end: global steps 25, 30, 32 = epoch 2 steps 9, 14, 16
     for rank in (0, 1):
         names = sorted(p.name for p in (out / "checkpoint" / f"rank_{rank}").iterdir())
-        assert f"llama_tiny_lora_rank_{rank}-2_16.ckpt" in names
+        assert names == [f"llama_tiny_lora_rank_{rank}-2_{s}.ckpt" for s in (14, 16, 9)]
+
+    # Resume under msrun when only rank 1's newest checkpoint is damaged: both ranks must agree on
+    # step 30 (rank 0 passes over its intact step-32 file) and redo steps 31-32 exactly.
+    final = out / "checkpoint" / "rank_1" / "llama_tiny_lora_rank_1-2_16.ckpt"
+    final.write_bytes(final.read_bytes()[:5000])
+    run_msrun(tmp_path, [*args, "--resume_training", "True"])
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"] == str(out / "checkpoint" / "rank_0" / "llama_tiny_lora_rank_0-2_14.ckpt")
+    assert [row["step"] for row in summary["loss_series"]] == [31, 32]
+    np.testing.assert_allclose([row["loss"] for row in summary["loss_series"]], curve[30:], rtol=1e-6)
 
 
 @pytest.mark.slow
