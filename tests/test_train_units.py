@@ -131,3 +131,18 @@ def test_greedy_generate_stops_at_eos_and_limits() -> None:
     ) == [9, 0]
     with pytest.raises(InputError, match="shorter than seq_length"):
         greedy_generate(model, [1] * 5, seq_length=5, max_new_tokens=1, eos_id=6, pad_id=0)
+
+
+def test_supervised_tokens_counts_the_loss_mask() -> None:
+    import numpy as np
+
+    from llama_core.train.dataset import supervised_tokens
+
+    # record 0: targets at positions 2,3 supervised; record 1: its answer was truncated away
+    ids = np.array([[1, 5, 6, 7, 0], [1, 5, 6, 7, 8]], np.int32)
+    labels = np.array([[-100, -100, 6, 7, 2], [-100, -100, -100, -100, -100]], np.int32)
+    # inputs ids[:, :-1] = [1 5 6 7], targets labels[:, 1:] = [-100 6 7 2]: three counted
+    assert supervised_tokens(ids, labels) == 3
+    assert supervised_tokens(ids[1:], labels[1:]) == 0
+    # a target after a pad input does not count: inputs [1, 0], targets [-100, 6]
+    assert supervised_tokens(np.array([[1, 0, 0]]), np.array([[-100, -100, 6]])) == 0

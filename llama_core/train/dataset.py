@@ -88,6 +88,11 @@ def epoch_batches(path: str | Path, plan: ShardPlan, epoch: int, skip_batches: i
     return data.create_tuple_iterator(output_numpy=True, num_epochs=1)
 
 
+def supervised_tokens(ids: np.ndarray, labels: np.ndarray, pad_id: int = 0, ignore_id: int = -100) -> int:
+    """How many targets a batch's loss counts (section 3's mask: input not pad, target not ignored)."""
+    return int(((ids[:, :-1] != pad_id) & (labels[:, 1:] != ignore_id)).sum())
+
+
 def check_batch(ids: np.ndarray, labels: np.ndarray, seq_length: int, where: str) -> None:
     """Records must be seq_length + 1 long (the model shifts by one)."""
     for name, arr in (("input_ids", ids), ("labels", labels)):

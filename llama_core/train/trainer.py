@@ -24,7 +24,7 @@ from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
 from llama_core.progress import human_seconds
 from llama_core.train import checkpointing as ckpt
-from llama_core.train.dataset import ShardPlan, check_batch, count_records, epoch_batches
+from llama_core.train.dataset import ShardPlan, check_batch, count_records, epoch_batches, supervised_tokens
 from llama_core.train.schedule import lr_array
 from llama_core.train.step import TrainStep
 
@@ -303,6 +303,8 @@ def train(tc: TrainConfig) -> TrainResult:
             "do_eval needs eval data: set eval_dataset.data_loader.dataset_dir or --eval_dataset_dir"
         )
 
+    pad_id = int(tc.model_config.get("pad_token_id", 0))
+    ignore_id = int(tc.model_config.get("ignore_token_id", -100))
     for epoch in range(start.epoch, tc.epochs + 1):
         skip = start.step_in_epoch if epoch == start.epoch else 0
         in_epoch = skip
@@ -313,9 +315,15 @@ def train(tc: TrainConfig) -> TrainResult:
         ):
             if in_epoch >= steps_per_epoch:
                 break
-            check_batch(
-                ids, labels, seq, f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
-            )
+            where = f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
+            check_batch(ids, labels, seq, where)
+            if supervised_tokens(ids, labels, pad_id, ignore_id) == 0:
+                # its loss is 0 and its gradient nothing: say so rather than log a perfect loss
+                logger.warning(
+                    "%s: no supervised token in this batch (every label masked): it teaches nothing; "
+                    "were the answers truncated away? see the preprocess report",
+                    where,
+                )
             apply = (micro + 1) % accum == 0
             loss_t, norm_t = step_cell(ms.Tensor(ids), ms.Tensor(labels), apply)
             micro_losses.append(float(loss_t.asnumpy()))
