@@ -67,10 +67,12 @@ with DAG(
         "work_dir": Param(os.environ.get("LLAMA_LORA_WORK_DIR", "/data/llama"), type="string"),
         "config": Param(str(CONFIGS / "lora_llama2_7b.yaml"), type="string", description="training YAML"),
         "overrides": Param(
-            {}, type="object", description='config overrides, e.g. {"runner_config.epochs": 1}'
+            {},
+            type="object",
+            description='config overrides, e.g. {"runner_config.epochs": 1}; msrun starts '
+            "data_parallel x model_parallel x pipeline_stage ranks",
         ),
         "seq_length": Param(4096, type="integer", minimum=8),
-        "worker_num": Param(8, type="integer", minimum=1, description="ranks (NPUs) for msrun"),
         "device_target": Param("Ascend", enum=["Ascend", "CPU"]),
         "master_port": Param(8118, type="integer"),
     },
@@ -128,7 +130,6 @@ with DAG(
         load_checkpoint="{{ ti.xcom_pull(task_ids='shard_checkpoint')['output_dir'] }}",
         seq_length="{{ params.seq_length }}",
         output_dir=f"{WORK}/runs/{{{{ run_id }}}}",
-        worker_num="{{ params.worker_num }}",
         device_target="{{ params.device_target }}",
         master_port="{{ params.master_port }}",
         pool=os.environ.get("LLAMA_LORA_NPU_POOL", "default_pool"),

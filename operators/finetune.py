@@ -24,7 +24,7 @@ def override_args(overrides: Mapping[str, Any] | None) -> list[str]:
 
 
 class MsrunFinetuneOperator(BaseOperator):
-    """Launch `python -m llama_core.run` on `worker_num` ranks with msrun and wait for it.
+    """Launch `python -m llama_core.run` with msrun on as many ranks as the config's layout has.
 
     Every rank's lines stream live into the task log under the source `msrun.rank_<i>` (filter by
     it in the UI). When the launch ends, one collapsible group per rank follows, failed ranks
@@ -40,7 +40,6 @@ class MsrunFinetuneOperator(BaseOperator):
         "load_checkpoint",
         "output_dir",
         "seq_length",
-        "worker_num",
         "device_target",
         "master_port",
     )
@@ -55,7 +54,6 @@ class MsrunFinetuneOperator(BaseOperator):
         load_checkpoint: str | None = None,
         seq_length: int | str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
-        worker_num: int | str = 8,
         device_target: str = "Ascend",
         master_port: int | str = 8118,
         run_mode: str = "finetune",
@@ -65,19 +63,31 @@ class MsrunFinetuneOperator(BaseOperator):
         self.config, self.train_dataset_dir, self.output_dir = config, train_dataset_dir, output_dir
         self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
         self.seq_length = seq_length
-        self.worker_num, self.device_target, self.master_port = worker_num, device_target, master_port
+        self.device_target, self.master_port = device_target, master_port
 
-    def run_args(self, resume: bool) -> list[str]:
-        """The `llama_core.run` command line for this task."""
+    def world_size(self) -> int:
+        """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
+        from llama_core.checkpoint.layout import layout_from_config
+        from llama_core.config import apply_overrides, load_config
+
+        return layout_from_config(
+            apply_overrides(load_config(self.config), self._overrides().items())
+        ).world_size
+
+    def _overrides(self) -> dict[str, Any]:
         if isinstance(self.overrides, str):  # rendered without native objects
-            self.overrides = json.loads(self.overrides or "{}")
+            return json.loads(self.overrides or "{}")
+        return dict(self.overrides or {})
+
+    def run_args(self, world_size: int, resume: bool) -> list[str]:
+        """The `llama_core.run` command line for this task."""
         args = [
             "--config", self.config,
             "--run_mode", self.run_mode,
             "--train_dataset_dir", self.train_dataset_dir,
             "--output_dir", self.output_dir,
             "--device_target", self.device_target,
-            "--use_parallel", str(int(self.worker_num) > 1),
+            "--use_parallel", str(world_size > 1),
         ]  # fmt: skip
         if self.load_checkpoint:
             args += ["--load_checkpoint", self.load_checkpoint]
@@ -85,7 +95,7 @@ class MsrunFinetuneOperator(BaseOperator):
             args += ["--resume_training", "True"]
         if self.seq_length:  # the model trains on the records' length: one setting, not two
             args += ["--model.model_config.seq_length", str(int(self.seq_length))]
-        return args + override_args(self.overrides)  # type: ignore[arg-type]
+        return args + override_args(self._overrides())
 
     def execute(self, context: Context) -> dict[str, Any]:
         from llama_core.launch import LaunchError, launch
@@ -95,10 +105,10 @@ class MsrunFinetuneOperator(BaseOperator):
         resume = any(output_dir.glob("checkpoint/rank_*/*.ckpt"))
         if resume:
             log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
-        workers = int(self.worker_num)
+        workers = self.world_size()
         try:
             result = launch(
-                self.run_args(resume),
+                self.run_args(workers, resume),
                 worker_num=workers,
                 local_worker_num=workers,
                 master_port=int(self.master_port),
@@ -114,6 +124,7 @@ class MsrunFinetuneOperator(BaseOperator):
             raise
         self._log_rank_summary(result.exit_codes, result.log_paths)
         summary = json.loads((output_dir / SUMMARY_NAME).read_text())
+        summary.pop("loss_series", None)  # thousands of points: it stays in the summary file
         return {"output_dir": str(output_dir), "duration_s": result.duration_s, **summary}
 
     def _log_rank_summary(self, exit_codes: Mapping[int, int | None], log_paths: Mapping[int, Path]) -> None:

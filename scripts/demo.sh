@@ -30,7 +30,6 @@ print(json.dumps({
     "work_dir": f"{out}/work",
     "config": f"{repo}/configs/lora_llama2_tiny.yaml",
     "seq_length": DEMO_SEQ_LENGTH,
-    "worker_num": 2,
     "device_target": "CPU",
     "master_port": 8129,
     "overrides": {"parallel_config.data_parallel": 2},

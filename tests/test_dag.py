@@ -54,7 +54,6 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         "weights_url",
         "config",
         "overrides",
-        "worker_num",
         "work_dir",
     ):
         assert name in parsed["params"]

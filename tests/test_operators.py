@@ -55,7 +55,6 @@ def test_failed_ranks_fail_the_task_with_their_logs_grouped(
         config=str(REPO / "configs" / "lora_llama2_tiny.yaml"),
         train_dataset_dir=str(tmp_path / "missing.mindrecord"),
         output_dir=str(tmp_path / "run"),
-        worker_num=2,
         device_target="CPU",
         master_port=_free_port(),
     )
