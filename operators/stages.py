@@ -61,8 +61,7 @@ class FetchOperator(BaseOperator):
                 token=extra.get("token") or conn.password or None,
                 endpoint_url=extra.get("endpoint_url") or conn.host or None,
             )
-        result = fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials)
-        return to_xcom(result)
+        return fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials).to_dict()
 
 
 class AlpacaToConversationsOperator(BaseOperator):
