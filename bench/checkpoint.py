@@ -284,9 +284,13 @@ read once just before each timed command). Two alternating runs each; ratio = be
 {row("HF -> MindSpore convert (fp32)", conv, conv_cp, 2.0)}
 {row("TP-2 shard of the .ckpt", tp, tp_cp, 1.5)}
 
-With the input digests already memoised (re-run after deleting the output), the same commands
-took {conv_memo[0]:.1f} s (convert) and {tp_memo[0]:.1f} s (TP-2 shard): the rest of a first run is the
-sha256 of the inputs for the cache key, computed in a background thread beside the work.
+With the input digests already memoised (a re-run after deleting the output), the same commands
+took {conv_memo[0]:.1f} s (convert, {conv_memo[0] / min(conv_cp):.2f}x cp) and {tp_memo[0]:.1f} s
+(TP-2 shard, {tp_memo[0] / min(tp_cp):.2f}x cp), peak RSS {conv_memo[1] / 2**20:.0f} and
+{tp_memo[1] / 2**20:.0f} MiB.
+The difference to a first run is the sha256 of the inputs for the cache key (the project's content
+digests), computed in a background thread beside the work; on this shared 2-core machine the two
+contend, so a first run costs up to the digest's time more.
 
 Unshard of the TP-2 folder back to one file: {unshard[0]:.1f} s, peak RSS {unshard[1] / 2**20:.0f} MiB
 ({"met" if unshard[1] <= bound else "NOT met"}: this path holds a tensor's slices and their concatenation),

@@ -18,7 +18,7 @@ import numpy as np
 
 from llama_core.checkpoint.dtypes import storage_dtype
 from llama_core.checkpoint.layout import Layout, read_shard_manifest
-from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer
+from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer, scan_ckpt
 from llama_core.errors import InputError
 
 log = logging.getLogger("llama_core.checkpoint.sources")
@@ -100,7 +100,7 @@ class CheckpointSource:
         want = {t.name: (t.shape, t.dtype) for t in self.tensors}
         for f in files[1:]:
             # Index only (no data read): every rank must hold the same complete set of tensors.
-            got = {e.name: (e.shape, e.dtype) for e in CkptReader(f).entries.values()}
+            got = {e.name: (e.shape, e.dtype) for e in scan_ckpt(f)}
             for name in want.keys() | got.keys():
                 if want.get(name) != got.get(name):
                     raise InputError(
