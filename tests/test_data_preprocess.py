@@ -129,6 +129,18 @@ def test_record_longer_than_seq_length_is_truncated(tmp_path, sp, tokenizer_path
     assert res.records_truncated == {"count": 1, "first_ids": ["1"]}
 
 
+def test_record_whose_answer_is_truncated_away_counts_as_fully_masked(tmp_path, sp, tokenizer_path, caplog):
+    """Nothing silently dropped: a record left with no supervised token is reported like quirk 2."""
+    human = "Repeat: " + "lorem ipsum " * 40  # the prompt alone is longer than the record
+    res, got = run_qa(tmp_path, [conv(("human", human), ("gpt", "done"), rid="long")], model=tokenizer_path)
+    assert len(sp.encode(SYS + " USER: " + human)) + 1 > L
+    assert got[0][1] == [IGN] * L
+    assert res.records_fully_masked["count"] == 1 and res.records_fully_masked["first_ids"] == ["long"]
+    assert "truncated away" in next(iter(res.records_fully_masked["reasons"]))
+    assert "record long: every label masked" in caplog.text
+    assert res.supervised_tokens == 0
+
+
 @pytest.mark.parametrize(
     ("gpt", "why"),
     [("", "empty answer: fschat writes 'ASSISTANT:' with no space"),

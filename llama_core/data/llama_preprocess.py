@@ -59,7 +59,7 @@ from llama_core.progress import Progress
 log = logging.getLogger("llama_core.data.llama_preprocess")
 
 STAGE = "llama_preprocess"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records whose answers are truncated away count as fully masked
 IGNORE = -100
 PAD = 0
 BOS, EOS = 1, 2
@@ -183,7 +183,7 @@ class RecordStats:
     """Per-record facts the report needs."""
 
     rid: str
-    masked: str | None  # reason, when every label is IGNORE because of quirk 2
+    masked: str | None  # reason, when every label is IGNORE (quirk 2, or the answers truncated away)
     truncated: bool
     supervised: int
     long_labels: bool  # labels kept longer than seq_length+1 (quirk 3)
@@ -303,6 +303,8 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[Reco
                 labels[start : start + k] = IGNORE
             labels[cur:] = IGNORE
             labels = labels[:length]
+        if masked is None and not np.any(labels != IGNORE):
+            masked = f"every answer token lies beyond seq_length+1={length} (truncated away)"
         input_ids = np.zeros(length, dtype=np.int32)
         input_ids[: min(n, length)] = arr[:length]
         fields = {"input_ids": input_ids, "labels": labels}
