@@ -77,27 +77,16 @@ with DAG(
         "master_port": Param(8118, type="integer"),
     },
 ) as dag:
-    fetch_alpaca = FetchOperator(
-        task_id="fetch_alpaca",
-        source="{{ params.alpaca_url }}",
-        dest=f"{WORK}/downloads/data",
-        sha256="{{ params.alpaca_sha256 or '' }}",
-        conn_id="{{ params.storage_conn_id or '' }}",
-    )
-    fetch_tokenizer = FetchOperator(
-        task_id="fetch_tokenizer",
-        source="{{ params.tokenizer_url }}",
-        dest=f"{WORK}/downloads/tokenizer",
-        sha256="{{ params.tokenizer_sha256 or '' }}",
-        conn_id="{{ params.storage_conn_id or '' }}",
-    )
-    fetch_weights = FetchOperator(
-        task_id="fetch_weights",
-        source="{{ params.weights_url }}",
-        dest=f"{WORK}/downloads/weights",
-        sha256="{{ params.weights_sha256 or '' }}",
-        conn_id="{{ params.storage_conn_id or '' }}",
-    )
+    fetch = {
+        name: FetchOperator(
+            task_id=f"fetch_{name}",
+            source=f"{{{{ params.{name}_url }}}}",
+            dest=f"{WORK}/downloads/{name}",
+            sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
+            conn_id="{{ params.storage_conn_id or '' }}",
+        )
+        for name in ("alpaca", "tokenizer", "weights")
+    }
     conversations = AlpacaToConversationsOperator(
         task_id="alpaca_to_conversations",
         data_path="{{ ti.xcom_pull(task_ids='fetch_alpaca')['path'] }}",
@@ -137,7 +126,7 @@ with DAG(
         retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
     )
 
-    fetch_alpaca >> conversations >> mindrecord
-    fetch_tokenizer >> mindrecord
-    fetch_weights >> imported >> sharded
+    fetch["alpaca"] >> conversations >> mindrecord
+    fetch["tokenizer"] >> mindrecord
+    fetch["weights"] >> imported >> sharded
     [mindrecord, sharded] >> finetune

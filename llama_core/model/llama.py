@@ -23,6 +23,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal, One, initializer
 
+from llama_core.checkpoint.names import mindformers_ffn_size
 from llama_core.errors import ConfigError
 
 logger = logging.getLogger("llama_core.model")
@@ -251,10 +252,7 @@ class LlamaConfig:
         """SwiGLU width: 2/3 of 4*hidden, times ffn_dim_multiplier, rounded up to multiple_of."""
         if self.intermediate_size is not None:
             return self.intermediate_size
-        size = int(2 * (4 * self.hidden_size) / 3)
-        if self.ffn_dim_multiplier is not None:
-            size = int(self.ffn_dim_multiplier * size)
-        return self.multiple_of * ((size + self.multiple_of - 1) // self.multiple_of)
+        return mindformers_ffn_size(self.hidden_size, self.multiple_of, self.ffn_dim_multiplier)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """[out, in] of every Linear cell, by cell name (as in the built model), without allocating."""

@@ -16,11 +16,12 @@ from typing import Any
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, Zero, initializer
 
+from llama_core.checkpoint.names import LORA_PREFIXES
 from llama_core.errors import ConfigError
 from llama_core.model.llama import DTYPES, Linear, LlamaConfig
 
-LORA_PREFIX = "mindpet_delta_lora_"
-_LEGACY_LORA_PREFIX = "tk_delta_lora_"
+# MindPet's prefix first, then the older one (both defined with the checkpoint names).
+LORA_PREFIX, _LEGACY_LORA_PREFIX = (f"{prefix}lora_" for prefix in LORA_PREFIXES)
 
 
 def normalize_lora_name(name: str) -> str:
