@@ -70,6 +70,37 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest
 
 
+def manifest_path_for(output: str | os.PathLike[str]) -> Path:
+    """Where a stage records a single-file output: `<output>.manifest.json` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".manifest.json")
+
+
+def content_id(path: str | os.PathLike[str]) -> str:
+    """What stands for a file's content in a cache key.
+
+    A file that one of our stages wrote, intact (the size its manifest records) and untouched
+    since (not newer than the manifest, which is written last), is identified by that stage's
+    cache key: the key determines the bytes, and a multi-GB checkpoint need not be hashed again
+    by the stage after it. Any other file by its sha256.
+    """
+    path = Path(path)
+    producer = read_manifest(manifest_path_for(path))
+    if producer is not None:
+        try:
+            st, manifest_st = path.stat(), producer.path.stat()
+        except OSError:
+            st = manifest_st = None
+        if (
+            st is not None
+            and manifest_st is not None
+            and producer.outputs.get(path.name) == st.st_size
+            and st.st_mtime_ns <= manifest_st.st_mtime_ns
+        ):
+            return f"{producer.stage}:{producer.key}"
+    return f"sha256:{file_sha256(path)}"
+
+
 def cache_key(
     stage: str,
     format_version: int,
@@ -78,14 +109,14 @@ def cache_key(
 ) -> str:
     """Digest of everything that determines a stage's output.
 
-    `inputs` are files whose content matters (their digests are used, not their paths, so a
-    moved input still hits); `params` must be JSON-serialisable and hold every setting that
+    `inputs` are files whose content matters (their `content_id`s are used, not their paths, so
+    a moved input still hits); `params` must be JSON-serialisable and hold every setting that
     changes the output, and nothing that does not (worker counts, log intervals).
     """
     h = hashlib.sha256()
     h.update(f"{stage}\0{format_version}\0".encode())
     for path in inputs:
-        h.update(file_sha256(path).encode() + b"\0")
+        h.update(content_id(path).encode() + b"\0")
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     return h.hexdigest()
 

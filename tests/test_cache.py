@@ -47,3 +47,40 @@ def test_cached_requires_key_and_intact_outputs(tmp_path: Path) -> None:
     assert cached(manifest, "k1") is None
     manifest.write_text("{not json")
     assert cached(manifest, "k1") is None
+
+
+def test_a_stage_output_is_identified_by_its_producers_key(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import llama_core.cache as cache
+
+    out = tmp_path / "model.ckpt"
+    out.write_bytes(b"weights" * 1000)
+    write_manifest(cache.manifest_path_for(out), stage="checkpoint.convert", key="k1", outputs=[out])
+    assert cache.content_id(out) == "checkpoint.convert:k1"
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(cache, "file_sha256", no_hashing)
+    downstream = cache_key("checkpoint.shard", 1, [out], {"tp": 2})
+    monkeypatch.undo()
+    assert downstream != cache_key("checkpoint.shard", 1, [out], {"tp": 4})
+
+    # edited in place after its manifest: no longer the producer's output, so hashed
+    later = cache.manifest_path_for(out).stat().st_mtime_ns + 1_000_000
+    os.utime(out, ns=(later, later))
+    assert cache.content_id(out) == "sha256:" + file_sha256(out)
+    # truncated: hashed too
+    out.write_bytes(b"w")
+    assert cache.content_id(out).startswith("sha256:")
+
+
+def test_plain_files_are_identified_by_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    import llama_core.cache as cache
+
+    f = tmp_path / "alpaca.json"
+    f.write_text("[]")
+    assert cache.content_id(f) == "sha256:" + hashlib.sha256(b"[]").hexdigest()

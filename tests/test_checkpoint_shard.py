@@ -118,8 +118,8 @@ def test_pure_data_parallel_links_the_source(src, tmp_path):
         "pipeline_stage": 1,
         "world_size": 4,
     }
-    assert manifest["source"]["sha256"] == {
-        str(path.resolve()): __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+    assert manifest["source"]["digest"] == {
+        str(path.resolve()): "sha256:" + __import__("hashlib").sha256(path.read_bytes()).hexdigest()
     }
 
     again = shard_checkpoint(path, model_config(data_parallel=4), out)

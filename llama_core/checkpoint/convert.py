@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
-from llama_core.cache import write_manifest
+from llama_core.cache import manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
 from llama_core.checkpoint.layout import dims_from_run_config
 from llama_core.checkpoint.msckpt import CkptWriter
@@ -138,7 +138,7 @@ def convert_hf_to_ms(
     dims = dims_from_hf_config(hf_config)
     plan, skipped = plan_hf_import(input_path, dims, bool(hf_config.get("tie_word_embeddings")))
 
-    manifest_path = output_path.with_name(output_path.name + ".manifest.json")
+    manifest_path = manifest_path_for(output_path)
     inputs = [input_path / "config.json", *hf_weight_files(input_path)]
     key = StageKey(manifest_path, "checkpoint.convert", FORMAT_VERSION, inputs, {"dtype": target, "crc": crc})
     if key.hit():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import write_manifest
+from llama_core.cache import manifest_path_for, write_manifest
 from llama_core.checkpoint.export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import (
@@ -108,7 +108,7 @@ def import_peft(
         "lora_dropout": float(cfg.get("lora_dropout", 0.0)),
         "target_modules": "|".join(f".*{name}" for name in linears),
     }
-    manifest_path = out.with_name(out.name + ".manifest.json")
+    manifest_path = manifest_path_for(out)
     base = CheckpointSource(base_checkpoint) if base_checkpoint is not None else None
     try:
         inputs = [adapter / ADAPTER_CONFIG, weights, *(base.files if base else [])]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import write_manifest
+from llama_core.cache import manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import cast
 from llama_core.checkpoint.lora_args import lora_alpha
 from llama_core.checkpoint.msckpt import CkptWriter
@@ -73,7 +73,7 @@ def merge_lora(
     `alpha` defaults to the run config's pet_config.lora_alpha; r is read from the LoRA shapes.
     """
     out = Path(output_path)
-    manifest_path = out.with_name(out.name + ".manifest.json")
+    manifest_path = manifest_path_for(out)
     alpha_value = lora_alpha(alpha, config)
     with CheckpointSource(base_checkpoint) as base:
         if lora_checkpoint is not None:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import file_sha256, write_manifest
+from llama_core.cache import content_id, write_manifest
 from llama_core.checkpoint.layout import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -228,7 +228,7 @@ def _manifest_extra(
             "path": str(src.path.resolve()),
             "kind": src.kind,
             "crc": src.crc,
-            "sha256": {str(f.resolve()): file_sha256(f) for f in src.files},
+            "digest": {str(f.resolve()): content_id(f) for f in src.files},
         },
         "ranks": ranks,
         "tensors": tensors,

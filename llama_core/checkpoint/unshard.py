@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import write_manifest
+from llama_core.cache import manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
 from llama_core.checkpoint.stagekey import StageKey
@@ -45,7 +45,7 @@ def unshard_checkpoint(
 ) -> UnshardResult:
     """Write the complete checkpoint held by `load_checkpoint` to `output_path` (atomic, cached)."""
     out = Path(output_path)
-    manifest_path = out.with_name(out.name + ".manifest.json")
+    manifest_path = manifest_path_for(out)
     with CheckpointSource(load_checkpoint) as src:
         key = StageKey(manifest_path, "checkpoint.unshard", FORMAT_VERSION, src.files, {"kind": src.kind})
         if key.hit():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import cache_key, cached, write_manifest
+from llama_core.cache import cache_key, cached, manifest_path_for, write_manifest
 from llama_core.cli import run
 from llama_core.data.records import iter_records, record_error
 from llama_core.errors import InputError
@@ -111,7 +111,7 @@ def convert_alpaca(
     data_path, output_path = Path(data_path), Path(output_path)
     if not data_path.is_file():
         raise InputError(f"{data_path}: input file not found")
-    manifest_path = output_path.with_name(output_path.name + ".manifest.json")
+    manifest_path = manifest_path_for(output_path)
     key = cache_key(STAGE, FORMAT_VERSION, [data_path], {"on_error": on_error})
     hit = cached(manifest_path, key)
     if hit is not None:
