@@ -10,7 +10,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from operators.rank_logs import RankLogRelay, summary_lines
+from operators.rank_logs import RankLogRelay, RankOutcome, summary_lines
 
 log = logging.getLogger("llama_core.operators.finetune")
 
@@ -118,15 +118,15 @@ class MsrunFinetuneOperator(BaseOperator):
             )
         except LaunchError as exc:
             if exc.result is not None:
-                self._log_rank_summary(exc.result.exit_codes, exc.result.log_paths)
+                self._log_rank_summary(exc.result.ranks)
             if exc.rank is not None and exc.rank >= 0:
                 log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
             raise
-        self._log_rank_summary(result.exit_codes, result.log_paths)
+        self._log_rank_summary(result.ranks)
         summary = json.loads((output_dir / SUMMARY_NAME).read_text())
         summary.pop("loss_series", None)  # thousands of points: it stays in the summary file
         return {"output_dir": str(output_dir), "duration_s": result.duration_s, **summary}
 
-    def _log_rank_summary(self, exit_codes: Mapping[int, int | None], log_paths: Mapping[int, Path]) -> None:
-        for line in summary_lines(exit_codes, log_paths):
+    def _log_rank_summary(self, ranks: Sequence[RankOutcome]) -> None:
+        for line in summary_lines(ranks):
             log.info(line)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 TAIL_LINES = 60
 
@@ -42,18 +43,32 @@ def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
         return []
 
 
-def summary_lines(exit_codes: Mapping[int, int | None], log_paths: Mapping[int, Path]) -> Iterable[str]:
-    """One `::group::` per rank, failed ranks first; `None` exit code means it was still running."""
+class RankOutcome(Protocol):
+    """How a rank ended, as `llama_core.launch.RankResult` reports it."""
 
-    def state(code: int | None) -> str:
-        if code is None:
-            return "killed while running"
-        return "ok" if code == 0 else f"FAILED (exit {code})"
+    rank: int
+    log_path: Path
+    exit_code: int | None
+    killed_by_launcher: bool
 
-    ranks = sorted(exit_codes, key=lambda r: (exit_codes[r] == 0, r))
-    for rank in ranks:
-        path = log_paths.get(rank)
-        yield f"::group::rank {rank}: {state(exit_codes[rank])} - {path}"
-        if path is not None:
-            yield from tail(Path(path))
+
+def rank_state(outcome: RankOutcome) -> str:
+    """'ok', 'FAILED (exit N)', or why the rank did not finish on its own."""
+    if outcome.killed_by_launcher:
+        return "stopped after another rank failed"
+    if outcome.exit_code is None:
+        return "FAILED (vanished without an exit status: killed from outside?)"
+    return "ok" if outcome.exit_code == 0 else f"FAILED (exit {outcome.exit_code})"
+
+
+def summary_lines(ranks: Iterable[RankOutcome]) -> Iterable[str]:
+    """One `::group::` per rank, failed ranks first, each with its state, log path and last lines."""
+
+    def order(outcome: RankOutcome) -> tuple[int, int]:
+        state = rank_state(outcome)
+        return (0 if state.startswith("FAILED") else 1 if state != "ok" else 2), outcome.rank
+
+    for outcome in sorted(ranks, key=order):
+        yield f"::group::rank {outcome.rank}: {rank_state(outcome)} - {outcome.log_path}"
+        yield from tail(Path(outcome.log_path))
         yield "::endgroup::"
