@@ -272,8 +272,8 @@ def main() -> None:
 Synthetic Llama: hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, FFN {FFN}, vocab {VOCAB}:
 {params / 1e9:.2f}B parameters, fp32, {model_bytes / gib:.2f} GiB in {len(hf_files)} safetensors shards;
 largest tensor {largest / 2**20:.0f} MiB, so the streaming RSS bound (2x largest + 300 MiB) is
-{bound / 2**20:.0f} MiB. Each tool is a separate process (interpreter start-up, imports and the sha256
-of its inputs for the cache key included; peak RSS = the process's VmHWM); `cp` is timed with an
+{bound / 2**20:.0f} MiB. Each tool is a separate process (interpreter start-up, imports and the cache
+key of its inputs included; peak RSS = the process's VmHWM); `cp` is timed with an
 fsync of the copy because the tools fsync their outputs. Same-type tensors and row blocks are copied
 file to file in the kernel (`copy_file_range`, as `cp` does); column blocks (wo, w2 under TP) go
 through memory. Caches cannot be dropped in this sandbox, so both sides run warm (input
@@ -288,9 +288,10 @@ With the input digests already memoised (a re-run after deleting the output), th
 took {conv_memo[0]:.1f} s (convert, {conv_memo[0] / min(conv_cp):.2f}x cp) and {tp_memo[0]:.1f} s
 (TP-2 shard, {tp_memo[0] / min(tp_cp):.2f}x cp), peak RSS {conv_memo[1] / 2**20:.0f} and
 {tp_memo[1] / 2**20:.0f} MiB.
-The difference to a first run is the sha256 of the inputs for the cache key (the project's content
-digests), computed in a background thread beside the work; on this shared 2-core machine the two
-contend, so a first run costs up to the digest's time more.
+For convert, the difference to a first run is the sha256 of its HF inputs for the cache key,
+computed in a background thread beside the work (on 2 cores the two contend). The TP-2 shard hashes
+nothing: its input is convert's intact output, which the cache key identifies by convert's own key
+(`llama_core.cache.content_id`), as in the pipeline, where shard always follows import or fetch.
 
 Unshard of the TP-2 folder back to one file: {unshard[0]:.1f} s, peak RSS {unshard[1] / 2**20:.0f} MiB
 ({"met" if unshard[1] <= bound else "NOT met"}: this path holds a tensor's slices and their concatenation),
