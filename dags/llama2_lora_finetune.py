@@ -43,7 +43,7 @@ DATA = f"{WORK}/data/seq{{{{ params.seq_length }}}}"
 with DAG(
     dag_id="llama2_lora_finetune",
     description="Alpaca -> MindRecord -> sharded Llama 2 checkpoint -> msrun LoRA fine-tune on Ascend",
-    schedule=os.environ.get("LLAMA_LORA_SCHEDULE", "@weekly"),
+    schedule=os.environ.get("LLAMA_LORA_SCHEDULE", "@weekly") or None,  # "" = manual runs only
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,  # one fine-tune holds a whole node's NPUs
