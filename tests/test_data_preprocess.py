@@ -316,3 +316,26 @@ def test_error_in_a_worker_process_fails_cleanly(tmp_path, tokenizer_path):
     with pytest.raises(InputError, match=r"record 600 \(id bad\): roles do not alternate"):
         run_qa(tmp_path, recs, model=tokenizer_path, workers=2)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_workers_do_not_rerun_the_parents_main_script(tmp_path, tokenizer_path):
+    """Inside an Airflow worker `__main__` is the `airflow` script, whose start-up fails in a child:
+    spawned tokenizer workers must not run the parent's main script again."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([conv(("human", "Hi"), ("gpt", f"Yo {i}"), rid=str(i)) for i in range(40)]))
+    script = tmp_path / "main_script.py"
+    script.write_text(
+        "import sys\n"
+        "if __name__ != '__main__':\n"
+        "    raise SystemExit('the main script ran again in a worker')\n"
+        "from llama_core.data.llama_preprocess import preprocess\n"
+        f"r = preprocess('qa', {str(src)!r}, {str(tokenizer_path)!r}, {str(tmp_path / 'o.mindrecord')!r},\n"
+        "               seq_length=32, workers=2)\n"
+        "print('records', r.records_written)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "records 40" in proc.stdout

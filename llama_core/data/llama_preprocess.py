@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -395,6 +397,27 @@ def _wiki_chunk(paras: list[str]) -> np.ndarray:
 # ---------------------------------------------------------------- ordered parallel map
 
 
+@contextlib.contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """While workers start, keep `spawn` from re-running the parent's main script in them.
+
+    A spawned child runs the parent's `__main__` file again before it takes a task. The workers
+    need nothing from it (their code is in this module), and some scripts fail when run twice:
+    inside an Airflow worker `__main__` is the `airflow` command, whose start-up dies in a child.
+    A main module run by name (`python -m ...`) has a `__spec__` and is left alone.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _ordered_map(fn: Callable[[Any], Any], tasks: Iterable[Any], job: _Job, workers: int) -> Iterator[Any]:
     """fn over tasks in `workers` processes, results in task order, at most 2 tasks per worker
     in flight (so neither input nor results pile up in memory)."""
@@ -403,7 +426,10 @@ def _ordered_map(fn: Callable[[Any], Any], tasks: Iterable[Any], job: _Job, work
         yield from map(fn, tasks)
         return
     ctx = get_context("spawn")  # the parent holds MindSpore's threads: do not fork it
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as pool:
+    with (
+        _main_script_hidden(),
+        ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as pool,
+    ):
         pending: collections.deque[Future[Any]] = collections.deque()
         try:
             for task in tasks:
