@@ -62,11 +62,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(memo, digest.encode())
-    except OSError:
-        pass  # a read-only home only loses the memo
+    remember_sha256(path, digest)
     return digest
 
 
@@ -88,15 +84,14 @@ def content_id(path: str | os.PathLike[str]) -> str:
     producer = read_manifest(manifest_path_for(path))
     if producer is not None:
         try:
-            st, manifest_st = path.stat(), producer.path.stat()
+            st = path.stat()
+            untouched = (
+                producer.outputs.get(path.name) == st.st_size
+                and st.st_mtime_ns <= producer.path.stat().st_mtime_ns
+            )
         except OSError:
-            st = manifest_st = None
-        if (
-            st is not None
-            and manifest_st is not None
-            and producer.outputs.get(path.name) == st.st_size
-            and st.st_mtime_ns <= manifest_st.st_mtime_ns
-        ):
+            untouched = False
+        if untouched:
             return f"{producer.stage}:{producer.key}"
     return f"sha256:{file_sha256(path)}"
 
