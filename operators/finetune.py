@@ -11,6 +11,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 
 from operators.rank_logs import RankLogRelay, RankOutcome, summary_lines
+from operators.stages import overrides_dict, run_config
 
 log = logging.getLogger("llama_core.operators.finetune")
 
@@ -68,16 +69,8 @@ class MsrunFinetuneOperator(BaseOperator):
     def world_size(self) -> int:
         """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
         from llama_core.checkpoint.layout import layout_from_config
-        from llama_core.config import apply_overrides, load_config
 
-        return layout_from_config(
-            apply_overrides(load_config(self.config), self._overrides().items())
-        ).world_size
-
-    def _overrides(self) -> dict[str, Any]:
-        if isinstance(self.overrides, str):  # rendered without native objects
-            return json.loads(self.overrides or "{}")
-        return dict(self.overrides or {})
+        return layout_from_config(run_config(self.config, self.overrides)).world_size
 
     def run_args(self, world_size: int, resume: bool) -> list[str]:
         """The `llama_core.run` command line for this task."""
@@ -95,7 +88,7 @@ class MsrunFinetuneOperator(BaseOperator):
             args += ["--resume_training", "True"]
         if self.seq_length:  # the model trains on the records' length: one setting, not two
             args += ["--model.model_config.seq_length", str(int(self.seq_length))]
-        return args + override_args(self._overrides())
+        return args + override_args(overrides_dict(self.overrides))
 
     def execute(self, context: Context) -> dict[str, Any]:
         from llama_core.launch import LaunchError, launch

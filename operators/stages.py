@@ -31,6 +31,20 @@ def to_xcom(result: Any) -> Any:
     return result
 
 
+def overrides_dict(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """The DAG's `overrides` param as a dict (a JSON string when rendered without native objects)."""
+    if isinstance(overrides, str):
+        return json.loads(overrides or "{}")
+    return dict(overrides or {})
+
+
+def run_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """The YAML run config with the overrides applied: what the trainer will see."""
+    from llama_core.config import apply_overrides, load_config
+
+    return apply_overrides(load_config(config), overrides_dict(overrides).items())
+
+
 class FetchOperator(BaseOperator):
     """Download (or reuse from the cache) one source: a path, http(s)://, s3:// or hf:// URL.
 
@@ -155,8 +169,6 @@ class ShardCheckpointOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.shard import shard_checkpoint
-        from llama_core.config import apply_overrides, load_config
 
-        overrides = json.loads(self.overrides) if isinstance(self.overrides, str) else (self.overrides or {})
-        config = apply_overrides(load_config(self.config), overrides.items())
+        config = run_config(self.config, self.overrides)
         return to_xcom(shard_checkpoint(self.load_checkpoint, config, self.output_dir))

@@ -66,3 +66,11 @@ def test_failed_ranks_fail_the_task_with_their_logs_grouped(
     groups = [m for m in messages if m.startswith("::group::rank ")]
     assert groups and "FAILED" in groups[0]  # failed ranks come first
     assert any("missing.mindrecord" in m for m in messages)  # the rank's own error is in the log
+
+
+def test_overrides_arrive_as_a_dict_whichever_way_they_were_rendered() -> None:
+    from operators.stages import overrides_dict
+
+    assert overrides_dict({"runner_config.epochs": 1}) == {"runner_config.epochs": 1}
+    assert overrides_dict('{"runner_config.epochs": 1}') == {"runner_config.epochs": 1}
+    assert overrides_dict(None) == {} and overrides_dict("") == {}
