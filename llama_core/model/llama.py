@@ -369,6 +369,9 @@ class Attention(nn.Cell):
         self.wv = Linear(hidden, kv_dim, config)
         self.wo = Linear(hidden, hidden, config)
         self.rotary = RotaryEmbedding(config)
+        # primitives with transpose flags: their gradients need no explicit Transpose of [S, S] tensors
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.weighted_sum = ops.BatchMatMul()
         if self.use_flash_attention:
             # 1 marks a discarded (future) position; sparse_mode 2 reads this compressed causal mask.
             self.flash_mask = Tensor(np.triu(np.ones((_FLASH_MASK_SIZE, _FLASH_MASK_SIZE), np.uint8), 1))
@@ -411,12 +414,14 @@ class Attention(nn.Cell):
             k = ops.repeat_interleave(k, groups, 1)
             v = ops.repeat_interleave(v, groups, 1)
         seq = q.shape[2]
-        scores = ops.matmul(q * self.scale, k.transpose(0, 1, 3, 2)).astype(self.softmax_dtype)
+        scores = self.scores_matmul(q * self.scale, k).astype(self.softmax_dtype)
         # additive [seq, seq] bias broadcast over batch and heads: 0 on and below the diagonal
         future = ops.triu(ops.ones((seq, seq), self.softmax_dtype), 1)
         scores = scores + future * self.mask_value
-        probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
-        return ops.matmul(probs, v)
+        # softmax as exp(log_softmax): the same values, but MindSpore's LogSoftmaxGrad is one fused
+        # kernel where Softmax's gradient runs as four unfused passes over the [S, S] scores
+        probs = ops.exp(ops.log_softmax(scores, axis=-1)).astype(self.compute_dtype)
+        return self.weighted_sum(probs, v)
 
 
 class FeedForward(nn.Cell):
