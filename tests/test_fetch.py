@@ -333,3 +333,22 @@ def test_partial_that_is_complete_or_too_long(server, tmp_path, partial, body_ge
     assert fetch(url, tmp_path, retry=FAST).files[0].sha256 == SHA and _sha(tmp_path / "t.model") == SHA
     assert [(g.range, g.status) for g in server.body_gets("/w/t.model")] == body_gets
     assert next(r.status for r in server.log if r.method == "GET") == 416
+
+
+def test_written_windows_are_handed_to_writeback_and_dropped_behind(server, tmp_path, monkeypatch):
+    """Each window the writer finishes is sent to writeback together with the window before it
+    (written back by then, so dropped): the page cache never holds more than two windows."""
+    from llama_core.fetch import core
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(core._Sink, "_WRITEBACK_EVERY", 256 << 10)
+    monkeypatch.setattr(core, "_start_writeback", lambda fd, offset, length: calls.append((offset, length)))
+    body = os.urandom(3 << 20)
+    url = server.add("/w/big.bin", body)
+    assert fetch(url, tmp_path, retry=FAST).files[0].sha256 == hashlib.sha256(body).hexdigest()
+    assert (tmp_path / "big.bin").read_bytes() == body
+    starts, ends = [o for o, _ in calls], [o + n for o, n in calls]
+    assert len(calls) >= 3 and starts[:2] == [0, 0]
+    assert starts[2:] == ends[:-2]  # each call reaches back exactly to the previous window's start
+    assert all(b - a >= 256 << 10 for a, b in zip([0, *ends], ends, strict=False))
+    assert ends[-1] > len(body) - (1 << 20) - (256 << 10)  # the last window ends near the end
