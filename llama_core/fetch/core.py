@@ -320,13 +320,12 @@ def _download(
 
 
 class _Sink:
-    """Writes chunks to a file on one worker thread and hashes them on another, so the next socket
-    read, the write and the sha256 overlap (each releases the GIL). Every `_WRITEBACK_EVERY` bytes
-    the writer has the kernel start writing the new window to disk and drop the previous window,
+    """Writes chunks to a file as they arrive and hashes them on a worker thread, so the sha256
+    overlaps the next socket read and write (all three release the GIL). Every `_WRITEBACK_EVERY`
+    bytes the kernel is told to start writing the new window to disk and to drop the previous one,
     written back by then: the page cache holds at most two windows of the file (on this VM, writing
     into a page cache that keeps growing ran at a third of the speed), the fsync before the rename
-    has little left to do, and memory stays flat. The queues are bounded (`_DEPTH` chunks in
-    flight)."""
+    has little left to do, and memory stays flat. At most `_DEPTH` chunks wait for the hasher."""
 
     _DEPTH = 8
     _WRITEBACK_EVERY = 16 << 20
@@ -337,52 +336,36 @@ class _Sink:
         self.error: BaseException | None = None
         # a resumed partial's bytes are on disk already
         self.dropped = self.written_back = self.out.tell()
-        self.queues: list[queue.Queue[bytes | None]] = []
-        self.threads = [
-            self._consumer(self._write, "fetch-write"),
-            self._consumer(lambda chunk: self.hasher.update(chunk), "fetch-hash"),
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.queue: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
+        self.thread = threading.Thread(target=self._hash_loop, name="fetch-hash", daemon=True)
+        self.thread.start()
 
-    def _consumer(self, handle: Any, name: str) -> threading.Thread:
-        """A thread applying `handle` to every chunk put, in order, until None."""
-        chunks: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
-        self.queues.append(chunks)
-
-        def work() -> None:
-            while True:
-                chunk = chunks.get()
-                try:
-                    if chunk is None:
-                        return
-                    if self.error is None:
-                        handle(chunk)
-                except BaseException as exc:  # handed to the producer thread by put/drain
-                    self.error = exc
-                finally:
-                    chunks.task_done()
-
-        return threading.Thread(target=work, name=name, daemon=True)
-
-    def _write(self, chunk: bytes) -> None:
-        self.out.write(chunk)
-        end = self.out.tell()
-        if end - self.written_back >= self._WRITEBACK_EVERY:
-            # the window before this one has been written back by now: its pages go; this one's start
-            _start_writeback(self.out.fileno(), self.dropped, end - self.dropped)
-            self.dropped, self.written_back = self.written_back, end
+    def _hash_loop(self) -> None:
+        while True:
+            chunk = self.queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self.error is None:
+                    self.hasher.update(chunk)
+            except BaseException as exc:  # handed to the producer thread by put/drain
+                self.error = exc
+            finally:
+                self.queue.task_done()
 
     def put(self, chunk: bytes) -> None:
         if self.error is not None:
             raise self.error
-        for chunks in self.queues:
-            chunks.put(chunk)
+        self.queue.put(chunk)
+        self.out.write(chunk)
+        end = self.out.tell()
+        if end - self.written_back >= self._WRITEBACK_EVERY:
+            _start_writeback(self.out.fileno(), self.dropped, end - self.dropped)
+            self.dropped, self.written_back = self.written_back, end
 
     def drain(self) -> None:
-        """Wait until every queued chunk is written and hashed (the file size is then the offset)."""
-        for chunks in self.queues:
-            chunks.join()
+        """Wait until every chunk put is hashed and in the file (whose size is then the offset)."""
+        self.queue.join()
         self.out.flush()
         if self.error is not None:
             raise self.error
@@ -402,10 +385,8 @@ class _Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for chunks in self.queues:
-            chunks.put(None)
-        for thread in self.threads:
-            thread.join()
+        self.queue.put(None)
+        self.thread.join()
         self.out.close()
 
 
