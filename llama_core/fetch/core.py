@@ -328,7 +328,7 @@ class _Sink:
     has little left to do, and memory stays flat. At most `_DEPTH` chunks wait for the hasher."""
 
     _DEPTH = 8
-    _WRITEBACK_EVERY = 16 << 20
+    _WRITEBACK_EVERY = 8 << 20
 
     def __init__(self, path: Path, hasher: Any) -> None:
         self.out = open(path, "ab")  # noqa: SIM115 - closed in __exit__
