@@ -65,6 +65,7 @@ FORMAT_VERSION = 2  # 2: records whose answers are truncated away count as fully
 IGNORE = -100
 PAD = 0
 BOS, EOS = 1, 2
+FIELD_PAD = {"input_ids": PAD, "labels": IGNORE}  # what fills each field up to its length
 TEMPLATE = "vicuna_v1.1"
 ROLE_NAMES = {"human": 0, "gpt": 1}
 MASKING_OFFSET = {"mindformers": 3, "fastchat": 2}
@@ -161,6 +162,8 @@ class _Job:
 
 
 _STATE: dict[str, Any] = {}
+# One record for the writer: per blob field, its leading values (int32 bytes) and its full length.
+Row = tuple[tuple[bytes, int], ...]
 
 
 def _init_worker(job: _Job) -> None:
@@ -230,8 +233,9 @@ def _prompt(job: _Job, conv: Any, file_no: int, index: int, record: Any) -> str:
 _SPLIT, _LITERAL, _UNLABELLED = range(3)
 
 
-def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[RecordStats]]:
-    """Tokenize and label a chunk of records; return their MindRecord blobs and stats."""
+def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[Row], list[RecordStats]]:
+    """Tokenize and label a chunk of records; return their rows (see `_MindRecordSink.write`) and
+    stats."""
     job, sp, conv, fast = _STATE["job"], _STATE["sp"], _STATE["conv"], _STATE["fast"]
     system, system_ids = _STATE["system"], _STATE["system_ids"]
     sep = conv.sep + conv.roles[1] + ": "  # " ASSISTANT: "
@@ -267,7 +271,7 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[Reco
 
     length = job.seq_length + 1
     offset = MASKING_OFFSET[job.masking]
-    blobs, stats = [], []
+    rows, stats = [], []
     for (file_no, index, record), rounds in zip(items, plans, strict=True):
         ids, cuts, cur = [BOS], [], 1
         labelled = True
@@ -307,10 +311,10 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[Reco
             labels = labels[:length]
         if masked is None and not np.any(labels != IGNORE):
             masked = f"every answer token lies beyond seq_length+1={length} (truncated away)"
-        input_ids = np.zeros(length, dtype=np.int32)
-        input_ids[: min(n, length)] = arr[:length]
-        fields = {"input_ids": input_ids, "labels": labels}
-        blobs.append(_blob(job.blob_fields, fields))
+        # unpadded values and full lengths: the padding is added by the writer, not pickled
+        kept = labels[: min(n, len(labels))] if masked is None else labels[:0]
+        fields = {"input_ids": (arr[:length].tobytes(), length), "labels": (kept.tobytes(), len(labels))}
+        rows.append(tuple(fields[name] for name in job.blob_fields))
         rid = record.get("id") if isinstance(record, dict) else None
         stats.append(
             RecordStats(
@@ -321,19 +325,7 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[bytes], list[Reco
                 long_labels=len(labels) > length,
             )
         )
-    return blobs, stats
-
-
-def _blob(blob_fields: list[str], fields: dict[str, np.ndarray]) -> bytes:
-    """A row as FileWriter stores it: one array's bytes, or each prefixed by its 8-byte length."""
-    if len(blob_fields) == 1:
-        return fields[blob_fields[0]].tobytes()
-    out = bytearray()
-    for name in blob_fields:
-        data = fields[name].tobytes()
-        out += len(data).to_bytes(8, "big")
-        out += data
-    return bytes(out)
+    return rows, stats
 
 
 # ---------------------------------------------------------------- wiki
@@ -460,11 +452,10 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 class _MindRecordSink:
     """mindspore.mindrecord.FileWriter writing into a hidden folder beside the output.
 
-    Rows arrive as ready-made blobs (built by the workers, in FileWriter's own row layout) and
-    go straight to the C++ shard writer: FileWriter.write_raw_data would re-validate and re-pack
-    every 4097-long row in Python, which costs more than the tokenization. `publish()` renames
-    the files into place; the MindRecord header names its shards by base name, so the renamed
-    files read back unchanged.
+    Rows go straight to the C++ shard writer as ready-made blobs in FileWriter's own row layout:
+    FileWriter.write_raw_data would re-validate and re-pack every 4097-long row in Python, which
+    costs more than the tokenization. `publish()` renames the files into place; the MindRecord
+    header names its shards by base name, so the renamed files read back unchanged.
     """
 
     def __init__(self, final: Path, shards: int, schema: dict[str, Any], description: str) -> None:
@@ -480,12 +471,27 @@ class _MindRecordSink:
         shard_writer.open(self._fw._paths, False)
         shard_writer.set_shard_header(self._fw._header)
         self._write = shard_writer._writer.write_raw_data
+        self._padding = {name: b"" for name in self.blob_fields}
         self.rows = 0
 
-    def write(self, blobs: list[bytes]) -> None:
-        if blobs:
-            self._write({}, blobs, False, False)
-            self.rows += len(blobs)
+    def write(self, rows: list[Row]) -> None:
+        """Write rows; a row holds, per blob field in `blob_fields` order, the field's leading
+        values as int32 bytes and its full length: the rest is the field's pad value."""
+        if rows:
+            self._write({}, [self._blob(row) for row in rows], False, False)
+            self.rows += len(rows)
+
+    def _blob(self, row: Row) -> bytes:
+        """FileWriter's layout: one field's bytes, or each field's prefixed by its 8-byte length."""
+        parts: list[bytes | memoryview] = []
+        for name, (values, length) in zip(self.blob_fields, row, strict=True):
+            size, missing = 4 * length, 4 * length - len(values)
+            if len(self._padding[name]) < missing:
+                self._padding[name] = np.full(length, FIELD_PAD[name], np.int32).tobytes()
+            if len(row) > 1:
+                parts.append(size.to_bytes(8, "big"))
+            parts += [values, memoryview(self._padding[name])[:missing]]
+        return b"".join(parts)
 
     def publish(self) -> list[Path]:
         """Commit, fsync and rename every file into the output folder; return the final paths."""
@@ -638,8 +644,8 @@ def _run_qa(job: _Job, workers: int, sink: _MindRecordSink, result: PreprocessRe
 
     masked, truncated, long_labels = _Listed(), _Listed(), _Listed()
     reasons: collections.Counter[str] = collections.Counter()
-    for blobs, stats in _ordered_map(_qa_chunk, _batched(records(), QA_CHUNK), job, workers):
-        sink.write(blobs)
+    for rows, stats in _ordered_map(_qa_chunk, _batched(records(), QA_CHUNK), job, workers):
+        sink.write(rows)
         for st in stats:
             if st.masked:
                 masked.add(st.rid)
@@ -686,8 +692,7 @@ def _run_wiki(job: _Job, workers: int, sink: _MindRecordSink, result: Preprocess
             while block := f.read(length * itemsize * 256):
                 data = np.concatenate([carry, np.frombuffer(block, dtype=np.int32)])
                 whole = len(data) // length
-                sink.write([_blob(job.blob_fields, {"input_ids": data[i * length : (i + 1) * length]})
-                            for i in range(whole)])  # fmt: skip
+                sink.write([((data[i * length : (i + 1) * length].tobytes(), length),) for i in range(whole)])
                 carry = data[whole * length :].copy()
                 progress.update(whole)
     progress.close()
