@@ -37,10 +37,12 @@ import argparse
 import collections
 import contextlib
 import glob
+import importlib
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -156,14 +158,13 @@ class _Job:
     model_file: str
     seq_length: int
     masking: str
-    blob_fields: list[str]
     files: list[str]
     repeat: int = 1
 
 
 _STATE: dict[str, Any] = {}
-# One record for the writer: per blob field, its leading values (int32 bytes) and its full length.
-Row = tuple[tuple[bytes, int], ...]
+# One record for the writer: per field, its leading values (int32 bytes) and its full length.
+Row = dict[str, tuple[bytes, int]]
 
 
 def _init_worker(job: _Job) -> None:
@@ -314,7 +315,7 @@ def _qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[Row], list[Record
         # unpadded values and full lengths: the padding is added by the writer, not pickled
         kept = labels[: min(n, len(labels))] if masked is None else labels[:0]
         fields = {"input_ids": (arr[:length].tobytes(), length), "labels": (kept.tobytes(), len(labels))}
-        rows.append(tuple(fields[name] for name in job.blob_fields))
+        rows.append(fields)
         rid = record.get("id") if isinstance(record, dict) else None
         stats.append(
             RecordStats(
@@ -454,48 +455,60 @@ class _MindRecordSink:
 
     Rows go straight to the C++ shard writer as ready-made blobs in FileWriter's own row layout:
     FileWriter.write_raw_data would re-validate and re-pack every 4097-long row in Python, which
-    costs more than the tokenization. `publish()` renames the files into place; the MindRecord
-    header names its shards by base name, so the renamed files read back unchanged.
+    costs more than the tokenization. MindSpore is imported on a thread from the start and the
+    writer opened at the first row, so the import overlaps the workers' start-up. `publish()`
+    renames the files into place; the MindRecord header names its shards by base name, so the
+    renamed files read back unchanged.
     """
 
     def __init__(self, final: Path, shards: int, schema: dict[str, Any], description: str) -> None:
-        from mindspore.mindrecord import FileWriter
-
         self.final = final
+        self.shards, self.schema, self.description = shards, schema, description
         self.tmp_dir = temp_sibling(final)
         self.tmp_dir.mkdir(parents=True)
-        self._fw = FileWriter(str(self.tmp_dir / final.name), shard_num=shards)
-        self._fw.add_schema(schema, description)
-        self.blob_fields = list(self._fw._header.blob_fields)
-        shard_writer = self._fw._writer
-        shard_writer.open(self._fw._paths, False)
-        shard_writer.set_shard_header(self._fw._header)
-        self._write = shard_writer._writer.write_raw_data
-        self._padding = {name: b"" for name in self.blob_fields}
+        self._import = threading.Thread(target=importlib.import_module, args=("mindspore.mindrecord",))
+        self._import.start()
+        self._fw: Any = None
+        self._padding = {name: b"" for name in schema}
         self.rows = 0
 
+    def _open(self) -> Any:
+        if self._fw is None:
+            self._import.join()
+            from mindspore.mindrecord import FileWriter
+
+            fw = FileWriter(str(self.tmp_dir / self.final.name), shard_num=self.shards)
+            fw.add_schema(self.schema, self.description)
+            fw._writer.open(fw._paths, False)
+            fw._writer.set_shard_header(fw._header)
+            self._fw, self._blob_fields = fw, list(fw._header.blob_fields)
+            self._write = fw._writer._writer.write_raw_data
+        return self._fw
+
     def write(self, rows: list[Row]) -> None:
-        """Write rows; a row holds, per blob field in `blob_fields` order, the field's leading
-        values as int32 bytes and its full length: the rest is the field's pad value."""
+        """Write rows; a row holds, per field, the field's leading values as int32 bytes and its
+        full length: the rest is the field's pad value."""
         if rows:
+            self._open()
             self._write({}, [self._blob(row) for row in rows], False, False)
             self.rows += len(rows)
 
     def _blob(self, row: Row) -> bytes:
         """FileWriter's layout: one field's bytes, or each field's prefixed by its 8-byte length."""
         parts: list[bytes | memoryview] = []
-        for name, (values, length) in zip(self.blob_fields, row, strict=True):
+        for name in self._blob_fields:
+            values, length = row[name]
             size, missing = 4 * length, 4 * length - len(values)
             if len(self._padding[name]) < missing:
                 self._padding[name] = np.full(length, FIELD_PAD[name], np.int32).tobytes()
-            if len(row) > 1:
+            if len(self._blob_fields) > 1:
                 parts.append(size.to_bytes(8, "big"))
             parts += [values, memoryview(self._padding[name])[:missing]]
         return b"".join(parts)
 
     def publish(self) -> list[Path]:
         """Commit, fsync and rename every file into the output folder; return the final paths."""
-        self._fw.commit()
+        self._open().commit()
         fsync_tree(self.tmp_dir)
         finals = []
         for tmp in sorted(self.tmp_dir.iterdir()):
@@ -604,7 +617,7 @@ def preprocess(
     else:
         schema = {"input_ids": {"type": "int32", "shape": [-1]}}
     sink = _MindRecordSink(out, file_partition, schema, dataset_type)
-    job = _Job(dataset_type, str(model_file), seq_length, masking, sink.blob_fields, files, params["repeat"])
+    job = _Job(dataset_type, str(model_file), seq_length, masking, files, params["repeat"])
     result = PreprocessResult(
         output_file=str(output_file), console_path=console_path, records_written=0, seq_length=seq_length,
         dataset_type=dataset_type, masking=masking, file_partition=file_partition,
@@ -692,7 +705,8 @@ def _run_wiki(job: _Job, workers: int, sink: _MindRecordSink, result: Preprocess
             while block := f.read(length * itemsize * 256):
                 data = np.concatenate([carry, np.frombuffer(block, dtype=np.int32)])
                 whole = len(data) // length
-                sink.write([((data[i * length : (i + 1) * length].tobytes(), length),) for i in range(whole)])
+                sink.write([{"input_ids": (data[i * length : (i + 1) * length].tobytes(), length)}
+                            for i in range(whole)])  # fmt: skip
                 carry = data[whole * length :].copy()
                 progress.update(whole)
     progress.close()
