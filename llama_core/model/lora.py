@@ -102,8 +102,9 @@ class LoraLinear(Linear):
 
     def construct(self, x: Tensor) -> Tensor:
         x = x.astype(self.compute_dtype)
-        down = self.project(self.dropout(x), self.mindpet_delta_lora_a)
-        return self.project(x, self.weight) + self.project(down, self.mindpet_delta_lora_b) * self.scaling
+        # scaled at rank width ([tokens, r]) rather than output width: the same product, less work
+        down = self.project(self.dropout(x), self.mindpet_delta_lora_a) * self.scaling
+        return self.project(x, self.weight) + self.project(down, self.mindpet_delta_lora_b)
 
 
 def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
