@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 ms = pytest.importorskip("mindspore")
 
+from tiny_hf import tiny_hf_llama  # noqa: E402
+
 # Written out by hand from reference section 3 (independent of llama_core.checkpoint.names).
 HF_TO_MS = {
     "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
@@ -45,17 +47,8 @@ def ms_name(hf: str) -> str:
 
 
 def tiny_hf(folder: Path, kv_heads: int, shard: str | None = None, dtype=None):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(kv_heads)
-    model = transformers.LlamaForCausalLM(cfg)
+    """A tiny HF Llama saved with save_pretrained (in `shard`-sized files, cast to `dtype`)."""
+    model = tiny_hf_llama(kv_heads=kv_heads, seed=kv_heads, rms_norm_eps=1e-6)
     if dtype is not None:
         model = model.to(dtype)
     kwargs = {"max_shard_size": shard} if shard else {}

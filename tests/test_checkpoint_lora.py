@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 ms = pytest.importorskip("mindspore")
 
+from tiny_hf import tiny_hf_llama  # noqa: E402
+
 from llama_core.checkpoint.convert import convert_hf_to_ms  # noqa: E402
 from llama_core.checkpoint.export_peft import export_peft  # noqa: E402
 from llama_core.checkpoint.export_peft import main as export_main  # noqa: E402
@@ -32,22 +34,7 @@ IDS = np.array([[1, 7, 33, 2, 60, 11, 5, 9]], np.int32)
 def setup(tmp_path_factory):
     """HF base, its MindSpore conversion, a LoRA model with random non-zero A and B, its checkpoint."""
     d = tmp_path_factory.mktemp("lora")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.15)
+    hf = tiny_hf_llama(kv_heads=2, seed=3, spread=True, attn_implementation="eager")
     hf.save_pretrained(d / "hf")
     convert_hf_to_ms(d / "hf", d / "base.ckpt")
 

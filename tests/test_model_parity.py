@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from tiny_hf import tiny_hf_llama  # noqa: E402
+
 from llama_core.checkpoint.convert import convert_hf_to_ms  # noqa: E402
 from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora  # noqa: E402
 from llama_core.model.weights import load_weights  # noqa: E402
@@ -26,29 +28,17 @@ HF_PROJ = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj"}
 def tiny_hf_model(kv_heads: int) -> transformers.LlamaForCausalLM:
     """MHA (4 KV heads) or GQA (2); the GQA one also has non-default RoPE theta and RMS eps."""
     gqa = kv_heads < 4
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        vocab_size=256,
-        max_position_embeddings=64,
+    return tiny_hf_llama(
+        kv_heads=kv_heads,
+        seed=kv_heads,
+        hidden=64,
+        ffn=160,
+        vocab=256,
         rms_norm_eps=1e-6 if gqa else 1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0 if gqa else 10000.0},
-        tie_word_embeddings=False,
         attn_implementation="eager",
+        spread=True,
     )
-    torch.manual_seed(kv_heads)
-    model = transformers.LlamaForCausalLM(config).eval()
-    # Larger-than-default random weights (and non-unit norms) so a wrong wiring shows in the logits.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.15)
-    return model
 
 
 def ms_model_from_hf(hf: transformers.LlamaForCausalLM, folder: Path) -> LlamaForCausalLM:

@@ -91,22 +91,12 @@ def losses(output_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def hf_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny HF Llama (transformers, save_pretrained) converted to a MindSpore checkpoint."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from tiny_hf import tiny_hf_llama
+
     tmp = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp / "hf")
+
+    tiny_hf_llama(hidden=64, ffn=192, vocab=VOCAB, max_positions=256).save_pretrained(tmp / "hf")
     out = tmp / "tiny.ckpt"
     proc = subprocess.run(
         [
