@@ -340,13 +340,21 @@ class RotaryEmbedding(nn.Cell):
         cos, sin = rotary_tables(config)
         self.cos = Tensor(cos, self.rotary_dtype)
         self.sin = Tensor(sin, self.rotary_dtype)
+        # rotate_half(x) = cat(-x2, x1) as x @ a signed permutation: one exact matmul instead of two
+        # slices, a negation and a concat (and their gradients), measurably cheaper on CPU
+        dim, half = config.head_dim, config.head_dim // 2
+        rotate = np.zeros((dim, dim), np.float32)
+        rotate[np.arange(half) + half, np.arange(half)] = -1.0
+        rotate[np.arange(half), np.arange(half) + half] = 1.0
+        self.rotate_half = Tensor(rotate, self.rotary_dtype)
+        self.matmul = ops.MatMul()
 
     def construct(self, x: Tensor) -> Tensor:
         """x [batch, heads, seq, head_dim] -> same shape and dtype."""
-        seq, half = x.shape[2], x.shape[3] // 2
+        batch, heads, seq, dim = x.shape
         cos, sin = self.cos[:seq], self.sin[:seq]
         xr = x.astype(self.rotary_dtype)
-        rotated = ops.cat((-xr[..., half:], xr[..., :half]), axis=-1)
+        rotated = self.matmul(xr.reshape(-1, dim), self.rotate_half).reshape(batch, heads, seq, dim)
         return (xr * cos + rotated * sin).astype(x.dtype)
 
 
