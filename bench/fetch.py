@@ -51,7 +51,6 @@ def _source(root: Path) -> Path:
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float, int]:
     """stdout, wall seconds and peak RSS (bytes, sampled every 20 ms with psutil) of a child process."""
-    os.sync()  # dirty pages of an earlier run must not be written back on this run's time
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     peak = 0
@@ -99,7 +98,7 @@ def _fresh(folder: Path) -> None:
     a tool that runs just after 1 GiB was written or deleted was measured at a third of its speed."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
-    os.sync()
+    os.sync()  # dirty pages of an earlier run must not be written back on this run's time
     time.sleep(SETTLE_S)
 
 
