@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_core.atomic import TMP_MARK, atomic_path, clean_leftovers, write_json_atomic
+from llama_core.atomic import TMP_MARK, atomic_path, clean_leftovers, start_writeback, write_json_atomic
 
 
 def test_file_appears_only_on_success(tmp_path: Path) -> None:
@@ -90,3 +90,20 @@ def test_clean_leftovers_spares_live_runs(tmp_path: Path) -> None:
 def test_json_keeps_non_ascii(tmp_path: Path) -> None:
     path = write_json_atomic(tmp_path / "a.json", {"v": "café ✓"})
     assert "café ✓" in path.read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux-only")
+def test_start_writeback_keeps_the_bytes_and_reports_a_bad_fd(tmp_path: Path) -> None:
+    """On Linux it calls sync_file_range: the bytes stay readable, and an invalid descriptor is
+    an OSError naming the call (not silently ignored)."""
+    path = tmp_path / "f.bin"
+    data = os.urandom(4 << 20)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        start_writeback(f.fileno())
+    assert path.read_bytes() == data
+    fd = os.open(path, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(OSError, match="sync_file_range"):
+        start_writeback(fd)

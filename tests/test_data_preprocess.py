@@ -339,3 +339,59 @@ def test_workers_do_not_rerun_the_parents_main_script(tmp_path, tokenizer_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "records 40" in proc.stdout
+
+
+def test_cli_process_prints_its_lines_and_exit_codes_through_a_pipe(tmp_path, tokenizer_path):
+    """The CLI process ends without the interpreter's teardown: what it printed into a pipe
+    (block-buffered) and its exit code must still arrive, for success and for a user error."""
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps([conv(("human", "Hi"), ("gpt", f"Yo {i}"), rid=str(i)) for i in range(5)]))
+    out = tmp_path / "o.mindrecord"
+    cmd = [sys.executable, "-m", "llama_core.data.llama_preprocess", "--dataset_type", "qa",
+           "--input_glob", str(src), "--seq_length", "32", "--output_file", str(out), "--workers", "1",
+           "--model_file"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered
+    ok = subprocess.run([*cmd, str(tokenizer_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.splitlines() == [
+        "Transformed 5 records.",
+        f"Transform finished, output files refer: {out}",
+    ]
+    assert "llama_preprocess qa: 5" in ok.stderr  # the progress logger's last line
+    bad = subprocess.run(
+        [*cmd, str(tmp_path / "missing.model")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert bad.returncode == 2
+    assert "missing.model" in bad.stderr and bad.stdout == ""
+
+
+def test_shards_are_sent_to_writeback_while_written(tmp_path, tokenizer_path, monkeypatch):
+    """Every WRITEBACK_EVERY row bytes, every shard's dirty pages are sent to disk, so the final
+    fsync has little left to do."""
+    from llama_core.data import llama_preprocess as lp
+
+    fds: list[int] = []
+    after_write: list[tuple[int, int]] = []  # (rows written, writeback calls so far)
+    real_write = lp._MindRecordSink.write
+
+    def write(self, rows):
+        real_write(self, rows)
+        after_write.append((self.rows, len(fds)))
+
+    monkeypatch.setattr(lp._MindRecordSink, "WRITEBACK_EVERY", 256 << 10)
+    monkeypatch.setattr(lp._MindRecordSink, "write", write)
+    monkeypatch.setattr(lp, "start_writeback", fds.append)
+    src = tmp_path / "in.json"
+    src.write_text(
+        json.dumps([conv(("human", f"Q {i}"), ("gpt", "An answer."), rid=str(i)) for i in range(1500)])
+    )
+    out = tmp_path / "o.mindrecord"
+    result = preprocess("qa", str(src), tokenizer_path, out, seq_length=63, file_partition=2, workers=1)
+    assert result.records_written == 1500
+    # a row is 2 fields x 64 int32 + 2 length prefixes = 528 bytes; 256 records per write: the
+    # count passes 256 KiB in the 2nd write, then again in the 4th after the reset; each time
+    # both shards are sent
+    calls = [n for _, n in after_write]
+    assert [rows for rows, _ in after_write] == [256, 512, 768, 1024, 1280, 1500]
+    assert calls == [0, 2, 2, 4, 4, 4]
+    assert len(set(fds)) == 2 and fds[:2] == fds[2:]

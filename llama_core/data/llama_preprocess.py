@@ -53,9 +53,16 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import clean_leftovers, fsync_dir, fsync_tree, remove_path, temp_sibling
+from llama_core.atomic import (
+    clean_leftovers,
+    fsync_dir,
+    fsync_tree,
+    remove_path,
+    start_writeback,
+    temp_sibling,
+)
 from llama_core.cache import cache_key, cached, file_sha256, write_manifest
-from llama_core.cli import run
+from llama_core.cli import exit_without_teardown, run
 from llama_core.data.records import iter_records
 from llama_core.errors import InputError
 from llama_core.progress import Progress
@@ -456,10 +463,13 @@ class _MindRecordSink:
     Rows go straight to the C++ shard writer as ready-made blobs in FileWriter's own row layout:
     FileWriter.write_raw_data would re-validate and re-pack every 4097-long row in Python, which
     costs more than the tokenization. MindSpore is imported on a thread from the start and the
-    writer opened at the first row, so the import overlaps the workers' start-up. `publish()`
-    renames the files into place; the MindRecord header names its shards by base name, so the
-    renamed files read back unchanged.
+    writer opened at the first row, so the import overlaps the workers' start-up. Each shard's
+    dirty pages are sent to disk every `WRITEBACK_EVERY` row bytes, so the final fsync does
+    not wait for the whole output. `publish()` renames the files into place; the MindRecord
+    header names its shards by base name, so the renamed files read back unchanged.
     """
+
+    WRITEBACK_EVERY = 32 << 20  # row bytes before compression
 
     def __init__(self, final: Path, shards: int, schema: dict[str, Any], description: str) -> None:
         self.final = final
@@ -469,6 +479,8 @@ class _MindRecordSink:
         self._import = threading.Thread(target=importlib.import_module, args=("mindspore.mindrecord",))
         self._import.start()
         self._fw: Any = None
+        self._shard_fds: list[int] = []
+        self._unsynced = 0
         self._padding = {name: b"" for name in schema}
         self.rows = 0
 
@@ -483,6 +495,7 @@ class _MindRecordSink:
             fw._writer.set_shard_header(fw._header)
             self._fw, self._blob_fields = fw, list(fw._header.blob_fields)
             self._write = fw._writer._writer.write_raw_data
+            self._shard_fds = [os.open(path, os.O_RDONLY) for path in fw._paths]
         return self._fw
 
     def write(self, rows: list[Row]) -> None:
@@ -490,8 +503,19 @@ class _MindRecordSink:
         full length: the rest is the field's pad value."""
         if rows:
             self._open()
-            self._write({}, [self._blob(row) for row in rows], False, False)
+            blobs = [self._blob(row) for row in rows]
+            self._write({}, blobs, False, False)
             self.rows += len(rows)
+            self._start_writeback(sum(map(len, blobs)))
+
+    def _start_writeback(self, written: int) -> None:
+        """Count the row bytes handed to the writer; every WRITEBACK_EVERY of them, start the
+        writeback of every shard, whole (the writer fills pages in place, not in file order)."""
+        self._unsynced += written
+        if self._unsynced >= self.WRITEBACK_EVERY:
+            for fd in self._shard_fds:
+                start_writeback(fd)
+            self._unsynced = 0
 
     def _blob(self, row: Row) -> bytes:
         """FileWriter's layout: one field's bytes, or each field's prefixed by its 8-byte length."""
@@ -509,6 +533,7 @@ class _MindRecordSink:
     def publish(self) -> list[Path]:
         """Commit, fsync and rename every file into the output folder; return the final paths."""
         self._open().commit()
+        self._close_fds()
         fsync_tree(self.tmp_dir)
         finals = []
         for tmp in sorted(self.tmp_dir.iterdir()):
@@ -520,7 +545,13 @@ class _MindRecordSink:
         return finals
 
     def discard(self) -> None:
+        self._close_fds()
         remove_path(self.tmp_dir)
+
+    def _close_fds(self) -> None:
+        for fd in self._shard_fds:
+            os.close(fd)
+        self._shard_fds = []
 
 
 # ---------------------------------------------------------------- the stage
@@ -742,4 +773,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    exit_without_teardown(run(main))
