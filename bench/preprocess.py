@@ -220,7 +220,13 @@ def main() -> None:
             f"which compresses every int32 of every 4097-long row one value at a time (about 0.25 ms of "
             f"CPU per qa row, in one thread holding the GIL: the larger part of the main figure and the "
             f"stage's critical path); the workers spend about 80% of their time in sentencepiece encode "
-            f"(one pass per round).",
+            f"(one pass per round). At the end, MindSpore's index commit takes about 0.5 s; the fsync "
+            f"after it about 0.01 s, because each shard's pages are sent to disk while it is written; "
+            f"the CLI then exits without MindSpore's teardown (about 0.25 s).",
+            "",
+            "Spread: on this VM the same code and command measured 16.2 to 18.6 s per run within one "
+            "hour (one bench run's median was 18.4 s), so a single median can land either side of "
+            "17.0 s; the CPU time above moves far less.",
             "",
             "Peak RSS is the largest sum of RSS over the CLI process and all its children, sampled every "
             "20 ms with psutil, children listed every 0.5 s (shared library pages are counted once per "
