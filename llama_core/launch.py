@@ -17,7 +17,9 @@ What this adds to msrun:
 - Fail fast. A rank (or the scheduler) that exits non-zero or vanishes fails the launch within a poll
   interval: the other ranks and the scheduler are killed (their whole process groups) instead of
   waiting for `cluster_time_out`, and `LaunchError` names the rank, its exit code, its log and the
-  log's last lines. The same clean-up runs when the caller is interrupted (Airflow task kill).
+  log's last lines. The same clean-up runs when the caller is interrupted (Airflow task kill). A rank
+  that msrun started but whose wrapper had not registered yet is waited for and stopped too (a stop
+  file in the status folder makes a late wrapper exit before running its command).
 - Pre-flight: log_dir writable, master port free, and no process left over from an earlier run on
   the same port (the reference's "Maybe the last training process is running"), naming its pids.
 - `on_line(rank, line)` streams every rank's log lines live by tailing the files.
@@ -51,12 +53,16 @@ log = logging.getLogger("llama_core.launch")
 
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "llama_core.run")
 STATUS_DIRNAME = ".rank_status"
+# Written by the launcher when it stops the job: a wrapper msrun starts after that runs nothing.
+STOP_FILE = "stop.json"
 SCHEDULER = "scheduler"
 POLL_S = 0.2
 # After every worker succeeded the scheduler only has to notice and exit; don't wait for ever.
 SCHEDULER_GRACE_S = 60.0
 # msrun imports MindSpore before spawning anything; a wrapper that never reports means msrun broke.
 SPAWN_TIMEOUT_S = 300.0
+# When stopping: how long to wait for a wrapper msrun already started (its log exists) to register.
+REGISTER_WAIT_S = 30.0
 TAIL_LINES = 20
 
 
@@ -188,6 +194,12 @@ def rank_wrapper(status_dir: Path, command: Sequence[str]) -> int:
         status_dir / f"{name}.pid.json",
         {"pid": me.pid, "pgid": os.getpgid(0), "create_time": me.create_time()},
     )
+    # The launcher writes STOP_FILE before it reads the pid files: either it sees ours and kills us,
+    # or we see its file here, so no rank it meant to stop starts late and runs on unwatched.
+    if (status_dir / STOP_FILE).exists():
+        status = {"exit_code": -signal.SIGKILL, "not_started": True}
+        write_json_atomic(status_dir / f"{name}.exit.json", status)
+        return 128 + signal.SIGKILL
     child = subprocess.Popen(list(command))
 
     def forward(signum: int, _frame: object) -> None:
@@ -263,6 +275,7 @@ class _Proc:
         status = _read_json(self.status_dir / f"{self.name}.exit.json")
         if status is not None:
             self.result.exit_code = status["exit_code"]
+            self.result.killed_by_launcher = status.get("not_started", False)
             self.done = True
         elif not self._alive():
             # The wrapper died without writing (SIGKILL, OOM killer); re-check for a late write.
@@ -279,14 +292,16 @@ class _Proc:
             return False
 
     def kill(self) -> None:
-        """SIGKILL the process group (wrapper + command + anything they started)."""
-        if self.done or self.pgid is None or not self._alive():
+        """SIGKILL the process group (wrapper + command + anything they started) while the wrapper
+        runs; one that already recorded its exit status keeps it."""
+        if self.pgid is None or not self._alive():
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signal.SIGKILL)
-        self.result.exit_code = -signal.SIGKILL
-        self.result.killed_by_launcher = True
-        self.done = True
+        if not self.done:
+            self.result.exit_code = -signal.SIGKILL
+            self.result.killed_by_launcher = True
+            self.done = True
 
 
 def _read_json(path: Path) -> dict | None:
@@ -376,6 +391,9 @@ def launch(
         for r in range(first, first + local_worker_num)
     ]
     sched = _Proc(SCHEDULER, RankResult(-1, log_dir / "scheduler.log"), status_dir) if is_master else None
+    watched = [*procs, *([sched] if sched else [])]
+    for p in watched:  # msrun truncates them anyway; a stale one would pass for a rank being started
+        p.result.log_path.unlink(missing_ok=True)
     msrun_cmd = [
         msrun,
         f"--worker_num={worker_num}",
@@ -403,7 +421,6 @@ def launch(
         msrun_proc = subprocess.Popen(
             msrun_cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
         )
-    watched = [*procs, *([sched] if sched else [])]
 
     def result(failure: str | None) -> LaunchResult:
         return LaunchResult(
@@ -428,12 +445,12 @@ def launch(
     finished = False
     try:
         failed, msrun_failure = _watch(procs, sched, msrun_proc, stream, start)
-        _kill_all(watched, msrun_proc)
+        _kill_all(watched, msrun_proc, status_dir)
         stream(final=True)
         finished = True
     finally:
         if not finished:  # interrupted (Ctrl+C, Airflow task kill): leave nothing running
-            _kill_all(watched, msrun_proc)
+            _kill_all(watched, msrun_proc, status_dir)
     if failed is not None:
         who = "scheduler" if failed is sched else f"rank {failed.result.rank}"
         msg = (
@@ -492,14 +509,29 @@ def _watch(
         time.sleep(POLL_S)
 
 
-def _kill_all(watched: Sequence[_Proc], msrun_proc: subprocess.Popen) -> None:
-    for p in watched:
-        p.poll()
-        p.kill()
-    if msrun_proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(msrun_proc.pid, signal.SIGKILL)
-    msrun_proc.wait()
+def _kill_all(watched: Sequence[_Proc], msrun_proc: subprocess.Popen, status_dir: Path) -> None:
+    """Stop msrun and every process it started, including wrappers that have not registered yet."""
+    write_json_atomic(status_dir / STOP_FILE, {"stopped_at": time.time()})
+    msrun_stopped = False
+    deadline = time.monotonic() + REGISTER_WAIT_S
+    while True:
+        for p in watched:
+            p.poll()
+            p.kill()
+        if not msrun_stopped:  # after the ranks: msrun, when still running, reaps the ones it started
+            if msrun_proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(msrun_proc.pid, signal.SIGKILL)
+            msrun_proc.wait()
+            msrun_stopped = True
+        # msrun creates a rank's log right before spawning it: such a rank will register (and be
+        # killed, or stop itself on STOP_FILE); one without a log was never started. SIGKILL is not
+        # instant: return once every wrapper is gone.
+        starting = [p for p in watched if p.pid is None and p.result.log_path.exists()]
+        running = [p for p in watched if p.pid is not None and p._alive()]
+        if not (starting or running) or time.monotonic() > deadline:
+            return
+        time.sleep(POLL_S)
 
 
 # ---------------------------------------------------------------- CLI

@@ -99,6 +99,31 @@ def test_a_dying_rank_fails_fast_and_is_named(program: list[str], tmp_path: Path
     assert not _running(err.result.log_dir)
 
 
+# Loaded by every Python process of the launch (via PYTHONPATH): holds rank 0's wrapper back so that
+# rank 1 fails before rank 0 has registered its pid.
+SLOW_RANK_0_START = """
+import os, time
+worker_0 = os.environ.get("MS_ROLE") == "MS_WORKER" and os.environ.get("RANK_ID") == "0"
+if worker_0 and "SLOWED" not in os.environ:
+    os.environ["SLOWED"] = "1"
+    time.sleep(3)
+"""
+
+
+def test_a_rank_still_starting_when_another_fails_is_stopped_too(program: list[str], tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_RANK_0_START)
+    with pytest.raises(LaunchError) as info:
+        run_two(program, "fail", tmp_path / "logs", env={"PYTHONPATH": str(site)})
+    err = info.value
+    assert err.rank == 1 and "rank 1 exited with code 3" in str(err)
+    assert err.result.exit_codes == {0: -9, 1: 3}
+    assert err.result.ranks[0].killed_by_launcher
+    assert "hello rank=0" not in err.result.log_paths[0].read_text()  # its command never started
+    assert not _running(err.result.log_dir)
+
+
 def test_a_rank_killed_without_status_is_reported(program: list[str], tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as info:
         run_two(program, "vanish", tmp_path / "logs")
