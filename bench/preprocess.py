@@ -224,9 +224,10 @@ def main() -> None:
             f"after it about 0.01 s, because each shard's pages are sent to disk while it is written; "
             f"the CLI then exits without MindSpore's teardown (about 0.25 s).",
             "",
-            "Spread: on this VM the same code and command measured 16.2 to 18.6 s per run within one "
-            "hour (one bench run's median was 18.4 s), so a single median can land either side of "
-            "17.0 s; the CPU time above moves far less.",
+            "Spread: on this VM the same code and command gave bench medians from 16.2 to 21.2 s "
+            "(2026-11-28/29). In the slow runs the CPU time rose with the wall time (34-35 s against "
+            "28.7-29.5 s for the identical work): the machine was slower, the work was not larger. "
+            "The CPU time above tells which kind of run this was.",
             "",
             "Peak RSS is the largest sum of RSS over the CLI process and all its children, sampled every "
             "20 ms with psutil, children listed every 0.5 s (shared library pages are counted once per "
