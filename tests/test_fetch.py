@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -335,20 +337,66 @@ def test_partial_that_is_complete_or_too_long(server, tmp_path, partial, body_ge
     assert next(r.status for r in server.log if r.method == "GET") == 416
 
 
-def test_written_windows_are_handed_to_writeback_and_dropped_behind(server, tmp_path, monkeypatch):
-    """Each window the writer finishes is sent to writeback together with the window before it
-    (written back by then, so dropped): the page cache never holds more than two windows."""
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_sink_stages_aligned_blocks_and_resumes_an_unaligned_partial(tmp_path, monkeypatch, direct):
+    """Full blocks are written at aligned offsets (with O_DIRECT where the file system allows it),
+    the block in progress reaches the file when the transfer pauses, and a partial whose length is
+    not aligned is continued byte-exactly."""
     from llama_core.fetch import core
 
-    calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(core._Sink, "_WRITEBACK_EVERY", 256 << 10)
-    monkeypatch.setattr(core, "_start_writeback", lambda fd, offset, length: calls.append((offset, length)))
-    body = os.urandom(3 << 20)
-    url = server.add("/w/big.bin", body)
-    assert fetch(url, tmp_path, retry=FAST).files[0].sha256 == hashlib.sha256(body).hexdigest()
-    assert (tmp_path / "big.bin").read_bytes() == body
-    starts, ends = [o for o, _ in calls], [o + n for o, n in calls]
-    assert len(calls) >= 3 and starts[:2] == [0, 0]
-    assert starts[2:] == ends[:-2]  # each call reaches back exactly to the previous window's start
-    assert all(b - a >= 256 << 10 for a, b in zip([0, *ends], ends, strict=False))
-    assert ends[-1] > len(body) - (1 << 20) - (256 << 10)  # the last window ends near the end
+    block = 64 << 10
+    monkeypatch.setattr(core._Sink, "_BLOCK", block)
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    fd = core._open_direct(probe)
+    if direct and fd is None:
+        pytest.skip(f"the file system at {tmp_path} refuses O_DIRECT")
+    if fd is not None:
+        os.close(fd)
+    if not direct:
+        monkeypatch.setattr(core, "_open_direct", lambda path: None)
+    writes: list[tuple[bool, int, int]] = []
+    real_pwrite_all = core._pwrite_all
+
+    def recording(fd: int, data, pos: int) -> None:
+        writes.append((fd == sink.direct_fd, pos, len(data)))
+        real_pwrite_all(fd, data, pos)
+
+    monkeypatch.setattr(core, "_pwrite_all", recording)
+    rng = random.Random(0)
+    prefix = os.urandom(5000)
+    chunks = [os.urandom(rng.randint(1, 150_000)) for _ in range(20)]
+    path = tmp_path / "part"
+    path.write_bytes(prefix)
+    with core._Sink(path, hashlib.sha256(prefix)) as sink:
+        for i, chunk in enumerate(chunks):
+            sink.put(chunk)
+            if i == 9:  # a broken connection: the file must hold everything put so far
+                sink.drain()
+                assert path.read_bytes() == prefix + b"".join(chunks[:10])
+        digest = sink.hexdigest()
+        assert (sink.direct_fd is not None) == direct
+    body = prefix + b"".join(chunks)
+    assert path.read_bytes() == body and digest == hashlib.sha256(body).hexdigest()
+    first = len(prefix) - len(prefix) % core._Sink._ALIGN  # the partial's last aligned offset
+    full = [(d, pos) for d, pos, n in writes if n == block]
+    assert [pos for _, pos in full] == list(range(first, len(body) - block + 1, block))
+    assert all(d == direct for d, _ in full)
+    assert all(not d for d, _, n in writes if n != block)  # tails go through the page cache
+
+
+def test_sink_write_error_reaches_the_caller(tmp_path, monkeypatch):
+    from llama_core.fetch import core
+
+    monkeypatch.setattr(core._Sink, "_BLOCK", 64 << 10)
+
+    def disk_full(fd: int, data, pos: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core, "_pwrite_all", disk_full)
+    path = tmp_path / "part"
+    path.write_bytes(b"")
+    with pytest.raises(OSError, match="No space left"), core._Sink(path, hashlib.sha256()) as sink:
+        for _ in range(64):  # far more than the blocks in use: the writer keeps handing them back
+            sink.put(os.urandom(32 << 10))
+        sink.drain()

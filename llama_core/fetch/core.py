@@ -11,9 +11,11 @@ A file appears under its final name only complete and verified (atomic rename).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
 import re
@@ -320,29 +322,48 @@ def _download(
 
 
 class _Sink:
-    """Writes chunks to a file as they arrive and hashes them on a worker thread, so the sha256
-    overlaps the next socket read and write (all three release the GIL). Every `_WRITEBACK_EVERY`
-    bytes the kernel is told to start writing the new window to disk and to drop the previous one,
-    written back by then: the page cache holds at most two windows of the file (on this VM, writing
-    into a page cache that keeps growing ran at a third of the speed), the fsync before the rename
-    has little left to do, and memory stays flat. At most `_DEPTH` chunks wait for the hasher."""
+    """Writes chunks to a file and hashes them as they arrive, each on a worker thread, so the
+    socket read, the write and the sha256 overlap (all three release the GIL).
+
+    Chunks are staged into `_BLOCK`-sized page-aligned buffers; the writer thread writes each full
+    block at its offset with O_DIRECT where the file system allows it: the bytes go from the buffer
+    to the disk without a copy into the page cache. On this VM buffered writes cost about 0.4 s of
+    CPU per GiB and slowed down as the page cache grew; direct writes of 1 MiB blocks cost almost
+    none, and the fsync before the rename has nothing left to do. The block in progress reaches the
+    file with a plain write when the transfer pauses or ends (`drain`); the next direct write of
+    that block rewrites it whole. Without O_DIRECT (tmpfs, macOS) the blocks go through the page
+    cache. At most `_DEPTH` chunks wait for the hasher and `_DEPTH` blocks are in use."""
 
     _DEPTH = 8
-    _WRITEBACK_EVERY = 8 << 20
+    _BLOCK = 1 << 20
+    _ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size
 
     def __init__(self, path: Path, hasher: Any) -> None:
-        self.out = open(path, "ab")  # noqa: SIM115 - closed in __exit__
-        self.hasher = hasher
+        self.path, self.hasher = path, hasher
         self.error: BaseException | None = None
-        # a resumed partial's bytes are on disk already
-        self.dropped = self.written_back = self.out.tell()
-        self.queue: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
-        self.thread = threading.Thread(target=self._hash_loop, name="fetch-hash", daemon=True)
-        self.thread.start()
+        self.fd = os.open(path, os.O_RDWR)
+        self.direct_fd = _open_direct(path)
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(self._DEPTH):
+            self.free.put(mmap.mmap(-1, self._BLOCK))  # anonymous maps are page-aligned
+        self.block = self.free.get()
+        # A resumed partial's bytes are on disk already; its unaligned tail is staged again so
+        # that the blocks stay aligned.
+        size = os.fstat(self.fd).st_size
+        self.pos, self.fill = size - size % self._ALIGN, size % self._ALIGN
+        self.block[: self.fill] = os.pread(self.fd, self.fill, self.pos)
+        self.to_hash: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
+        self.to_write: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self._hash_loop, name="fetch-hash", daemon=True),
+            threading.Thread(target=self._write_loop, name="fetch-write", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def _hash_loop(self) -> None:
         while True:
-            chunk = self.queue.get()
+            chunk = self.to_hash.get()
             try:
                 if chunk is None:
                     return
@@ -351,30 +372,66 @@ class _Sink:
             except BaseException as exc:  # handed to the producer thread by put/drain
                 self.error = exc
             finally:
-                self.queue.task_done()
+                self.to_hash.task_done()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.to_write.get()
+            try:
+                if item is None:
+                    return
+                block, pos = item
+                if self.error is None:
+                    self._write_block(block, pos)
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                if item is not None:
+                    self.free.put(item[0])
+                self.to_write.task_done()
+
+    def _write_block(self, block: mmap.mmap, pos: int) -> None:
+        if self.direct_fd is not None:
+            try:
+                _pwrite_all(self.direct_fd, block, pos)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: the file system refuses this direct write
+                    raise
+                os.close(self.direct_fd)
+                self.direct_fd = None
+        _pwrite_all(self.fd, block, pos)
 
     def put(self, chunk: bytes) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(chunk)
-        self.out.write(chunk)
-        end = self.out.tell()
-        if end - self.written_back >= self._WRITEBACK_EVERY:
-            _start_writeback(self.out.fileno(), self.dropped, end - self.dropped)
-            self.dropped, self.written_back = self.written_back, end
+        self.to_hash.put(chunk)
+        view = memoryview(chunk)
+        while view:
+            n = min(len(view), self._BLOCK - self.fill)
+            self.block[self.fill : self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self._BLOCK:
+                self.to_write.put((self.block, self.pos))
+                self.pos += self._BLOCK
+                self.fill = 0
+                self.block = self.free.get()
 
     def drain(self) -> None:
         """Wait until every chunk put is hashed and in the file (whose size is then the offset)."""
-        self.queue.join()
-        self.out.flush()
+        self.to_hash.join()
+        self.to_write.join()
+        if self.error is None and self.fill:
+            _pwrite_all(self.fd, memoryview(self.block)[: self.fill], self.pos)
         if self.error is not None:
             raise self.error
 
     def restart(self) -> None:
         """Empty the file and the digest: the store sends the whole file again."""
         self.drain()
-        self.out.truncate(0)
-        self.dropped = self.written_back = 0
+        os.ftruncate(self.fd, 0)
+        self.pos = self.fill = 0
         self.hasher = hashlib.sha256()
 
     def hexdigest(self) -> str:
@@ -385,16 +442,32 @@ class _Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self.out.close()
+        self.to_hash.put(None)
+        self.to_write.put(None)
+        for thread in self.threads:
+            thread.join()
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                os.close(fd)
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range to disk without waiting, and let its pages go once clean (Linux:
-    POSIX_FADV_DONTNEED starts the writeback of dirty pages; elsewhere a no-op)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+def _open_direct(path: Path) -> int | None:
+    """A write descriptor that bypasses the page cache, or None where O_DIRECT is unavailable."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # tmpfs and others refuse O_DIRECT at open
+            return None
+        raise
+
+
+def _pwrite_all(fd: int, data: Any, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
