@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -354,41 +354,31 @@ class _Sink:
         self.block[: self.fill] = os.pread(self.fd, self.fill, self.pos)
         self.to_hash: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
         self.to_write: queue.Queue[tuple[mmap.mmap, int] | None] = queue.Queue()
+        hash_job = (self.to_hash, lambda chunk: self.hasher.update(chunk), lambda chunk: None)
+        write_job = (self.to_write, lambda job: self._write_block(*job), lambda job: self.free.put(job[0]))
         self.threads = [
-            threading.Thread(target=self._hash_loop, name="fetch-hash", daemon=True),
-            threading.Thread(target=self._write_loop, name="fetch-write", daemon=True),
+            threading.Thread(target=self._serve, args=hash_job, name="fetch-hash", daemon=True),
+            threading.Thread(target=self._serve, args=write_job, name="fetch-write", daemon=True),
         ]
         for thread in self.threads:
             thread.start()
 
-    def _hash_loop(self) -> None:
+    def _serve(self, jobs: queue.Queue, work: Callable[[Any], None], release: Callable[[Any], None]) -> None:
+        """Run `work` on each job until None. The first error is kept for put/drain to raise;
+        later jobs are only released, so the producer never waits for a dead worker."""
         while True:
-            chunk = self.to_hash.get()
+            job = jobs.get()
             try:
-                if chunk is None:
+                if job is None:
                     return
                 if self.error is None:
-                    self.hasher.update(chunk)
-            except BaseException as exc:  # handed to the producer thread by put/drain
-                self.error = exc
-            finally:
-                self.to_hash.task_done()
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self.to_write.get()
-            try:
-                if item is None:
-                    return
-                block, pos = item
-                if self.error is None:
-                    self._write_block(block, pos)
+                    work(job)
             except BaseException as exc:
                 self.error = exc
             finally:
-                if item is not None:
-                    self.free.put(item[0])
-                self.to_write.task_done()
+                if job is not None:
+                    release(job)
+                jobs.task_done()
 
     def _write_block(self, block: mmap.mmap, pos: int) -> None:
         if self.direct_fd is not None:
