@@ -339,7 +339,7 @@ class _Sink:
     _ALIGN = 4096  # O_DIRECT offsets and lengths: a multiple of the logical block size
 
     def __init__(self, path: Path, hasher: Any) -> None:
-        self.path, self.hasher = path, hasher
+        self.hasher = hasher
         self.error: BaseException | None = None
         self.fd = os.open(path, os.O_RDWR)
         self.direct_fd = _open_direct(path)
