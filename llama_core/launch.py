@@ -292,8 +292,9 @@ class _Proc:
             return False
 
     def kill(self) -> None:
-        """SIGKILL the process group (wrapper + command + anything they started) while the wrapper
-        runs; one that already recorded its exit status keeps it."""
+        """Refresh, then SIGKILL the process group (wrapper + command + anything they started) while
+        the wrapper runs; one that already recorded its exit status keeps it."""
+        self.poll()
         if self.pgid is None or not self._alive():
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -302,6 +303,14 @@ class _Proc:
             self.result.exit_code = -signal.SIGKILL
             self.result.killed_by_launcher = True
             self.done = True
+
+    def lingering(self) -> bool:
+        """Still to wait for when stopping: a wrapper that runs, or a rank msrun has started (it
+        creates the rank's log right before spawning it) that has not registered yet. The
+        scheduler, unlike the ranks, stays in msrun's process group and dies with it."""
+        if self.pid is None:
+            return self.name != SCHEDULER and self.result.log_path.exists()
+        return self._alive()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -510,28 +519,22 @@ def _watch(
 
 
 def _kill_all(watched: Sequence[_Proc], msrun_proc: subprocess.Popen, status_dir: Path) -> None:
-    """Stop msrun and every process it started, including wrappers that have not registered yet."""
+    """Stop msrun and every process it started, including wrappers that have not registered yet:
+    they register and are killed, or see STOP_FILE and exit without running their command."""
     write_json_atomic(status_dir / STOP_FILE, {"stopped_at": time.time()})
-    msrun_stopped = False
+    for p in watched:
+        p.kill()
+    # After the ranks: msrun, when still running, reaps the ones it started. Its process group holds
+    # the scheduler and outlives msrun, so it is signalled even after msrun exited (msrun is not yet
+    # reaped, so its pid, the group id, cannot have been reused).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(msrun_proc.pid, signal.SIGKILL)
+    msrun_proc.wait()
     deadline = time.monotonic() + REGISTER_WAIT_S
-    while True:
-        for p in watched:
-            p.poll()
-            p.kill()
-        if not msrun_stopped:  # after the ranks: msrun, when still running, reaps the ones it started
-            if msrun_proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(msrun_proc.pid, signal.SIGKILL)
-            msrun_proc.wait()
-            msrun_stopped = True
-        # msrun creates a rank's log right before spawning it: such a rank will register (and be
-        # killed, or stop itself on STOP_FILE); one without a log was never started. SIGKILL is not
-        # instant: return once every wrapper is gone.
-        starting = [p for p in watched if p.pid is None and p.result.log_path.exists()]
-        running = [p for p in watched if p.pid is not None and p._alive()]
-        if not (starting or running) or time.monotonic() > deadline:
-            return
+    while any(p.lingering() for p in watched) and time.monotonic() < deadline:  # SIGKILL is not instant
         time.sleep(POLL_S)
+        for p in watched:
+            p.kill()
 
 
 # ---------------------------------------------------------------- CLI

@@ -124,6 +124,19 @@ def test_a_rank_still_starting_when_another_fails_is_stopped_too(program: list[s
     assert not _running(err.result.log_dir)
 
 
+def test_stopping_waits_for_an_unregistered_rank_but_not_the_scheduler(tmp_path: Path) -> None:
+    """msrun creates a log right before it spawns: an unregistered rank with a log is still coming
+    (it is set apart in its own session), the scheduler dies with msrun's process group."""
+    from llama_core.launch import SCHEDULER, RankResult, _Proc
+
+    rank = _Proc("rank_0", RankResult(0, tmp_path / "worker_0.log"), tmp_path)
+    sched = _Proc(SCHEDULER, RankResult(-1, tmp_path / "scheduler.log"), tmp_path)
+    assert not rank.lingering() and not sched.lingering()
+    rank.result.log_path.touch()
+    sched.result.log_path.touch()
+    assert rank.lingering() and not sched.lingering()
+
+
 def test_a_rank_killed_without_status_is_reported(program: list[str], tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as info:
         run_two(program, "vanish", tmp_path / "logs")
