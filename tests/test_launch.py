@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_core.launch import LaunchError, launch, main
+from llama_core.launch import LaunchError, LaunchStopped, MsrunJob, launch
 
 # Stand-in for `python -m llama_core.run`: msrun also starts the scheduler with the same command
 # (MS_ROLE=MS_SCHED), which exits at once here since no MindSpore cluster is built.
@@ -127,10 +127,12 @@ def test_a_rank_still_starting_when_another_fails_is_stopped_too(program: list[s
 def test_stopping_waits_for_an_unregistered_rank_but_not_the_scheduler(tmp_path: Path) -> None:
     """msrun creates a log right before it spawns: an unregistered rank with a log is still coming
     (it is set apart in its own session), the scheduler dies with msrun's process group."""
-    from llama_core.launch import SCHEDULER, RankResult, _Proc
+    from llama_core.launch import RankResult
+    from llama_core.launch.status import SCHEDULER
+    from llama_core.launch.watch import WatchedProcess
 
-    rank = _Proc("rank_0", RankResult(0, tmp_path / "worker_0.log"), tmp_path)
-    sched = _Proc(SCHEDULER, RankResult(-1, tmp_path / "scheduler.log"), tmp_path)
+    rank = WatchedProcess("rank_0", RankResult(0, tmp_path / "worker_0.log"), tmp_path)
+    sched = WatchedProcess(SCHEDULER, RankResult(-1, tmp_path / "scheduler.log"), tmp_path)
     assert not rank.lingering() and not sched.lingering()
     rank.result.log_path.touch()
     sched.result.log_path.touch()
@@ -199,7 +201,9 @@ def test_unwritable_log_dir_is_refused(program: list[str], tmp_path: Path) -> No
 def test_rank_wrapper_records_the_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK_ID", "5")
     monkeypatch.delenv("MS_ROLE", raising=False)
-    code = main(["--rank-wrapper", str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(7)"])
+    from llama_core.launch import wrapper
+
+    code = wrapper.main([str(tmp_path), "--", sys.executable, "-c", "raise SystemExit(7)"])
     assert code == 7
     assert json.loads((tmp_path / "rank_5.exit.json").read_text()) == {"exit_code": 7}
     assert json.loads((tmp_path / "rank_5.pid.json").read_text())["pid"] == os.getpid()
@@ -223,3 +227,125 @@ def test_an_interrupted_launch_leaves_no_rank_running(program: list[str], tmp_pa
     pid_files = list((tmp_path / "logs" / ".rank_status").glob("rank_*.pid.json"))
     assert pid_files  # the ranks did start
     assert not _running(tmp_path / "logs")
+
+
+def _job_processes(launcher_pid: int) -> list[int]:
+    """Live processes started by the launcher `launcher_pid` (they carry its pid in their environment)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LLAMA_LAUNCHER_PID") == str(launcher_pid) and proc.status() != "zombie":
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait_until(predicate, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_stop_from_another_thread_ends_every_process(program: list[str], tmp_path: Path) -> None:
+    import threading
+
+    job = MsrunJob(
+        ["hang"],
+        worker_num=2,
+        local_worker_num=2,
+        master_port=None,
+        log_dir=tmp_path / "logs",
+        command=program,
+    )
+    job.start()
+    status = tmp_path / "logs" / ".rank_status"
+    stopper = threading.Thread(
+        target=lambda: (
+            _wait_until(lambda: len(list(status.glob("rank_*.pid.json"))) == 2, 60)
+            and job.stop("the test stopped it")
+        )
+    )
+    stopper.start()
+    with pytest.raises(LaunchStopped, match="the test stopped it") as info:
+        job.wait()
+    stopper.join()
+    result = info.value.result
+    assert result.stop_reason == "the test stopped it" and info.value.rank is None
+    assert result.exit_codes == {0: -9, 1: -9}
+    assert all(r.killed_by_launcher for r in result.ranks)
+    assert result.master_port > 0  # None picked a free port
+    assert _job_processes(os.getpid()) == []
+    job.stop("again")  # idempotent: the first reason stays
+    assert job.result.stop_reason == "the test stopped it"
+
+
+def test_ranks_do_not_outlive_a_killed_launcher(program: list[str], tmp_path: Path) -> None:
+    """SIGKILL of the launching process (an Airflow task process that is killed) leaves no rank."""
+    import signal
+
+    log_dir = tmp_path / "logs"
+    launcher = (
+        "import sys; from llama_core.launch import launch; "
+        "launch(['hang'], worker_num=2, local_worker_num=2, master_port=None, log_dir=sys.argv[1], "
+        "command=sys.argv[2:])"
+    )
+    cli = subprocess.Popen([sys.executable, "-c", launcher, str(log_dir), *program])
+    try:
+        started = log_dir / ".rank_status"
+        assert _wait_until(lambda: len(list(started.glob("rank_*.pid.json"))) == 2, 60), "ranks never started"
+        assert len(_job_processes(cli.pid)) >= 5  # msrun, 2 wrappers, 2 ranks (+ scheduler)
+        cli.send_signal(signal.SIGKILL)
+        cli.wait()
+        assert _wait_until(lambda: _job_processes(cli.pid) == [], 10), _job_processes(cli.pid)
+        for rank in (0, 1):  # the rank's own log says what stopped it
+            assert f"launcher pid {cli.pid} is gone" in (log_dir / f"worker_{rank}.log").read_text()
+    finally:
+        cli.kill()
+
+
+def test_a_retry_waits_for_the_orphans_of_a_stopped_job(program: list[str], tmp_path: Path) -> None:
+    """Leftovers whose launcher is gone are stopping themselves: preflight waits instead of refusing."""
+    port = free_port()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    env = {
+        **os.environ,
+        "MS_SCHED_PORT": str(port),
+        "MS_ROLE": "MS_WORKER",
+        "LLAMA_LAUNCHER_PID": str(gone.pid),
+        "LLAMA_LAUNCHER_START": "0.0",
+    }
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], env=env)
+    try:
+        result = launch(
+            ["ok"], worker_num=2, local_worker_num=2, master_port=port, log_dir=tmp_path, command=program
+        )
+        assert result.ok and orphan.poll() is not None
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_a_leftover_in_the_same_log_dir_is_refused_whatever_its_port(
+    program: list[str], tmp_path: Path
+) -> None:
+    log_dir = (tmp_path / "logs").resolve()
+    env = {**os.environ, "MS_SCHED_PORT": "1", "MS_ROLE": "MS_WORKER", "LLAMA_LAUNCH_LOG_DIR": str(log_dir)}
+    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    try:
+        with pytest.raises(LaunchError, match=rf"in {log_dir} are still running") as info:
+            launch(
+                ["ok"], worker_num=2, local_worker_num=2, master_port=None, log_dir=log_dir, command=program
+            )
+        assert f"pid {stale.pid}" in str(info.value)
+    finally:
+        stale.kill()
+        stale.wait()
