@@ -2,7 +2,13 @@
 
 
 class LlamaCoreError(Exception):
-    """Base class for errors caused by input, configuration or environment, not by a bug."""
+    """Base class for errors caused by input, configuration or environment, not by a bug.
+
+    `retryable` says whether running the same stage again could succeed (a network that was down);
+    a deterministic error (bad input, a wrong setting) is not, so orchestrators fail it at once.
+    """
+
+    retryable = False
 
 
 class InputError(LlamaCoreError, ValueError):

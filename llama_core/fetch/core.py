@@ -248,7 +248,7 @@ def _retrying(fn, retry: RetryPolicy, shown: str):
 def _wait(exc: Transient, failures: int, retry: RetryPolicy, shown: str, offset: int) -> None:
     """Sleep before the next attempt, or raise FetchError when the retries are used up."""
     if failures > retry.retries:
-        raise FetchError(f"giving up on {shown} after {failures} attempts: {exc}")
+        raise FetchError(f"giving up on {shown} after {failures} attempts: {exc}", retryable=True)
     delay = min(retry.backoff * 2 ** (failures - 1), retry.max_backoff)
     if exc.retry_after is not None:
         delay = min(max(delay, exc.retry_after), retry.max_backoff)

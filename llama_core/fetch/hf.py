@@ -39,7 +39,11 @@ def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -
             tqdm_class=LoggedTqdm,
         )
     except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError) as exc:
-        raise FetchError(f"hf download of {src.redacted} failed: {type(exc).__name__}: {exc}") from None
+        status = getattr(getattr(exc, "response", None), "status_code", None) or 0
+        raise FetchError(  # a 4xx (no such repo, no access) stays; a dropped connection or 5xx may pass
+            f"hf download of {src.redacted} failed: {type(exc).__name__}: {exc}",
+            retryable=not 400 <= status < 500,
+        ) from None
     after = _identities(local)
     # Only the files the patterns select: others may be left from a fetch with other patterns.
     rels = sorted(

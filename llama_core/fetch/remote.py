@@ -31,7 +31,14 @@ log = logging.getLogger("llama_core.fetch")
 
 
 class FetchError(LlamaCoreError):
-    """A source that cannot be fetched: not found, refused, retries exhausted, or a bad digest."""
+    """A source that cannot be fetched: not found, refused, retries exhausted, or a bad digest.
+
+    `retryable` is set when the retries were used up on transient failures (the network may recover).
+    """
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Transient(Exception):

@@ -1,0 +1,113 @@
+"""`validate_run`: the whole request is checked up front, and each mistake names its param."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama_core.errors import ConfigError
+from llama_core.validate import validate_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "lora_llama2_tiny.yaml")
+
+
+@pytest.fixture()
+def params(tmp_path: Path) -> dict[str, Any]:
+    (tmp_path / "alpaca.json").write_text("[]")
+    (tmp_path / "tokenizer.model").write_bytes(b"x")
+    (tmp_path / "hf").mkdir()
+    return {
+        "alpaca_url": str(tmp_path / "alpaca.json"),
+        "alpaca_sha256": None,
+        "tokenizer_url": f"file://{tmp_path / 'tokenizer.model'}",
+        "tokenizer_sha256": "a" * 64,
+        "weights_url": str(tmp_path / "hf"),
+        "weights_sha256": "",
+        "storage_conn_id": None,
+        "work_dir": str(tmp_path / "root" / "work"),
+        "config": TINY,
+        "overrides": {"runner_config.epochs": 2},
+        "seq_length": 32,
+        "device_target": "CPU",
+        "master_port": None,
+    }
+
+
+def test_a_good_request_passes_and_reports_the_launch(params: dict[str, Any], tmp_path: Path) -> None:
+    run = validate_run(params, tmp_path / "root")
+    assert run.work_dir == str((tmp_path / "root" / "work").resolve())
+    assert run.world_size == 2 and run.seq_length == 32 and run.master_port is None
+    assert run.overrides == {"runner_config.epochs": 2}
+    assert not (tmp_path / "root").exists()  # validation writes nothing
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "message"),
+    [
+        ({"work_dir": "runs/x"}, "work_dir", "must be an absolute path"),
+        ({"work_dir": "/etc"}, "work_dir", "outside the allowed work root"),
+        ({"config": "/nope/missing.yaml"}, "config", "config file not found"),
+        ({"config": "configs/lora_llama2_tiny.yaml"}, "config", "must be an absolute path"),
+        ({"overrides": {"runner_config.epoch": 1}}, "overrides", "runner_config.epoch"),
+        ({"overrides": '{"runner_config.epochs": '}, "overrides", "not a JSON object"),
+        ({"overrides": {"runner_config.epochs": "two"}}, "config", "runner_config.epochs"),
+        (
+            {"device_target": "Ascend", "overrides": {"parallel_config.data_parallel": 9}},
+            "config",
+            "asks for 9 ranks; one Ascend node runs 1..8",
+        ),
+        ({"overrides": {"parallel_config.model_parallel": 2}}, "config", "only data parallelism"),
+        ({"seq_length": 4}, "seq_length", "integer in 8..131072"),
+        ({"seq_length": 512}, "seq_length", "exceeds model.model_config.max_position_embedding 256"),
+        ({"master_port": 80}, "master_port", "integer in 1024..65535"),
+        ({"device_target": "GPU"}, "device_target", "must be one of Ascend, CPU"),
+        ({"alpaca_url": ""}, "alpaca_url", "is empty"),
+        ({"alpaca_url": "ftp://host/a.json"}, "alpaca_url", "unsupported source scheme"),
+        ({"tokenizer_url": "tokenizer.model"}, "tokenizer_url", "must be absolute"),
+        ({"weights_url": "/nope/weights"}, "weights_url", "does not exist"),
+        ({"weights_url": "s3:///key"}, "weights_url", "names no bucket"),
+        ({"alpaca_sha256": "abc"}, "alpaca_sha256", "64 hexadecimal digits"),
+    ],
+)
+def test_each_mistake_names_its_param(
+    params: dict[str, Any], tmp_path: Path, change: dict[str, Any], param: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"param '{param}'") as info:
+        validate_run({**params, **change}, tmp_path / "root")
+    assert message in str(info.value)
+
+
+def test_a_symlink_out_of_the_root_is_refused(params: dict[str, Any], tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "escape").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="outside the allowed work root"):
+        validate_run({**params, "work_dir": str(root / "escape" / "work")}, root)
+    with pytest.raises(ConfigError, match="outside the allowed work root"):
+        validate_run({**params, "work_dir": str(root / ".." / "x")}, root)
+
+
+def test_remote_sources_are_checked_for_form_only(params: dict[str, Any], tmp_path: Path) -> None:
+    remote = {
+        "alpaca_url": "https://example.invalid/alpaca.json",
+        "tokenizer_url": "s3://bucket/llama/tokenizer.model",
+        "weights_url": "hf://meta-llama/Llama-2-7b-hf",
+    }
+    assert validate_run({**params, **remote}, tmp_path / "root").world_size == 2
+
+
+def test_cli_prints_the_checked_request(params: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    cmd = [sys.executable, "-m", "llama_core.validate", "--params", str(path), "--work_root"]
+    ok = subprocess.run([*cmd, str(tmp_path / "root")], capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["world_size"] == 2
+    bad = subprocess.run([*cmd, str(tmp_path / "other")], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "error: param 'work_dir'" in bad.stderr
+    assert "mindspore" not in bad.stderr
