@@ -1,25 +1,36 @@
 """Llama 2 LoRA fine-tune: the MindFormers quick start as one Airflow DAG.
 
-    fetch_alpaca ─▶ alpaca_to_conversations ─▶ tokenize_to_mindrecord ─┐
-    fetch_tokenizer ────────────────────────────────┘                    ├─▶ finetune (msrun, N ranks)
-    fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ──────────────┘
+    validate ─▶ fetch_alpaca ─▶ alpaca_to_conversations ─▶ tokenize_to_mindrecord ─┐
+             ─▶ fetch_tokenizer ───────────────────────────────┘                    ├─▶ finetune
+             ─▶ fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ─────────────┘   (msrun, N ranks)
 
-Every stage skips work an earlier run already did with the same inputs and settings, so a
-re-run or a backfill only pays for what changed. Downloads, data and checkpoints live under
-`work_dir` and are shared by runs; each run trains into `work_dir/runs/<run_id>`.
+`validate` checks every param in a second, so a mistake fails the run before any work. Every stage
+skips work an earlier run already did with the same inputs and settings, so a re-run or a backfill
+only pays for what changed. Downloads, data and checkpoints live under `work_dir` and are shared by
+runs; each run trains into `work_dir/runs/<run_id>`.
 
-Trigger it from the UI (the form shows the params below), on its schedule, or with
-`airflow backfill create --dag-id llama2_lora_finetune --from-date ... --to-date ...`.
+Deployment settings (environment of the dag-processor and the workers):
+- `LLAMA_LORA_WORK_ROOT`: work_dir must resolve inside it (default: the default work_dir).
+- `LLAMA_LORA_WORK_DIR`: the default work_dir (default /data/llama).
+- `LLAMA_LORA_DEFAULTS`: a YAML file of param defaults (e.g. your own sources and work_dir).
+- `LLAMA_LORA_SCHEDULE`: a cron expression or preset for scheduled retraining. Accepted only when
+  LLAMA_LORA_DEFAULTS sets the sources and work_dir (the built-in defaults are the quick start's
+  internet sources); without it the DAG runs only when triggered. Unpausing never starts a run: the
+  first scheduled run is the next cron tick.
+- `LLAMA_LORA_NPU_POOL` / `LLAMA_LORA_NPU_QUEUE`: pool (one slot per NPU node) and queue of finetune.
+
 This file only wires operators: parsing it imports neither MindSpore nor torch.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
+import yaml
 from airflow.sdk import DAG, Param
+from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from operators.finetune import MsrunFinetuneOperator
 from operators.stages import (
@@ -29,54 +40,152 @@ from operators.stages import (
     ShardCheckpointOperator,
     TokenizeToMindRecordOperator,
 )
+from operators.validate import ValidateParamsOperator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# The quick start's sources; point them at your own store (s3://, hf://, a path) from the trigger form.
-QUICK_START = {
-    "alpaca_url": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
-    "tokenizer_url": "https://ascend-repo-modelzoo.obs.cn-east-2.myhuaweicloud.com/MindFormers/llama2/tokenizer.model",
-    "weights_url": "https://ascend-repo-modelzoo.obs.cn-east-2.myhuaweicloud.com/MindFormers/llama2/llama2_7b.ckpt",
+DEFAULT_WORK_DIR = os.environ.get("LLAMA_LORA_WORK_DIR", "/data/llama")
+SHA256_PATTERN = "^([0-9a-fA-F]{64})?$"
+
+
+def _source(url: str, what: str) -> Param:
+    return Param(
+        url,
+        type="string",
+        minLength=1,
+        section="Sources",
+        description=f"{what}: an absolute path, file://, http(s)://, s3://BUCKET/KEY or hf://ORG/REPO",
+    )
+
+
+def _sha256(what: str) -> Param:
+    return Param(
+        None,
+        type=["null", "string"],
+        pattern=SHA256_PATTERN,
+        section="Sources",
+        description=f"expected sha256 of the {what} (64 hex digits); empty: not checked",
+    )
+
+
+PARAMS = {
+    "alpaca_url": _source(
+        "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
+        "Alpaca records (JSON list or JSON Lines)",
+    ),
+    "alpaca_sha256": _sha256("Alpaca file"),
+    "tokenizer_url": _source(
+        "https://ascend-repo-modelzoo.obs.cn-east-2.myhuaweicloud.com/MindFormers/llama2/tokenizer.model",
+        "the Llama sentencepiece tokenizer.model",
+    ),
+    "tokenizer_sha256": _sha256("tokenizer.model"),
+    "weights_url": _source(
+        "https://ascend-repo-modelzoo.obs.cn-east-2.myhuaweicloud.com/MindFormers/llama2/llama2_7b.ckpt",
+        "base weights: a MindSpore .ckpt, or a Hugging Face Llama folder or repo (imported)",
+    ),
+    "weights_sha256": _sha256("weights file (a single .ckpt)"),
+    "storage_conn_id": Param(
+        None,
+        type=["null", "string"],
+        section="Sources",
+        description="Airflow connection with the credentials for s3:// (login/password, extra endpoint_url) "
+        "or hf:// (password = token); empty: none",
+    ),
+    "work_dir": Param(
+        DEFAULT_WORK_DIR,
+        type="string",
+        pattern="^/",
+        section="Data",
+        description="absolute folder for downloads, data, checkpoints and runs/<run_id>; it must be inside "
+        "the workers' LLAMA_LORA_WORK_ROOT",
+    ),
+    "seq_length": Param(
+        4096,
+        type="integer",
+        minimum=8,
+        maximum=131072,
+        section="Data",
+        description="tokens per record (records hold seq_length + 1 ids); the model trains on this length",
+    ),
+    "config": Param(
+        str(CONFIGS / "lora_llama2_7b.yaml"),
+        type="string",
+        pattern="^/.*\\.ya?ml$",
+        section="Training",
+        description="absolute path of the training YAML (MindFormers keys), e.g. configs/lora_llama2_7b.yaml",
+    ),
+    "overrides": Param(
+        {},
+        type="object",
+        section="Training",
+        description='config keys to override, e.g. {"runner_config.epochs": 1, "lr_schedule.learning_rate": '
+        "1e-4}; an unknown key fails the run at once",
+    ),
+    "device_target": Param(
+        "Ascend", enum=["Ascend", "CPU"], section="Cluster", description="Ascend NPUs, or CPU (tests, demo)"
+    ),
+    "master_port": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1024,
+        maximum=65535,
+        section="Cluster",
+        description="msrun's master port; empty: a free port per run, so fine-tunes never share one. "
+        "Ranks: parallel_config data_parallel x model_parallel x pipeline_stage of the config",
+    ),
 }
+SOURCE_PARAMS = ("alpaca_url", "tokenizer_url", "weights_url", "work_dir")
+
+
+def _defaults_from(path: str | None) -> dict:
+    """Param defaults from the deployment's YAML file (LLAMA_LORA_DEFAULTS); unknown names fail."""
+    if not path:
+        return {}
+    defaults = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(defaults) - set(PARAMS))
+    if not isinstance(defaults, dict) or unknown:
+        raise ValueError(f"LLAMA_LORA_DEFAULTS {path}: unknown params {unknown}; known: {sorted(PARAMS)}")
+    return defaults
+
+
+def _schedule(cron: str | None, defaults: dict) -> CronTriggerTimetable | None:
+    """Scheduled retraining only on the deployment's own sources; unpausing starts nothing."""
+    if not cron:
+        return None
+    missing = [name for name in SOURCE_PARAMS if name not in defaults]
+    if missing:
+        raise ValueError(
+            f"LLAMA_LORA_SCHEDULE={cron!r} needs LLAMA_LORA_DEFAULTS to set {missing}: a schedule never "
+            "runs on the built-in quick-start sources"
+        )
+    return CronTriggerTimetable(cron, timezone="UTC", run_immediately=False)
+
+
+DEFAULTS = _defaults_from(os.environ.get("LLAMA_LORA_DEFAULTS"))
+for _name, _value in DEFAULTS.items():
+    PARAMS[_name].value = _value
+SCHEDULE = _schedule(os.environ.get("LLAMA_LORA_SCHEDULE"), DEFAULTS)
 WORK = "{{ params.work_dir }}"
 DATA = f"{WORK}/data/seq{{{{ params.seq_length }}}}"
 
 with DAG(
     dag_id="llama2_lora_finetune",
-    description="Alpaca -> MindRecord -> sharded Llama 2 checkpoint -> msrun LoRA fine-tune on Ascend",
-    schedule=os.environ.get("LLAMA_LORA_SCHEDULE", "@weekly") or None,  # "" = manual runs only
-    start_date=datetime(2026, 1, 1),
+    description=(
+        "Alpaca -> MindRecord -> sharded Llama 2 checkpoint -> msrun LoRA fine-tune on Ascend. "
+        + (
+            f"Scheduled: {os.environ['LLAMA_LORA_SCHEDULE']} (UTC) on the LLAMA_LORA_DEFAULTS sources."
+            if SCHEDULE
+            else "Manual runs only: set LLAMA_LORA_SCHEDULE and LLAMA_LORA_DEFAULTS to retrain on a schedule."
+        )
+    ),
+    schedule=SCHEDULE,
     catchup=False,
-    max_active_runs=1,  # one fine-tune holds a whole node's NPUs
+    max_active_runs=1,  # one fine-tune holds a whole node's NPUs (backfills: see finetune's pool)
     render_template_as_native_obj=True,  # params keep their types (ints, the overrides dict)
     default_args={"retries": 1, "retry_delay": timedelta(minutes=2)},
     tags=["llama", "lora", "mindspore", "ascend"],
-    params={
-        "alpaca_url": Param(QUICK_START["alpaca_url"], type="string", description="Alpaca JSON/JSONL"),
-        "alpaca_sha256": Param(None, type=["null", "string"], description="expected sha256 (optional)"),
-        "tokenizer_url": Param(QUICK_START["tokenizer_url"], type="string", description="tokenizer.model"),
-        "tokenizer_sha256": Param(None, type=["null", "string"]),
-        "weights_url": Param(
-            QUICK_START["weights_url"],
-            type="string",
-            description="a MindSpore .ckpt, or a Hugging Face Llama folder/repo (hf://org/name) to import",
-        ),
-        "weights_sha256": Param(None, type=["null", "string"]),
-        "storage_conn_id": Param(
-            None, type=["null", "string"], description="Airflow connection for s3:// or hf:// credentials"
-        ),
-        "work_dir": Param(os.environ.get("LLAMA_LORA_WORK_DIR", "/data/llama"), type="string"),
-        "config": Param(str(CONFIGS / "lora_llama2_7b.yaml"), type="string", description="training YAML"),
-        "overrides": Param(
-            {},
-            type="object",
-            description='config overrides, e.g. {"runner_config.epochs": 1}; msrun starts '
-            "data_parallel x model_parallel x pipeline_stage ranks",
-        ),
-        "seq_length": Param(4096, type="integer", minimum=8),
-        "device_target": Param("Ascend", enum=["Ascend", "CPU"]),
-        "master_port": Param(8118, type="integer"),
-    },
+    params=PARAMS,
 ) as dag:
+    validate = ValidateParamsOperator(task_id="validate", default_work_root=DEFAULT_WORK_DIR)
     fetch = {
         name: FetchOperator(
             task_id=f"fetch_{name}",
@@ -121,11 +230,15 @@ with DAG(
         output_dir=f"{WORK}/runs/{{{{ run_id }}}}",
         device_target="{{ params.device_target }}",
         master_port="{{ params.master_port }}",
+        # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
+        # max_active_tis_per_dag does so for this DAG even in the default pool.
         pool=os.environ.get("LLAMA_LORA_NPU_POOL", "default_pool"),
+        max_active_tis_per_dag=1,
         queue=os.environ.get("LLAMA_LORA_NPU_QUEUE", "ascend"),
         retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
     )
 
+    validate >> list(fetch.values())
     fetch["alpaca"] >> conversations >> mindrecord
     fetch["tokenizer"] >> mindrecord
     fetch["weights"] >> imported >> sharded

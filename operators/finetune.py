@@ -6,12 +6,15 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
-from operators.rank_logs import RankLogRelay, RankOutcome, summary_lines
-from operators.stages import overrides_dict, run_config
+from operators.rank_logs import RankLogRelay, log_rank_summary
+from operators.stages import StageOperator, run_config
+
+if TYPE_CHECKING:
+    from llama_core.launch import MsrunJob
 
 log = logging.getLogger("llama_core.operators.finetune")
 
@@ -24,14 +27,17 @@ def override_args(overrides: Mapping[str, Any] | None) -> list[str]:
     return args
 
 
-class MsrunFinetuneOperator(BaseOperator):
+class MsrunFinetuneOperator(StageOperator):
     """Launch `python -m llama_core.run` with msrun on as many ranks as the config's layout has.
 
     Every rank's lines stream live into the task log under the source `msrun.rank_<i>` (filter by
-    it in the UI). When the launch ends, one collapsible group per rank follows, failed ranks
-    first; a failed rank fails the task at once with its rank, exit code and log path. A retry of
-    the same run resumes from the newest complete checkpoint in `output_dir` instead of starting
-    over. Returns the trainer's summary (steps, losses, throughput) as the task's XCom.
+    it in the UI), with their levels and a `[rank i]` prefix. When the launch ends, one collapsible
+    group per rank follows under the same source, failed ranks first; a failed rank fails the task
+    at once with its rank, exit code and log path. The operator holds the job as BashOperator holds
+    its SubprocessHook: stopping the task (marked failed, `execution_timeout`, a worker shutting
+    down) stops msrun and every rank through `on_kill`, and ranks stop themselves if this task
+    process is killed outright. A retry of the same run resumes from the newest complete checkpoint
+    in `output_dir` instead of starting over. Returns the trainer's summary as the task's XCom.
     """
 
     template_fields: Sequence[str] = (
@@ -56,8 +62,9 @@ class MsrunFinetuneOperator(BaseOperator):
         seq_length: int | str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
         device_target: str = "Ascend",
-        master_port: int | str = 8118,
+        master_port: int | str | None = None,
         run_mode: str = "finetune",
+        rank_chatter_level: int = logging.DEBUG,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,6 +72,8 @@ class MsrunFinetuneOperator(BaseOperator):
         self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
         self.seq_length = seq_length
         self.device_target, self.master_port = device_target, master_port
+        self.rank_chatter_level = rank_chatter_level
+        self._job: MsrunJob | None = None
 
     def world_size(self) -> int:
         """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
@@ -74,6 +83,8 @@ class MsrunFinetuneOperator(BaseOperator):
 
     def run_args(self, world_size: int, resume: bool) -> list[str]:
         """The `llama_core.run` command line for this task."""
+        from llama_core.validate import overrides_dict
+
         args = [
             "--config", self.config,
             "--run_mode", self.run_mode,
@@ -90,8 +101,8 @@ class MsrunFinetuneOperator(BaseOperator):
             args += ["--model.model_config.seq_length", str(int(self.seq_length))]
         return args + override_args(overrides_dict(self.overrides))
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from llama_core.launch import LaunchError, launch
+    def run_stage(self, context: Context) -> dict[str, Any]:
+        from llama_core.launch import LaunchError, LaunchStopped, MsrunJob
         from llama_core.train.trainer import SUMMARY_NAME
 
         output_dir = Path(self.output_dir)
@@ -99,27 +110,39 @@ class MsrunFinetuneOperator(BaseOperator):
         if resume:
             log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
         workers = self.world_size()
+        port = None if self.master_port in (None, "") else int(self.master_port)
+        self._job = MsrunJob(
+            self.run_args(workers, resume),
+            worker_num=workers,
+            local_worker_num=workers,
+            master_port=port,  # None: a free port for this run, so runs on one node never share one
+            log_dir=output_dir / "msrun_log",
+            join=True,
+            on_line=RankLogRelay(chatter_level=self.rank_chatter_level),
+        )
+        self._job.start()
         try:
-            result = launch(
-                self.run_args(workers, resume),
-                worker_num=workers,
-                local_worker_num=workers,
-                master_port=int(self.master_port),
-                log_dir=output_dir / "msrun_log",
-                join=True,
-                on_line=RankLogRelay(),
-            )
+            result = self._job.wait()
         except LaunchError as exc:
             if exc.result is not None:
-                self._log_rank_summary(exc.result.ranks)
+                cause = "the task was stopped" if isinstance(exc, LaunchStopped) else "another rank failed"
+                log_rank_summary(exc.result.ranks, stop_cause=cause)
             if exc.rank is not None and exc.rank >= 0:
                 log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
             raise
-        self._log_rank_summary(result.ranks)
+        except BaseException:  # execution_timeout and the like: the job stopped itself; show the ranks
+            if self._job.result is not None:
+                log_rank_summary(self._job.result.ranks, stop_cause="the task was stopped")
+            raise
+        log_rank_summary(result.ranks)
         summary = json.loads((output_dir / SUMMARY_NAME).read_text())
         summary.pop("loss_series", None)  # thousands of points: it stays in the summary file
         return {"output_dir": str(output_dir), "duration_s": result.duration_s, **summary}
 
-    def _log_rank_summary(self, ranks: Sequence[RankOutcome]) -> None:
-        for line in summary_lines(ranks):
-            log.info(line)
+    def on_kill(self) -> None:
+        """Airflow stops the task (SIGTERM): stop msrun and every rank, and say so in the task log."""
+        if self._job is not None:
+            self._job.stop(
+                "Airflow stopped the task (marked failed or success, execution_timeout, or the worker "
+                "is shutting down)"
+            )

@@ -7,13 +7,13 @@ arguments, calls it, and hands its result object on as the task's XCom.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook, BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger("llama_core.operators")
 
@@ -31,21 +31,38 @@ def to_xcom(result: Any) -> Any:
     return result
 
 
-def overrides_dict(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
-    """The DAG's `overrides` param as a dict (a JSON string when rendered without native objects)."""
-    if isinstance(overrides, str):
-        return json.loads(overrides or "{}")
-    return dict(overrides or {})
-
-
 def run_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
     """The YAML run config with the overrides applied: what the trainer will see."""
     from llama_core.config import apply_overrides, load_config
+    from llama_core.validate import overrides_dict
 
     return apply_overrides(load_config(config), overrides_dict(overrides).items())
 
 
-class FetchOperator(BaseOperator):
+class StageOperator(BaseOperator):
+    """An operator over one `llama_core` stage: `run_stage` does the work.
+
+    A deterministic error of the stage (bad input, a wrong setting: `LlamaCoreError` that is not
+    `retryable`) fails the task at once with `AirflowFailException`, so its retries are not spent on an
+    error that would come back; a retryable one (a network that was down) is left to the retries.
+    """
+
+    def execute(self, context: Context) -> Any:
+        from llama_core.errors import LlamaCoreError
+
+        try:
+            return self.run_stage(context)
+        except LlamaCoreError as exc:
+            if exc.retryable:
+                raise
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+    def run_stage(self, context: Context) -> Any:
+        """The stage's work, defined by each operator."""
+        raise NotImplementedError(f"{type(self).__name__} defines no run_stage")
+
+
+class FetchOperator(StageOperator):
     """Download (or reuse from the cache) one source: a path, http(s)://, s3:// or hf:// URL.
 
     `conn_id` names an Airflow connection whose credentials are handed to the fetch: an AWS
@@ -62,7 +79,7 @@ class FetchOperator(BaseOperator):
         super().__init__(**kwargs)
         self.source, self.dest, self.sha256, self.conn_id = source, dest, sha256, conn_id
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.fetch import Credentials, fetch
 
         credentials = None
@@ -78,7 +95,7 @@ class FetchOperator(BaseOperator):
         return fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials).to_dict()
 
 
-class AlpacaToConversationsOperator(BaseOperator):
+class AlpacaToConversationsOperator(StageOperator):
     """Alpaca records -> the conversation JSON the tokenizer stage reads (MindFormers' format)."""
 
     template_fields: Sequence[str] = ("data_path", "output_path")
@@ -87,13 +104,13 @@ class AlpacaToConversationsOperator(BaseOperator):
         super().__init__(**kwargs)
         self.data_path, self.output_path, self.on_error = data_path, output_path, on_error
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.alpaca_converter import convert_alpaca
 
         return to_xcom(convert_alpaca(self.data_path, self.output_path, on_error=self.on_error))
 
 
-class TokenizeToMindRecordOperator(BaseOperator):
+class TokenizeToMindRecordOperator(StageOperator):
     """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers."""
 
     template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file")
@@ -115,7 +132,7 @@ class TokenizeToMindRecordOperator(BaseOperator):
         self.seq_length, self.dataset_type = seq_length, dataset_type
         self.file_partition, self.workers = file_partition, workers
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.llama_preprocess import preprocess
 
         result = preprocess(
@@ -130,7 +147,7 @@ class TokenizeToMindRecordOperator(BaseOperator):
         return to_xcom(result)
 
 
-class ImportCheckpointOperator(BaseOperator):
+class ImportCheckpointOperator(StageOperator):
     """A Hugging Face Llama folder -> one MindSpore .ckpt; a .ckpt input is passed on unchanged."""
 
     template_fields: Sequence[str] = ("input_path", "output_path")
@@ -139,7 +156,7 @@ class ImportCheckpointOperator(BaseOperator):
         super().__init__(**kwargs)
         self.input_path, self.output_path, self.dtype = input_path, output_path, dtype
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         source = Path(self.input_path)
         if source.is_file() and source.suffix == ".ckpt":
             log.info("%s is already a MindSpore checkpoint: nothing to import", source)
@@ -149,7 +166,7 @@ class ImportCheckpointOperator(BaseOperator):
         return {**to_xcom(convert_hf_to_ms(source, self.output_path, dtype=self.dtype)), "imported": True}
 
 
-class ShardCheckpointOperator(BaseOperator):
+class ShardCheckpointOperator(StageOperator):
     """A complete (or distributed) checkpoint -> `rank_<i>/checkpoint_<i>.ckpt` for the config's layout."""
 
     template_fields: Sequence[str] = ("load_checkpoint", "config", "overrides", "output_dir")
@@ -167,7 +184,7 @@ class ShardCheckpointOperator(BaseOperator):
         self.load_checkpoint, self.config = load_checkpoint, config
         self.output_dir, self.overrides = output_dir, overrides
 
-    def execute(self, context: Context) -> dict[str, Any]:
+    def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.shard import shard_checkpoint
 
         config = run_config(self.config, self.overrides)

@@ -16,6 +16,7 @@ export AIRFLOW__CORE__DAGS_FOLDER="$repo/dags"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export LLAMA_LORA_WORK_ROOT="$out"  # the validate task refuses a work_dir outside it
 echo "== Airflow metadata DB (SQLite) in $AIRFLOW_HOME"
 airflow db migrate >"$out/airflow-db.log" 2>&1 || { cat "$out/airflow-db.log"; exit 1; }
 
@@ -31,7 +32,6 @@ print(json.dumps({
     "config": f"{repo}/configs/lora_llama2_tiny.yaml",
     "seq_length": DEMO_SEQ_LENGTH,
     "device_target": "CPU",
-    "master_port": 8129,
     "overrides": {"parallel_config.data_parallel": 2},
 }))
 PY

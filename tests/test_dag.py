@@ -1,6 +1,7 @@
 """The DAG file: parses cleanly, imports neither MindSpore nor torch, and wires the stages in order."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +22,30 @@ print(json.dumps({
     "dag_id": dag.dag_id,
     "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
     "params": sorted(dag.params.keys()),
+    "param_schema": {k: dag.params.get_param(k).schema for k in dag.params},
+    "param_descriptions": {k: dag.params.get_param(k).description for k in dag.params},
+    "param_defaults": {k: dag.params.get_param(k).value for k in dag.params},
     "native": dag.render_template_as_native_obj,
-}))
+    "timetable": type(dag.timetable).__name__,
+    "run_immediately": getattr(dag.timetable, "run_immediately", None),
+    "description": dag.description,
+    "finetune": {
+        "pool": dag.get_task("finetune").pool,
+        "max_active_tis_per_dag": dag.get_task("finetune").max_active_tis_per_dag,
+    },
+    "validate_retries": dag.get_task("validate").retries,
+}, default=str))
 """
 
 
-def _parse_dag() -> dict:
+def _parse_dag(**env: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(DAG_FILE)], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE, str(DAG_FILE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -38,9 +55,10 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
     assert parsed["heavy"] == []
     assert parsed["dag_id"] == "llama2_lora_finetune"
     assert parsed["upstream"] == {
-        "fetch_alpaca": [],
-        "fetch_tokenizer": [],
-        "fetch_weights": [],
+        "validate": [],
+        "fetch_alpaca": ["validate"],
+        "fetch_tokenizer": ["validate"],
+        "fetch_weights": ["validate"],
         "alpaca_to_conversations": ["fetch_alpaca"],
         "tokenize_to_mindrecord": ["alpaca_to_conversations", "fetch_tokenizer"],
         "import_checkpoint": ["fetch_weights"],
@@ -59,16 +77,67 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         assert name in parsed["params"]
 
 
-def test_dagbag_has_no_import_errors() -> None:
+def _dagbag(**env: str) -> tuple[str, str]:
     code = (
         "from airflow.dag_processing.dagbag import DagBag;"
         f"b = DagBag(dag_folder={str(DAG_FILE.parent)!r});"
         "print(repr(b.import_errors)); print(sorted(b.dag_ids))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    )
     errors, dag_ids = out.stdout.strip().splitlines()[-2:]
-    assert errors == "{}"
-    assert dag_ids == "['llama2_lora_finetune']"
+    return errors, dag_ids
+
+
+def test_dagbag_has_no_import_errors() -> None:
+    assert _dagbag() == ("{}", "['llama2_lora_finetune']")
+
+
+def test_the_form_is_in_sections_and_every_param_is_described() -> None:
+    parsed = _parse_dag()
+    schema, descriptions = parsed["param_schema"], parsed["param_descriptions"]
+    assert {s["section"] for s in schema.values()} == {"Sources", "Data", "Training", "Cluster"}
+    assert all(descriptions.values()), [name for name, text in descriptions.items() if not text]
+    assert set(descriptions) == set(schema)
+    assert schema["work_dir"]["pattern"] == "^/"
+    assert schema["device_target"]["enum"] == ["Ascend", "CPU"]
+    assert (schema["master_port"]["minimum"], schema["master_port"]["maximum"]) == (1024, 65535)
+    assert "pattern" in schema["alpaca_sha256"] and "pattern" in schema["config"]
+
+
+def test_without_configured_sources_the_dag_is_manual_only() -> None:
+    parsed = _parse_dag()
+    assert parsed["timetable"] == "NullTimetable"
+    assert "Manual runs only" in parsed["description"]
+    assert parsed["finetune"]["max_active_tis_per_dag"] == 1  # fine-tunes of this DAG never overlap
+    assert parsed["validate_retries"] == 0
+    errors, dag_ids = _dagbag(LLAMA_LORA_SCHEDULE="@weekly")  # a schedule alone is refused, loudly
+    assert dag_ids == "[]"
+    assert "@weekly" in errors and "needs LLAMA_LORA_DEFAULTS to set" in errors
+    assert "alpaca_url" in errors and "work_dir" in errors
+
+
+def test_a_schedule_runs_on_the_deployments_sources_and_unpausing_starts_nothing(tmp_path: Path) -> None:
+    defaults = tmp_path / "defaults.yaml"
+    sources = {"alpaca_url": "s3://b/a.json", "tokenizer_url": "s3://b/t.model", "weights_url": "hf://o/m"}
+    defaults.write_text(json.dumps({**sources, "work_dir": "/srv/llama", "seq_length": 2048}))
+    parsed = _parse_dag(
+        LLAMA_LORA_SCHEDULE="0 3 * * 1", LLAMA_LORA_DEFAULTS=str(defaults), LLAMA_LORA_NPU_POOL="ascend_npu"
+    )
+    assert parsed["timetable"] == "CronTriggerTimetable" and parsed["run_immediately"] is False
+    assert "Scheduled: 0 3 * * 1" in parsed["description"]
+    assert {k: parsed["param_defaults"][k] for k in sources} == sources
+    assert parsed["param_defaults"]["seq_length"] == 2048
+    assert parsed["finetune"]["pool"] == "ascend_npu"
+    defaults.write_text(json.dumps({"alpaca_ur": "x"}))
+    errors, _ = _dagbag(LLAMA_LORA_DEFAULTS=str(defaults))
+    assert "unknown params ['alpaca_ur']" in errors
 
 
 def test_override_args_are_yaml_scalars() -> None:
