@@ -77,11 +77,11 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         assert name in parsed["params"]
 
 
-def _dagbag(**env: str) -> tuple[str, str]:
+def _dagbag(**env: str) -> tuple[str, list[str]]:
     code = (
         "from airflow.dag_processing.dagbag import DagBag;"
         f"b = DagBag(dag_folder={str(DAG_FILE.parent)!r});"
-        "print(repr(b.import_errors)); print(sorted(b.dag_ids))"
+        "import json; print(json.dumps([b.import_errors, sorted(b.dag_ids)]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -91,12 +91,12 @@ def _dagbag(**env: str) -> tuple[str, str]:
         check=True,
         env={**os.environ, **env},
     )
-    errors, dag_ids = out.stdout.strip().splitlines()[-2:]
-    return errors, dag_ids
+    errors, dag_ids = json.loads(out.stdout.strip().splitlines()[-1])
+    return "\n".join(errors.values()), dag_ids
 
 
 def test_dagbag_has_no_import_errors() -> None:
-    assert _dagbag() == ("{}", "['llama2_lora_finetune']")
+    assert _dagbag() == ("", ["llama2_lora_finetune"])
 
 
 def test_the_form_is_in_sections_and_every_param_is_described() -> None:
@@ -118,7 +118,7 @@ def test_without_configured_sources_the_dag_is_manual_only() -> None:
     assert parsed["finetune"]["max_active_tis_per_dag"] == 1  # fine-tunes of this DAG never overlap
     assert parsed["validate_retries"] == 0
     errors, dag_ids = _dagbag(LLAMA_LORA_SCHEDULE="@weekly")  # a schedule alone is refused, loudly
-    assert dag_ids == "[]"
+    assert dag_ids == []
     assert "@weekly" in errors and "needs LLAMA_LORA_DEFAULTS to set" in errors
     assert "alpaca_url" in errors and "work_dir" in errors
 
