@@ -51,8 +51,11 @@ class LaunchError(LlamaCoreError):
     """The launch failed: pre-flight refused, msrun failed, or a rank exited non-zero or vanished.
 
     `result` holds every rank's outcome and log path when processes were started (else None);
-    `rank` is the failed rank (-1 for the scheduler, None when no rank is at fault).
+    `rank` is the failed rank (-1 for the scheduler, None when no rank is at fault). Retryable: a launch
+    fails for the node's state (a busy port, a lost device) as often as for its input.
     """
+
+    retryable = True
 
     def __init__(self, message: str, result: LaunchResult | None = None, rank: int | None = None) -> None:
         super().__init__(message)
