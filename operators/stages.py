@@ -6,6 +6,7 @@ arguments, calls it, and hands its result object on as the task's XCom.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -45,13 +46,27 @@ class StageOperator(BaseOperator):
     A deterministic error of the stage (bad input, a wrong setting: `LlamaCoreError` that is not
     `retryable`) fails the task at once with `AirflowFailException`, so its retries are not spent on an
     error that would come back; a retryable one (a network that was down) is left to the retries.
+
+    A stage whose output is shared by runs (`output_field` names the attribute holding its path)
+    holds a file lock beside that output while it runs: runs that overlap (a backfill) wait for each
+    other and the later one finds the output in the cache instead of writing it a second time.
     """
 
+    output_field: str | None = None
+
     def execute(self, context: Context) -> Any:
+        from filelock import FileLock
+
         from llama_core.errors import LlamaCoreError
 
+        lock = contextlib.nullcontext()
+        if self.output_field:
+            output = Path(getattr(self, self.output_field))
+            output.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(output.parent / f".{output.name}.stage.lock")
         try:
-            return self.run_stage(context)
+            with lock:
+                return self.run_stage(context)
         except LlamaCoreError as exc:
             if exc.retryable:
                 raise
@@ -99,6 +114,7 @@ class AlpacaToConversationsOperator(StageOperator):
     """Alpaca records -> the conversation JSON the tokenizer stage reads (MindFormers' format)."""
 
     template_fields: Sequence[str] = ("data_path", "output_path")
+    output_field = "output_path"
 
     def __init__(self, *, data_path: str, output_path: str, on_error: str = "raise", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -114,6 +130,7 @@ class TokenizeToMindRecordOperator(StageOperator):
     """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers."""
 
     template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file")
+    output_field = "output_file"
 
     def __init__(
         self,
@@ -151,6 +168,7 @@ class ImportCheckpointOperator(StageOperator):
     """A Hugging Face Llama folder -> one MindSpore .ckpt; a .ckpt input is passed on unchanged."""
 
     template_fields: Sequence[str] = ("input_path", "output_path")
+    output_field = "output_path"
 
     def __init__(self, *, input_path: str, output_path: str, dtype: str = "fp32", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -170,6 +188,7 @@ class ShardCheckpointOperator(StageOperator):
     """A complete (or distributed) checkpoint -> `rank_<i>/checkpoint_<i>.ckpt` for the config's layout."""
 
     template_fields: Sequence[str] = ("load_checkpoint", "config", "overrides", "output_dir")
+    output_field = "output_dir"
 
     def __init__(
         self,

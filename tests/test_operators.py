@@ -252,3 +252,31 @@ def test_sigterm_to_the_task_process_stops_every_rank_within_10_s(
     assert "stopping the msrun job (2 ranks" in output and "Airflow stopped the task" in output
     assert "LaunchStopped: the msrun job was stopped: Airflow stopped the task" in output
     assert "rank 0: stopped by the launcher: the task was stopped" in output
+
+
+def test_overlapping_runs_of_a_stage_write_its_output_once(tmp_path: Path) -> None:
+    """Two runs (a backfill) converting the same data at once: one writes, the other finds the cache."""
+    import json
+    import threading
+
+    from operators.stages import AlpacaToConversationsOperator
+
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(2000)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records))
+    out = tmp_path / "work" / "data" / "conversations.json"
+    results: list[dict] = []
+
+    def run(n: int) -> None:
+        op = AlpacaToConversationsOperator(
+            task_id=f"convert_{n}", data_path=str(tmp_path / "alpaca.json"), output_path=str(out)
+        )
+        results.append(op.execute({}))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["cached"] for r in results) == [False, True]
+    assert [r["records_written"] for r in results] == [2000, 2000]
+    assert (tmp_path / "work" / "data" / ".conversations.json.stage.lock").exists()
