@@ -264,7 +264,7 @@ class AirflowLive:
     def _secret(self, name: str) -> str:
         attr = f"_{name}"
         if not hasattr(self, attr):
-            setattr(self, attr, secrets.token_urlsafe(32))
+            setattr(self, attr, secrets.token_urlsafe(64))
         return getattr(self, attr)
 
     def _port(self, name: str) -> int:
