@@ -652,6 +652,11 @@ def ui_scroll_log_to(page: Any, locator: Any) -> None:
         page.wait_for_timeout(60)
         if locator.count():
             locator.first.scroll_into_view_if_needed()
+            # let the virtualiser measure the rows now in sight (wrapped lines change their height)
+            for nudge in (1, -1):
+                page.wait_for_timeout(300)
+                container.evaluate(f"el => {{ el.scrollTop += {nudge}; }}")
+            page.wait_for_timeout(300)
             return
         at_end = container.evaluate(
             "el => { const end = el.scrollTop + el.clientHeight >= el.scrollHeight - 2;"

@@ -647,8 +647,10 @@ def browse_one_rank_log(
             ui_pick_log_source(page, source)
             page.wait_for_url(lambda url: f"log_source={source}" in url)
             ui_toggle_log_setting(page, "Show Source")
+            ui_toggle_log_setting(page, "Wrap")  # long lines wrap: each line's source shows at its end
             header = page.get_by_test_id(re.compile(r"^group-header-")).filter(has_text=f"rank {rank}: ")
-            header.first.wait_for()
+            page.wait_for_timeout(500)  # the settings menu fades out
+            ui_scroll_log_to(page, header)
             page.screenshot(path=str(shots / f"2-source-{source}.png"))
             filtered = ui_log_items(page)
 
