@@ -1,10 +1,16 @@
-"""Stage cache keys and manifests: an identical re-run finds its output complete and skips.
+"""Stage cache: an identical re-run finds its output complete and skips.
 
-A stage's key is a digest of its name, its output format version, the content digests of its
-input files and its parameters. The stage writes a manifest (JSON, atomically, last) that
-records the key and the size and digest of each output. An output counts as complete only when
-its manifest exists, carries the same key, and every listed output file is present with the
-recorded size.
+A stage's key is a digest of its name, its output format version, the content of its input files
+and its parameters (`cache_key`). The stage writes a manifest (JSON, atomically, last) that
+records the key and the size of each output (`write_manifest`). An output counts as complete only
+when its manifest exists, carries the same key, and every listed output file is present with the
+recorded size (`cached`). A stage asks `StageKey` whether it can skip (`hit()`) and for the key to
+record (`value()`).
+
+Fetch records its downloads with the same manifest helpers but cannot use `cached`: its input is
+a remote source whose bytes are unknown until downloaded, so its key names the source, and
+whether a copy is current is the store's to say (each file's record keeps the ETag, Last-Modified
+or size+mtime the store reported, compared with what the store reports now; see `fetch.core`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,3 +184,50 @@ def cached(manifest_path: str | os.PathLike[str], key: str) -> Manifest | None:
         except OSError:
             return None
     return manifest
+
+
+class StageKey:
+    """The cache key of one stage run: `hit()` checks the manifest, `value()` awaits the key.
+
+    Hashing a multi-GB input costs about as much CPU as converting it. The key is only needed up
+    front when a manifest already exists (a possible cache hit); otherwise the digest is computed
+    in a background thread (hashlib releases the GIL) while the stage works, and awaited at the
+    end, before the manifest is written.
+    """
+
+    def __init__(
+        self,
+        manifest_path: Path,
+        stage: str,
+        format_version: int,
+        inputs: Sequence[str | os.PathLike[str]],
+        params: Mapping[str, Any],
+    ) -> None:
+        self.manifest_path = manifest_path
+        self._args = (stage, format_version, list(inputs), dict(params))
+        self._future: Future[str] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def hit(self) -> Manifest | None:
+        """The manifest when it proves an identical earlier run, else None (hashing then continues
+        in the background)."""
+        if self.manifest_path.exists():
+            manifest = cached(self.manifest_path, self.value())
+            if manifest is not None:
+                return manifest
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-key")
+            self._future = self._pool.submit(cache_key, *self._args)
+        return None
+
+    def value(self) -> str:
+        """The key (waits for the background digest if one is running)."""
+        if self._future is None:
+            self._future = Future()
+            self._future.set_result(cache_key(*self._args))
+        try:
+            return self._future.result()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

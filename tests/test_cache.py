@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from llama_core.cache import cache_key, cached, file_sha256, write_manifest
+from llama_core.cache import StageKey, cache_key, cached, file_sha256, write_manifest
 
 
 def test_key_depends_on_content_params_and_version(tmp_path: Path) -> None:
@@ -84,3 +84,22 @@ def test_plain_files_are_identified_by_sha256(tmp_path: Path) -> None:
     f = tmp_path / "alpaca.json"
     f.write_text("[]")
     assert cache.content_id(f) == "sha256:" + hashlib.sha256(b"[]").hexdigest()
+
+
+def test_stage_key_hits_only_a_manifest_of_the_same_key(tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"input")
+    out = tmp_path / "out.bin"
+    manifest = tmp_path / "out.bin.manifest.json"
+    expected = cache_key("s", 1, [src], {"p": 1})
+
+    first = StageKey(manifest, "s", 1, [src], {"p": 1})
+    assert first.hit() is None  # no manifest: the key is hashed in the background
+    out.write_bytes(b"output")
+    assert first.value() == expected
+    write_manifest(manifest, stage="s", key=first.value(), outputs=[out])
+
+    hit = StageKey(manifest, "s", 1, [src], {"p": 1}).hit()
+    assert hit is not None and hit.key == expected
+    other = StageKey(manifest, "s", 1, [src], {"p": 2})
+    assert other.hit() is None and other.value() == cache_key("s", 1, [src], {"p": 2})

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
-from llama_core.cache import manifest_path_for, write_manifest
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
 from llama_core.checkpoint.layout import dims_from_run_config
 from llama_core.checkpoint.msckpt import CkptWriter
@@ -52,7 +52,6 @@ from llama_core.checkpoint.safetensors_io import (
     write_safetensors,
 )
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.config import load_config
 from llama_core.errors import ConfigError, InputError

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
-from llama_core.cache import write_manifest
+from llama_core.cache import StageKey, write_manifest
 from llama_core.checkpoint.lora_args import lora_alpha, pet_config
 from llama_core.checkpoint.names import lora_pairs, ms_lora_to_peft
 from llama_core.checkpoint.safetensors_io import PlannedTensor, write_safetensors
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.errors import InputError
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import manifest_path_for, write_manifest
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import (
@@ -37,7 +37,6 @@ from llama_core.checkpoint.names import (
 )
 from llama_core.checkpoint.safetensors_io import read_entry, scan_safetensors
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.errors import ConfigError, InputError
 

@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import manifest_path_for, write_manifest
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import cast
 from llama_core.checkpoint.lora_args import lora_alpha
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import OPTIMIZER_PREFIXES, is_training_scalar, lora_pairs, split_lora_name
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.errors import InputError
 from llama_core.progress import Progress

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import content_id, write_manifest
+from llama_core.cache import StageKey, content_id, write_manifest
 from llama_core.checkpoint.layout import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -58,7 +58,6 @@ from llama_core.checkpoint.layout import (
 from llama_core.checkpoint.msckpt import CkptWriter, sub_ranges
 from llama_core.checkpoint.names import expected_ms_names
 from llama_core.checkpoint.sources import CheckpointSource, TensorMeta
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.config import apply_overrides, load_config, parse_override_args
 from llama_core.errors import InputError

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import manifest_path_for, write_manifest
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.checkpoint.stagekey import StageKey
 from llama_core.cli import run
 from llama_core.progress import Progress
 
