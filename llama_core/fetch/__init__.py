@@ -6,10 +6,11 @@ result = fetch("s3://bucket/llama2_7b.ckpt", "work/", sha256="...",
 result.files[0].path, result.files[0].sha256
 """
 
-from llama_core.fetch.core import FetchedFile, FetchResult, RetryPolicy, fetch
+from llama_core.fetch.core import fetch
 from llama_core.fetch.redact import redact
-from llama_core.fetch.remote import FetchError, Timeouts
-from llama_core.fetch.source import HF_SYNTAX, Credentials, parse_source
+from llama_core.fetch.remote import FetchError
+from llama_core.fetch.results import FetchedFile, FetchResult
+from llama_core.fetch.source import HF_SYNTAX, Credentials, RetryPolicy, Timeouts, parse_source
 
 __all__ = [
     "HF_SYNTAX",

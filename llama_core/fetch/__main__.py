@@ -12,9 +12,7 @@ import os
 from collections.abc import Sequence
 
 from llama_core.cli import run
-from llama_core.fetch.core import RetryPolicy, fetch
-from llama_core.fetch.remote import Timeouts
-from llama_core.fetch.source import HF_SYNTAX, Credentials
+from llama_core.fetch import HF_SYNTAX, Credentials, RetryPolicy, Timeouts, fetch
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """fetch(): download a source into a folder, resumably, verified, once, and cached.
 
+`fetch` parses the source, picks the store folder, takes its lock and hands the request to the
+fetcher of the source's scheme (`FETCHERS`). Stores a `Reader` can stream a file from (file,
+http, s3) share the download loop below; hf:// repos are downloaded by huggingface_hub (`hf`).
+
 Layout under the store folder (`dest`, or `cache_dir/<source digest>` when a shared cache is used):
 - `<name>`                 the fetched file, or a folder of files (s3 prefix, local folder, hf repo)
 - `.<name>.fetch.json`     manifest: redacted source, and per file its size, sha256 and validator
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -24,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +37,19 @@ from filelock import FileLock, Timeout
 from llama_core.atomic import atomic_path, remove_path, write_json_atomic
 from llama_core.cache import cache_key, file_sha256, read_manifest, remember_sha256, write_manifest
 from llama_core.errors import ConfigError, InputError, LlamaCoreError
+from llama_core.fetch.hf import fetch_hf
 from llama_core.fetch.redact import redact
-from llama_core.fetch.remote import FetchError, Reader, RemoteFile, Timeouts, Transient, make_reader
-from llama_core.fetch.source import Credentials, Source, parse_source
+from llama_core.fetch.remote import (
+    FetchError,
+    HttpReader,
+    LocalReader,
+    Reader,
+    RemoteFile,
+    S3Reader,
+    Transient,
+)
+from llama_core.fetch.results import FetchedFile, FetchResult
+from llama_core.fetch.source import Credentials, FetchRequest, RetryPolicy, Source, Timeouts, parse_source
 from llama_core.progress import Progress
 
 log = logging.getLogger("llama_core.fetch")
@@ -43,48 +57,9 @@ log = logging.getLogger("llama_core.fetch")
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class FetchedFile:
-    """One fetched file. `cached` is True when it was already there and valid (no download)."""
-
-    source: str  # redacted
-    path: Path
-    size: int
-    sha256: str
-    cached: bool
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """What `fetch` delivered: `path` is the file or folder under `dest`."""
-
-    source: str  # redacted
-    path: Path
-    files: tuple[FetchedFile, ...]
-    total_bytes: int
-    elapsed: float
-
-    @property
-    def cached(self) -> bool:
-        """True when nothing had to be downloaded."""
-        return all(f.cached for f in self.files)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (paths as strings), e.g. for the CLI output or an Airflow XCom."""
-        doc = asdict(self)
-        doc["path"] = str(self.path)
-        doc["files"] = [{**asdict(f), "path": str(f.path)} for f in self.files]
-        doc["cached"] = self.cached
-        return doc
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """`retries` consecutive failures without progress are tolerated; waits double from `backoff`."""
-
-    retries: int = 5
-    backoff: float = 1.0
-    max_backoff: float = 60.0
+# A fetcher puts the request's source at `store/<name>` (its caller holds the store's lock) and
+# returns its files; `FETCHERS` holds one per scheme.
+Fetcher = Callable[[FetchRequest, Path], list[FetchedFile]]
 
 
 def fetch(
@@ -113,28 +88,15 @@ def fetch(
     expected = sha256.lower() if sha256 else None
     if expected and src.scheme == "hf":
         raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
+    req = FetchRequest(
+        src, creds, expected, retry or RetryPolicy(), timeouts or Timeouts(), progress_interval
+    )
     store = (
-        Path(cache_dir) / hashlib.sha256(_identity(src, creds).encode()).hexdigest()[:24]
-        if cache_dir
-        else Path(dest)
+        Path(cache_dir) / hashlib.sha256(req.identity.encode()).hexdigest()[:24] if cache_dir else Path(dest)
     )
     try:
         with _locked(store, src):
-            if src.scheme == "hf":
-                from llama_core.fetch.hf import fetch_hf
-
-                files = fetch_hf(src, store / src.name, creds, timeouts or Timeouts())
-            else:
-                reader = make_reader(src, creds, timeouts or Timeouts())
-                files = _fetch_store(
-                    src,
-                    _identity(src, creds),
-                    store,
-                    reader,
-                    expected,
-                    retry or RetryPolicy(),
-                    progress_interval,
-                )
+            files = FETCHERS[src.scheme](req, store)
         if cache_dir:
             files = [_link_into(f, store, Path(dest)) for f in files]
     except LlamaCoreError as exc:
@@ -160,14 +122,6 @@ def fetch(
     return result
 
 
-def _identity(src: Source, creds: Credentials) -> str:
-    """What makes two sources the same: a path and its file:// URL are; tokens never count; one
-    bucket name on two endpoints (OBS, MinIO) is not."""
-    if src.scheme == "file":
-        return str(Path(src.path).resolve())
-    return f"{src.redacted} {creds.endpoint_url}" if creds.endpoint_url else src.redacted
-
-
 @contextlib.contextmanager
 def _locked(store: Path, src: Source) -> Iterator[None]:
     store.mkdir(parents=True, exist_ok=True)
@@ -183,18 +137,16 @@ def _locked(store: Path, src: Source) -> Iterator[None]:
         lock.release()
 
 
-def _fetch_store(
-    src: Source,
-    identity: str,
-    store: Path,
-    reader: Reader,
-    expected: str | None,
-    retry: RetryPolicy,
-    interval: float,
+def _fetch_streamed(
+    make_reader: Callable[[FetchRequest], Reader], req: FetchRequest, store: Path
 ) -> list[FetchedFile]:
+    """Download each file the reader lists unless the manifest's record of it still holds (same
+    size and validator as the store reports now); forget files gone from the source."""
+    src, expected, retry = req.src, req.sha256, req.retry
+    reader = make_reader(req)
     entry = store / src.name
     manifest_path = store / f".{src.name}.fetch.json"
-    key = cache_key("fetch", FORMAT_VERSION, [], {"source": identity})
+    key = cache_key("fetch", FORMAT_VERSION, [], {"source": req.identity})
     if expected and entry.is_file() and file_sha256(entry) == expected:
         # Content-addressed hit: the pinned digest proves the content, no need to ask the store.
         return [FetchedFile(src.redacted, entry, entry.stat().st_size, expected, True)]
@@ -209,7 +161,7 @@ def _fetch_store(
         fetched = _still_valid(rf, path, old.get(rf.rel))
         validator = rf.validator
         if fetched is None:
-            fetched, validator = _download(reader, rf, path, expected, retry, interval)
+            fetched, validator = _download(reader, rf, path, expected, retry, req.progress_interval)
         files.append(fetched)
         records[rf.rel] = {"size": fetched.size, "sha256": fetched.sha256, "validator": validator}
     for rel in set(old) - set(records):  # gone from the source since the last fetch
@@ -222,6 +174,14 @@ def _fetch_store(
         extra={"source": src.redacted, "files": records},
     )
     return files
+
+
+FETCHERS: dict[str, Fetcher] = {
+    "file": functools.partial(_fetch_streamed, LocalReader),
+    "http": functools.partial(_fetch_streamed, HttpReader),
+    "s3": functools.partial(_fetch_streamed, S3Reader),
+    "hf": fetch_hf,
+}
 
 
 def _still_valid(rf: RemoteFile, path: Path, record: dict[str, Any] | None) -> FetchedFile | None:
@@ -327,12 +287,12 @@ class _Sink:
 
     Chunks are staged into `_BLOCK`-sized page-aligned buffers; the writer thread writes each full
     block at its offset with O_DIRECT where the file system allows it: the bytes go from the buffer
-    to the disk without a copy into the page cache. On this VM buffered writes cost about 0.4 s of
-    CPU per GiB and slowed down as the page cache grew; direct writes of 1 MiB blocks cost almost
-    none, and the fsync before the rename has nothing left to do. The block in progress reaches the
-    file with a plain write when the transfer pauses or ends (`drain`); the next direct write of
-    that block rewrites it whole. Without O_DIRECT (tmpfs, macOS) the blocks go through the page
-    cache. At most `_DEPTH` chunks wait for the hasher and `_DEPTH` blocks are in use."""
+    to the disk without a copy into the page cache. Buffered writes spend CPU on that copy and slow
+    down as the page cache fills; direct writes of whole blocks cost almost none, and leave the
+    fsync before the rename nothing to do. The block in progress reaches the file with a plain
+    write when the transfer pauses or ends (`drain`); the next direct write of that block rewrites
+    it whole. Without O_DIRECT (tmpfs, macOS) the blocks go through the page cache. At most
+    `_DEPTH` chunks wait for the hasher and `_DEPTH` blocks are in use."""
 
     _DEPTH = 8
     _BLOCK = 1 << 20

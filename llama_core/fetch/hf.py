@@ -10,20 +10,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llama_core.cache import file_sha256
-from llama_core.fetch.core import FetchedFile
-from llama_core.fetch.remote import FetchError, Timeouts
-from llama_core.fetch.source import Credentials, Source
+from llama_core.fetch.remote import FetchError
+from llama_core.fetch.results import FetchedFile
+from llama_core.fetch.source import FetchRequest
 
 
-def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -> list[FetchedFile]:
-    """Download the matching files of `src`'s repo into the folder `local`; one FetchedFile each.
+def fetch_hf(req: FetchRequest, store: Path) -> list[FetchedFile]:
+    """Download the matching files of the request's repo into the folder `store/<repo>`; one
+    FetchedFile each.
 
-    huggingface_hub keeps per-file metadata in `local/.cache/huggingface` and skips files whose
-    hub ETag is unchanged; a file counts as `cached` when the call left it untouched.
+    huggingface_hub resumes, retries and reports progress itself, so `req.retry` and
+    `req.progress_interval` do not apply. It keeps per-file metadata in `.cache/huggingface` under
+    that folder and skips files whose hub ETag is unchanged; a file counts as `cached` when the
+    call left it untouched.
     """
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
+    src, creds, local = req.src, req.creds, store / req.src.name
     before = _identities(local)
     try:
         huggingface_hub.snapshot_download(
@@ -35,7 +39,7 @@ def fetch_hf(src: Source, local: Path, creds: Credentials, timeouts: Timeouts) -
             ignore_patterns=list(src.exclude) or None,
             token=creds.token or None,  # None: huggingface_hub reads HF_TOKEN itself
             endpoint=creds.endpoint_url,
-            etag_timeout=timeouts.connect,
+            etag_timeout=req.timeouts.connect,
             tqdm_class=LoggedTqdm,
         )
     except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError) as exc:

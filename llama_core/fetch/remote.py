@@ -1,7 +1,7 @@
 """Readers for each store: list what a source holds, and stream a file from a byte offset.
 
 Every reader answers the same two questions, so the download loop in `core` (resume, retry,
-hash, atomic rename) is written once:
+hash, atomic rename) is written once for every scheme `core.FETCHERS` streams:
 - `listing()`: the files a source holds, each with its size and a validator (ETag,
   Last-Modified, or size+mtime for local files) that proves "same content" on a later run;
 - `open(file, offset)`: a `Stream` of chunks starting at `offset` — or at 0 when the store
@@ -22,7 +22,7 @@ from typing import Protocol
 
 from llama_core.errors import LlamaCoreError
 from llama_core.fetch.redact import redact
-from llama_core.fetch.source import Credentials, Source
+from llama_core.fetch.source import FetchRequest
 
 CHUNK = 1 << 20  # 1 MiB: large enough for full loopback speed, small enough to keep memory flat
 
@@ -76,28 +76,11 @@ class Reader(Protocol):
     def open(self, file: RemoteFile, offset: int) -> Stream: ...
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    connect: float = 10.0
-    read: float = 60.0
-
-
-def make_reader(src: Source, creds: Credentials, timeouts: Timeouts) -> Reader:
-    """The reader for `src`'s scheme (hf:// is handled by huggingface_hub in `fetch.hf`)."""
-    if src.scheme == "file":
-        return LocalReader(src)
-    if src.scheme == "http":
-        return HttpReader(src, creds, timeouts)
-    if src.scheme == "s3":
-        return S3Reader(src, creds, timeouts)
-    raise AssertionError(f"no reader for scheme {src.scheme}")
-
-
 class LocalReader:
     """A local file or folder (copied, so a later change of the source does not reach the copy)."""
 
-    def __init__(self, src: Source) -> None:
-        self.src, self.root = src, Path(src.path)
+    def __init__(self, req: FetchRequest) -> None:
+        self.src, self.root = req.src, Path(req.src.path)
 
     def listing(self) -> list[RemoteFile]:
         if self.root.is_file():
@@ -138,16 +121,16 @@ class HttpReader:
     resume loop in `core` handles both, so urllib3's own retries are left off here.
     """
 
-    def __init__(self, src: Source, creds: Credentials, timeouts: Timeouts) -> None:
+    def __init__(self, req: FetchRequest) -> None:
         import requests
 
         _redact_urllib3_logs()
-        self.src, self.timeout = src, (timeouts.connect, timeouts.read)
+        self.src, self.timeout = req.src, (req.timeouts.connect, req.timeouts.read)
         self.session = requests.Session()
         # "identity": Range offsets count the stored bytes, and we keep exactly those bytes.
         self.session.headers["Accept-Encoding"] = "identity"
-        if creds.token:
-            self.session.headers["Authorization"] = f"Bearer {creds.token}"
+        if req.creds.token:
+            self.session.headers["Authorization"] = f"Bearer {req.creds.token}"
 
     def _request(self, method: str, headers: dict[str, str]):
         import requests
@@ -258,10 +241,10 @@ def _redact_urllib3_logs() -> None:
 class S3Reader:
     """s3:// through s3fs (so OBS/MinIO work via `endpoint_url`); ranged reads checked by ETag."""
 
-    def __init__(self, src: Source, creds: Credentials, timeouts: Timeouts) -> None:
+    def __init__(self, req: FetchRequest) -> None:
         import s3fs
 
-        self.src = src
+        self.src, creds, timeouts = req.src, req.creds, req.timeouts
         endpoint = (
             creds.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         )

@@ -1,4 +1,5 @@
-"""Parse a fetch source (path, file://, http(s)://, s3://, hf://) and the credentials for it."""
+"""What to fetch and how: a parsed source (path, file://, http(s)://, s3://, hf://), the credentials
+for it, and the retry and timeout settings; `FetchRequest` bundles them for the scheme's fetcher."""
 
 from __future__ import annotations
 
@@ -50,6 +51,44 @@ class Source:
     revision: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait for a connection, and for data on an open one."""
+
+    connect: float = 10.0
+    read: float = 60.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`retries` consecutive failures without progress are tolerated; waits double from `backoff`."""
+
+    retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """One `fetch` call, as the fetcher of its source's scheme receives it."""
+
+    src: Source
+    creds: Credentials
+    sha256: str | None  # the pinned digest (lower case) of a single-file source
+    retry: RetryPolicy
+    timeouts: Timeouts
+    progress_interval: float
+
+    @property
+    def identity(self) -> str:
+        """What makes two sources the same: a path and its file:// URL are; tokens never count; one
+        bucket name on two endpoints (OBS, MinIO) is not."""
+        if self.src.scheme == "file":
+            return str(Path(self.src.path).resolve())
+        endpoint = self.creds.endpoint_url
+        return f"{self.src.redacted} {endpoint}" if endpoint else self.src.redacted
 
 
 def parse_source(url: str) -> Source:
