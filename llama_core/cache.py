@@ -7,10 +7,11 @@ when its manifest exists, carries the same key, and every listed output file is 
 recorded size (`cached`). A stage asks `StageKey` whether it can skip (`hit()`) and for the key to
 record (`value()`).
 
-Fetch records its downloads with the same manifest helpers but cannot use `cached`: its input is
-a remote source whose bytes are unknown until downloaded, so its key names the source, and
-whether a copy is current is the store's to say (each file's record keeps the ETag, Last-Modified
-or size+mtime the store reported, compared with what the store reports now; see `fetch.core`).
+Fetch records its streamed downloads with the same manifest helpers but cannot use `cached` or
+`StageKey`: its input is a remote source whose bytes are unknown until downloaded, so its key
+names the source, and whether a copy is current is the store's to say (each file's record keeps
+the ETag, Last-Modified or size+mtime the store reported, compared with what the store reports
+now; see `fetch.core`). hf:// downloads are recorded by huggingface_hub itself.
 """
 
 from __future__ import annotations
