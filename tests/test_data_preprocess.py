@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from llama_core.data.llama_preprocess import clean_wikitext, main, preprocess, report_path
+from llama_core.data.llama_preprocess import main, preprocess, report_path
+from llama_core.data.wikitext import clean_wikitext
 from llama_core.errors import InputError
 
 SYS = (
@@ -368,19 +369,19 @@ def test_cli_process_prints_its_lines_and_exit_codes_through_a_pipe(tmp_path, to
 def test_shards_are_sent_to_writeback_while_written(tmp_path, tokenizer_path, monkeypatch):
     """Every WRITEBACK_EVERY row bytes, every shard's dirty pages are sent to disk, so the final
     fsync has little left to do."""
-    from llama_core.data import llama_preprocess as lp
+    from llama_core.data import mindrecord_sink
 
     fds: list[int] = []
     after_write: list[tuple[int, int]] = []  # (rows written, writeback calls so far)
-    real_write = lp._MindRecordSink.write
+    real_write = mindrecord_sink.MindRecordSink.write
 
     def write(self, rows):
         real_write(self, rows)
         after_write.append((self.rows, len(fds)))
 
-    monkeypatch.setattr(lp._MindRecordSink, "WRITEBACK_EVERY", 256 << 10)
-    monkeypatch.setattr(lp._MindRecordSink, "write", write)
-    monkeypatch.setattr(lp, "start_writeback", fds.append)
+    monkeypatch.setattr(mindrecord_sink.MindRecordSink, "WRITEBACK_EVERY", 256 << 10)
+    monkeypatch.setattr(mindrecord_sink.MindRecordSink, "write", write)
+    monkeypatch.setattr(mindrecord_sink, "start_writeback", fds.append)
     src = tmp_path / "in.json"
     src.write_text(
         json.dumps([conv(("human", f"Q {i}"), ("gpt", "An answer."), rid=str(i)) for i in range(1500)])
@@ -395,3 +396,78 @@ def test_shards_are_sent_to_writeback_while_written(tmp_path, tokenizer_path, mo
     assert [rows for rows, _ in after_write] == [256, 512, 768, 1024, 1280, 1500]
     assert calls == [0, 2, 2, 4, 4, 4]
     assert len(set(fds)) == 2 and fds[:2] == fds[2:]
+
+
+def test_public_writer_fallback_writes_the_same_files(tmp_path, tokenizer_path, monkeypatch):
+    """Without MindSpore's private shard-writer handles the sink falls back to the public
+    FileWriter.write_raw_data: the same files, byte for byte, and the same rows read back."""
+    from mindspore.mindrecord import FileWriter
+
+    from llama_core.data import mindrecord_sink
+
+    recs = [conv(("human", f"Q {i}?"), ("gpt", f"Answer {i}."), rid=str(i)) for i in range(40)]
+    recs += [conv(("human", "Hi"), ("gpt", ""), rid="empty"),  # fully masked
+             conv(("human", "Hi"), ("gpt", "x ASSISTANT: " + "word " * 100), rid="long"),  # long labels
+             conv(("human", "Repeat: " + "lorem " * 30), ("gpt", "dolor " * 30), rid="cut")]  # fmt: skip
+    (tmp_path / "in.json").write_text(json.dumps(recs))
+    paras = [f"Para {i} , with @-@ dash ." * (i % 5 + 1) for i in range(60)]
+    (tmp_path / "w.txt").write_text("\n\n".join(paras))
+    runs = [("qa", "in.json", 1), ("wiki", "w.txt", 1), ("qa", "in.json", 2)]
+
+    def run_all(kind):
+        for dataset, src, shards in runs:
+            out = tmp_path / kind / f"{dataset}{shards}" / "d.mindrecord"
+            out.parent.mkdir(parents=True)
+            preprocess(dataset, str(tmp_path / src), tokenizer_path, out, seq_length=SEQ,
+                       file_partition=shards, workers=1)  # fmt: skip
+
+    public_calls = []
+    real_public = FileWriter.write_raw_data
+
+    def counted(self, raw_data, *args):
+        public_calls.append(len(raw_data))
+        return real_public(self, raw_data, *args)
+
+    monkeypatch.setattr(FileWriter, "write_raw_data", counted)
+    run_all("fast")
+    assert public_calls == []  # this MindSpore has the private handles: the fast path ran
+    monkeypatch.setattr(mindrecord_sink, "raw_writer", lambda fw: None)
+    run_all("public")
+    wiki_rows = len(read(tmp_path / "public" / "wiki1" / "d.mindrecord", ("input_ids",)))
+    assert sum(public_calls) == 2 * len(recs) + wiki_rows
+    for dataset, _, shards in runs:
+        fast, public = tmp_path / "fast" / f"{dataset}{shards}", tmp_path / "public" / f"{dataset}{shards}"
+        fields = ("input_ids", "labels") if dataset == "qa" else ("input_ids",)
+        first = "d.mindrecord" + ("0" if shards > 1 else "")
+        assert sorted(read(fast / first, fields)) == sorted(read(public / first, fields)) != []
+        if shards == 1:  # FileWriter spreads rows over several shards its own way, unreproducibly
+            for name in ("d.mindrecord", "d.mindrecord.db"):
+                assert (fast / name).read_bytes() == (public / name).read_bytes(), (dataset, name)
+
+
+def test_fast_path_needs_every_private_handle(tmp_path):
+    """The fast path is taken only when each private attribute it uses is there and callable."""
+    from types import SimpleNamespace
+
+    from mindspore.mindrecord import FileWriter
+
+    from llama_core.data.mindrecord_sink import raw_writer
+
+    def writer():
+        fw = FileWriter(str(tmp_path / "x.mindrecord"))
+        fw.add_schema({"input_ids": {"type": "int32", "shape": [-1]}}, "wiki")
+        return fw
+
+    assert raw_writer(writer()).blob_fields == ["input_ids"]
+    fw = writer()
+    fw._writer._writer = SimpleNamespace()  # no write_raw_data
+    assert raw_writer(fw) is None
+    fw = writer()
+    fw._writer._writer = SimpleNamespace(write_raw_data=None)  # not callable
+    assert raw_writer(fw) is None
+    fw = writer()
+    fw._writer.set_shard_header = None
+    assert raw_writer(fw) is None
+    fw = writer()
+    del fw._paths
+    assert raw_writer(fw) is None

@@ -1,0 +1,57 @@
+"""The fschat vicuna_v1.1 prompt of a conversation record, after MindFormers' role checks
+(docs/REFERENCE.md, token layout), and how records are named in errors and reports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_core.errors import InputError
+
+TEMPLATE = "vicuna_v1.1"
+ROLE_NAMES = {"human": 0, "gpt": 1}
+
+
+def record_label(path: str, index: int, record: Any) -> str:
+    """How a record is named in errors and warnings: file, index and, when it has one, its id."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    where = f"{path}: record {index}"
+    return f"{where} (id {rid})" if isinstance(rid, (str, int)) else where
+
+
+def record_id(path: str, index: int, record: Any) -> str:
+    """How a record is named in the report: its id, else `file#index`."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    return str(rid) if isinstance(rid, (str, int)) else f"{path}#{index}"
+
+
+def vicuna_prompt(conv: Any, path: str, index: int, record: Any) -> str:
+    """The prompt of one record built with fschat template `conv` (its messages are replaced).
+
+    A gpt turn first in the conversation is dropped, as the reference does; the remaining roles
+    must alternate from human. Bad records fail naming the file, record and field.
+    """
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    label = record_label(path, index, record)
+    if not isinstance(turns, list) or not turns:
+        raise InputError(f"{label}: field 'conversations' must be a non-empty list of turns")
+    roles = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLE_NAMES:
+            got = turn.get("from") if isinstance(turn, dict) else turn
+            raise InputError(
+                f"{label}: field 'conversations[{t}].from' must be 'human' or 'gpt', got {got!r}"
+            )
+        if not isinstance(turn.get("value"), str):
+            got = type(turn.get("value")).__name__ if "value" in turn else "nothing"
+            raise InputError(f"{label}: field 'conversations[{t}].value' must be a string, got {got}")
+        roles.append(ROLE_NAMES[turn["from"]])
+    start = 1 if roles[0] != 0 else 0
+    conv.messages = []
+    for j, t in enumerate(range(start, len(turns))):
+        if roles[t] != j % 2:
+            raise InputError(
+                f"{label}: roles do not alternate: conversations[{t}] is "
+                f"'{turns[t]['from']}' where '{('human', 'gpt')[j % 2]}' was expected"
+            )
+        conv.append_message(conv.roles[j % 2], turns[t]["value"])
+    return conv.get_prompt()
