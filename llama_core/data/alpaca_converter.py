@@ -50,8 +50,8 @@ ROLES = ("human", "gpt")
 
 
 @dataclass
-class ConvertResult:
-    """What a conversion wrote (or found already written)."""
+class ConversationsResult:
+    """What the Alpaca -> conversations stage wrote (or found already written); kept in its manifest."""
 
     output_path: str
     records_written: int
@@ -100,7 +100,7 @@ def validate_conversations(turns: Any, index: int, path: str | os.PathLike[str])
 
 def convert_alpaca(
     data_path: str | os.PathLike[str], output_path: str | os.PathLike[str], on_error: str = "raise"
-) -> ConvertResult:
+) -> ConversationsResult:
     """Convert an Alpaca (or ShareGPT) JSON / JSON Lines file into the reference conversation JSON.
 
     `on_error="raise"` fails on the first bad record; `"skip"` drops bad records (syntax errors
@@ -116,7 +116,7 @@ def convert_alpaca(
     hit = cached(manifest_path, key)
     if hit is not None:
         log.info("%s is up to date (cache hit, key %s): nothing to do", output_path, key[:12])
-        return ConvertResult(**{**hit.extra["result"], "cached": True})
+        return ConversationsResult(**{**hit.extra["result"], "cached": True})
     clean_leftovers(output_path.parent, output_path.name)
     manifest_path.unlink(missing_ok=True)
 
@@ -139,7 +139,7 @@ def convert_alpaca(
             out.write(("," if written else "") + "\n  " + item)
             written += 1
         out.write("\n]" if written else "]")
-    result = ConvertResult(str(output_path), written, n_skipped, skipped)
+    result = ConversationsResult(str(output_path), written, n_skipped, skipped)
     if n_skipped:
         log.warning(
             "skipped %d bad record(s) of %s (indices: %s)",
