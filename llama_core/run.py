@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     tc = TrainConfig.from_dict(cfg)
     if tc.run_mode in ("train", "finetune"):
-        from llama_core.train import train
+        from llama_core.train.trainer import train
 
         train(tc)
         return 0

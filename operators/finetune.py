@@ -77,7 +77,7 @@ class MsrunFinetuneOperator(StageOperator):
 
     def world_size(self) -> int:
         """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
-        from llama_core.checkpoint.layout import layout_from_config
+        from llama_core.config import layout_from_config
 
         return layout_from_config(run_config(self.config, self.overrides)).world_size
 
@@ -103,10 +103,10 @@ class MsrunFinetuneOperator(StageOperator):
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.launch import LaunchError, LaunchStopped, MsrunJob
-        from llama_core.train.trainer import SUMMARY_NAME
+        from llama_core.train.outputs import SUMMARY_NAME, has_checkpoint
 
         output_dir = Path(self.output_dir)
-        resume = any(output_dir.glob("checkpoint/rank_*/*.ckpt"))
+        resume = has_checkpoint(output_dir)
         if resume:
             log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
         workers = self.world_size()

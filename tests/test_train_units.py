@@ -13,6 +13,7 @@ from mindspore import nn
 from llama_core.errors import InputError
 from llama_core.train import checkpointing as ckpt
 from llama_core.train.dataset import ShardPlan
+from llama_core.train.outputs import list_checkpoints
 from llama_core.train.predict import greedy_generate
 from llama_core.train.schedule import cosine_with_warmup
 
@@ -71,7 +72,7 @@ def test_checkpoint_names_keep_max_and_contents(tmp_path: Path) -> None:
     for i, (epoch, step) in enumerate([(1, 5), (1, 10), (2, 5), (2, 10)], start=1):
         path = _save(tmp_path, float(i), epoch, step)
     assert path == tmp_path / "checkpoint" / "rank_1" / "p_rank_1-2_10.ckpt"
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoint" / "rank_1", "p", 1)]
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoint" / "rank_1", "p", 1)]
     assert names == ["p_rank_1-1_10.ckpt", "p_rank_1-2_5.ckpt", "p_rank_1-2_10.ckpt"]  # keep 3, oldest gone
     assert sorted(p.name for p in (tmp_path / "checkpoint" / "rank_1").iterdir()) == sorted(names)  # no temp
     stored = ms.load_checkpoint(str(path))

@@ -3,14 +3,14 @@
 A distributed folder written by `shard` (it has the shard manifest) is reassembled tensor by
 tensor from its slices, so re-sharding never materialises the complete checkpoint. A folder
 without that manifest (e.g. the trainer's data-parallel output) must hold the complete model on
-every rank; rank 0's file is read and the others are checked to hold the same tensors.
+every rank; rank 0's newest checkpoint (`train.outputs.newest_checkpoint`) is read and the others
+are checked to hold the same tensors.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,9 @@ from llama_core.checkpoint.dtypes import storage_dtype
 from llama_core.checkpoint.layout import Layout, read_shard_manifest
 from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer, scan_ckpt
 from llama_core.errors import InputError
+from llama_core.train.outputs import find_rank_folders, newest_checkpoint
 
 log = logging.getLogger("llama_core.checkpoint.sources")
-_RANK_DIR = re.compile(r"rank_(\d+)\Z")
 
 
 @dataclass(frozen=True)
@@ -43,19 +43,9 @@ class TensorMeta:
         )
 
 
-def rank_file(folder: Path) -> Path:
-    """The checkpoint of one rank folder: its only .ckpt, or the newest by modification time."""
-    files = sorted(folder.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    if not files:
-        raise InputError(f"{folder}: rank folder holds no .ckpt file")
-    if len(files) > 1:
-        log.info("%s holds %d checkpoints: using the newest, %s", folder, len(files), files[-1].name)
-    return files[-1]
-
-
 def rank_folders(folder: Path, world_size: int | None = None) -> list[Path]:
     """rank_0 .. rank_<n-1> of a distributed checkpoint; a gap or a missing rank names the folder."""
-    found = {int(m.group(1)): p for p in folder.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))}
+    found = find_rank_folders(folder)
     if not found:
         raise InputError(f"{folder}: neither a .ckpt file nor a folder of rank_<i>/ sub-folders")
     n = world_size if world_size is not None else max(found) + 1
@@ -94,7 +84,7 @@ class CheckpointSource:
         return self._readers[path]
 
     def _init_replicated(self) -> None:
-        files = [rank_file(f) for f in rank_folders(self.path)]
+        files = [newest_checkpoint(f) for f in rank_folders(self.path)]
         first = self._reader(files[0])
         self.tensors = [TensorMeta(e.name, e.shape, e.dtype) for e in first.entries.values()]
         want = {t.name: (t.shape, t.dtype) for t in self.tensors}

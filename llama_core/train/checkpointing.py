@@ -1,11 +1,10 @@
-"""Training checkpoints: MindFormers names, atomic writes, keep-max, newest-complete resume.
+"""Training checkpoints with MindSpore: atomic writes, keep-max, resume from the newest readable.
 
-Layout: `OUTPUT/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt` (epoch 1-based, step =
-optimizer steps done in that epoch). A checkpoint holds the weights (all, or only the trainable ones
-when LoRA-only), the optimizer state (`adam_m.*`, `adam_v.*`, `global_step`) and the counters
-`epoch_num`, `step_num`, `loss_scale` (the optimizer's `global_step` counts updates). Files are
-written with a CRC and renamed into place, so a crash never leaves a half file under a final name;
-a file that is truncated or corrupt anyway (copied badly, disk trouble) fails its CRC on
+Names and the newest-first order are `outputs`'. A checkpoint holds the weights (all, or only the
+trainable ones when LoRA-only), the optimizer state (`adam_m.*`, `adam_v.*`, `global_step`) and the
+counters `epoch_num`, `step_num`, `loss_scale` (the optimizer's `global_step` counts updates). Files
+are written with a CRC and renamed into place, so a crash never leaves a half file under a final
+name; a file that is truncated or corrupt anyway (copied badly, disk trouble) fails its CRC on
 resume and the previous one is used.
 """
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,33 +20,19 @@ import mindspore as ms
 
 from llama_core.atomic import atomic_path, clean_leftovers, remove_path
 from llama_core.errors import InputError
+from llama_core.train.outputs import (
+    checkpoint_path,
+    find_rank_folders,
+    list_checkpoints,
+    newest_checkpoint,
+    rank_dir,
+)
 
 logger = logging.getLogger("llama_core.train")
 
 COUNTERS = ("epoch_num", "step_num", "global_step", "loss_scale")
 # Parameters that are training machinery, not model or optimizer state.
 TRANSIENT = ("accu_grads.", "learning_rate")
-
-
-def rank_dir(output_dir: str | Path, rank: int) -> Path:
-    return Path(output_dir) / "checkpoint" / f"rank_{rank}"
-
-
-def checkpoint_name(prefix: str, rank: int, epoch: int, step: int) -> str:
-    return f"{prefix}_rank_{rank}-{epoch}_{step}.ckpt"
-
-
-def _pattern(prefix: str, rank: int) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(prefix)}_rank_{rank}-(\d+)_(\d+)\.ckpt$")
-
-
-def list_checkpoints(folder: Path, prefix: str, rank: int) -> list[Path]:
-    """Checkpoints of this prefix and rank, oldest first (by epoch, then step)."""
-    if not folder.is_dir():
-        return []
-    pat = _pattern(prefix, rank)
-    found = [(int(m[1]), int(m[2]), p) for p in folder.iterdir() if (m := pat.match(p.name))]
-    return [p for _e, _s, p in sorted(found)]
 
 
 @dataclass(frozen=True)
@@ -73,9 +57,8 @@ def save(
     loss_scale: float = 1.0,
 ) -> Path:
     """Write one checkpoint atomically, then delete the oldest beyond `keep_max`."""
-    folder = rank_dir(output_dir, rank)
-    final = folder / checkpoint_name(prefix, rank, counters.epoch, counters.step_in_epoch)
-    clean_leftovers(folder, final.name)
+    final = checkpoint_path(output_dir, prefix, rank, counters.epoch, counters.step_in_epoch)
+    clean_leftovers(final.parent, final.name)
 
     def keep(name: str) -> bool:
         if name.startswith(TRANSIENT):
@@ -97,7 +80,7 @@ def save(
             os.replace(staging, tmp)
         finally:
             remove_path(staging)
-    for old in list_checkpoints(folder, prefix, rank)[:-keep_max]:
+    for old in list_checkpoints(final.parent, prefix, rank)[:-keep_max]:
         remove_path(old)
         logger.info("removed old checkpoint %s (keep_checkpoint_max %d)", old.name, keep_max)
     return final
@@ -122,7 +105,31 @@ def load_newest(output_dir: str | Path, prefix: str, rank: int) -> tuple[Path, d
     return None
 
 
+def load_at_step(
+    output_dir: str | Path, prefix: str, rank: int, global_step: int
+) -> tuple[Path, dict[str, Any]] | None:
+    """The readable checkpoint saved after `global_step` optimizer steps, with its contents."""
+    for path in list_checkpoints(rank_dir(output_dir, rank), prefix, rank):
+        try:
+            params = ms.load_checkpoint(str(path), crc_check=True)
+        except Exception:  # unreadable: not one to resume from, whatever its step
+            continue
+        if "global_step" in params and counters_of(params).global_step == global_step:
+            return path, params
+    return None
+
+
+def restore(cell: ms.nn.Cell, params: dict[str, Any]) -> Counters:
+    """Load a checkpoint's model and optimizer state into the train-step cell; return its counters."""
+    names = {p.name for p in cell.get_parameters()}
+    state = {k: v for k, v in params.items() if k in names and not k.startswith(TRANSIENT)}
+    ms.load_param_into_net(cell, state)
+    return counters_of(params)
+
+
 def counters_of(params: dict[str, Any]) -> Counters:
+    """The counters a checkpoint was saved with."""
+
     def num(key: str) -> int:
         return int(params[key].asnumpy().reshape(-1)[0])
 
@@ -130,18 +137,11 @@ def counters_of(params: dict[str, Any]) -> Counters:
 
 
 def base_checkpoint_file(path: str | Path, rank: int) -> Path:
-    """A `--load_checkpoint` value as one file: the file itself, or this rank's file in a folder
-    with `rank_<i>/` sub-folders (the newest .ckpt there), or the only .ckpt of a plain folder."""
+    """A `--load_checkpoint` value as one file: the file itself, or the newest checkpoint of this
+    rank's `rank_<i>/` sub-folder, or of the folder itself when it has none."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.is_dir():
         raise InputError(f"load_checkpoint not found: {path}")
-    sub = path / f"rank_{rank}"
-    folder = sub if sub.is_dir() else path
-    files = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise InputError(f"load_checkpoint: no .ckpt file in {folder}")
-    if folder is path and len(files) > 1 and not (path / "rank_0").is_dir():
-        raise InputError(f"load_checkpoint: {path} holds several .ckpt files; name one")
-    return files[-1]
+    return newest_checkpoint(find_rank_folders(path).get(rank, path))

@@ -1,9 +1,18 @@
-"""The fine-tune/train loop: context and data-parallel set-up, model + LoRA, data, AdamW, the step
-cell, per-step log lines, periodic eval, checkpoints, resume and the JSON summary.
+"""The training recipe: one run as named phases, in the order `TrainRecipe.run` calls them.
 
-Output layout (OUTPUT = output_dir):
-  OUTPUT/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt   every save_checkpoint_steps + at the end
-  OUTPUT/train_summary.json                                           rank 0, written atomically at the end
+  check config  what would fail later fails before any work
+  setup         MindSpore context, data parallel over the msrun ranks, seed
+  model         Llama (+ LoRA, base frozen), base weights from `load_checkpoint`
+  data          this rank's share of every global batch, steps per epoch
+  optimizer     lr schedule, AdamW, gradient reduction over ranks, the step cell
+  resume        the newest checkpoint every rank can read
+  loop          epochs of steps: a log line per step, checkpoints and evals when due
+  evaluate      eval loss and perplexity, periodically and at the end
+  save          one checkpoint per rank (names and folders: `outputs`)
+  summary       the TrainResult; rank 0 writes it to OUTPUT/train_summary.json
+
+The components the recipe shares with `predict` (context, model, base weights, evaluation) are
+module functions; the run's state lives in the recipe.
 """
 
 from __future__ import annotations
@@ -24,13 +33,20 @@ from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
 from llama_core.progress import human_seconds
 from llama_core.train import checkpointing as ckpt
-from llama_core.train.dataset import ShardPlan, check_batch, count_records, epoch_batches, supervised_tokens
+from llama_core.train.dataset import (
+    COLUMNS,
+    ShardPlan,
+    check_batch,
+    count_records,
+    epoch_batches,
+    mindrecord_files,
+    supervised_tokens,
+)
+from llama_core.train.outputs import SUMMARY_NAME, checkpoint_path, rank_dir
 from llama_core.train.schedule import lr_array
 from llama_core.train.step import TrainStep
 
 logger = logging.getLogger("llama_core.train")
-
-SUMMARY_NAME = "train_summary.json"
 
 
 @dataclass
@@ -121,8 +137,6 @@ def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int)
     """Mean loss over the eval batches (section 3 loss per batch) and its perplexity exp(loss)."""
     import mindspore.dataset as ds
 
-    from llama_core.train.dataset import COLUMNS, mindrecord_files
-
     data = ds.MindDataset(mindrecord_files(dataset_dir), columns_list=COLUMNS, shuffle=False)
     data = data.batch(batch_size, drop_remainder=False)
     model.set_train(False)
@@ -139,6 +153,27 @@ def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int)
     return loss, math.exp(min(loss, 700.0))
 
 
+def learning_rates(tc: TrainConfig, total: int) -> np.ndarray:
+    """One learning rate per optimizer step of the run; past an explicit, shorter `total_steps`
+    the schedule holds lr_end."""
+    schedule_steps = tc.total_steps if tc.total_steps > 0 else total
+    lrs = lr_array(tc.lr_schedule_type, schedule_steps, tc.learning_rate, tc.warmup_ratio, tc.lr_end)
+    if len(lrs) < total:
+        lrs = np.concatenate([lrs, np.full(total - len(lrs), tc.lr_end, np.float32)])
+    return lrs
+
+
+def adamw(trainable: list[ms.Parameter], tc: TrainConfig, lrs: np.ndarray) -> nn.Optimizer:
+    """AdamW over the trainable parameters; norms (1-D) are not decayed, as usual for AdamW."""
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": tc.weight_decay}]
+    rest = [p for p in trainable if p.ndim <= 1]
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    return nn.AdamWeightDecay(
+        groups, learning_rate=ms.Tensor(lrs), beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps
+    )
+
+
 class _SumOverRanks(nn.Cell):
     """Sum over all ranks as a compiled cell (CPU has neither an eager collective nor MIN/int32)."""
 
@@ -150,250 +185,335 @@ class _SumOverRanks(nn.Cell):
         return self.reduce(x)
 
 
-def _agree_on_resume(found: tuple[Path, dict[str, Any]] | None, tc: TrainConfig, rt: Runtime):
-    """All ranks must resume from the same step: take the smallest newest-readable step over ranks."""
-    if rt.world_size == 1:
-        return found
-    mine = ckpt.counters_of(found[1]).global_step if found else -1
+def min_over_ranks(value: int, rt: Runtime) -> int:
+    """The smallest of every rank's `value`; every rank must call it."""
     # each rank fills its own slot, the sum gathers them all (float32 is exact for step counts < 2**24)
     slots = np.zeros(rt.world_size, np.float32)
-    slots[rt.rank] = mine
-    agreed = int(_SumOverRanks()(ms.Tensor(slots)).asnumpy().min())
-    if agreed == mine:
-        return found
-    if agreed < 0:
-        return None
-    for path in ckpt.list_checkpoints(ckpt.rank_dir(tc.output_dir, rt.rank), tc.ckpt_prefix, rt.rank):
-        try:
-            params = ms.load_checkpoint(str(path), crc_check=True)
-        except Exception:  # unreadable: the other ranks decided on an older step anyway
-            continue
-        if "global_step" in params and ckpt.counters_of(params).global_step == agreed:
-            return path, params
-    raise InputError(
-        f"rank {rt.rank}: no readable checkpoint at step {agreed}, which the other ranks resume from"
-    )
+    slots[rt.rank] = value
+    return int(_SumOverRanks()(ms.Tensor(slots)).asnumpy().min())
 
 
-def train(tc: TrainConfig) -> TrainResult:
-    """Run training (or fine-tuning) as configured and return what happened."""
-    if not tc.train_dataset_dir:
-        raise ConfigError(
-            "no training data: set train_dataset.data_loader.dataset_dir or --train_dataset_dir"
-        )
-    if tc.sink_mode:
-        logger.info(
-            "runner_config.sink_mode: steps are driven from Python (one step per call) on every device"
-        )
-    rt = setup_context(tc)
-    ms.set_seed(tc.seed)
-    model = build_model(tc)
-    load_base(model, tc, rt.rank)
-    model.set_train(True)
+class TrainRecipe:
+    """One training run. The phases fill in the state below in `run`'s order; the loop updates
+    the progress fields."""
 
-    seq = tc.seq_length
-    plan = ShardPlan(
-        num_records=count_records(tc.train_dataset_dir),
-        batch_size=tc.batch_size,
-        num_shards=rt.world_size,
-        shard_id=rt.rank,
-        shuffle=tc.train_shuffle,
-        seed=tc.seed,
-    )
-    accum = tc.gradient_accumulation_steps
-    steps_per_epoch = plan.batches_per_epoch // accum
-    if steps_per_epoch < 1:
-        raise InputError(
-            f"{tc.train_dataset_dir}: {plan.num_records} records do not fill one step of "
-            f"{plan.global_batch} x {accum} (global batch x gradient accumulation)"
-        )
-    dropped = plan.num_records - steps_per_epoch * accum * plan.global_batch
-    if dropped:
-        logger.info(
-            "drop_remainder: %d of %d records per epoch do not fill a step and are skipped",
-            dropped,
-            plan.num_records,
-        )
-    total = tc.epochs * steps_per_epoch
-    schedule_steps = tc.total_steps if tc.total_steps > 0 else total
-    lrs = lr_array(tc.lr_schedule_type, schedule_steps, tc.learning_rate, tc.warmup_ratio, tc.lr_end)
-    if len(lrs) < total:  # an explicit, shorter total_steps: hold lr_end afterwards
-        lrs = np.concatenate([lrs, np.full(total - len(lrs), tc.lr_end, np.float32)])
+    rt: Runtime
+    model: nn.Cell
+    plan: ShardPlan
+    steps_per_epoch: int
+    total: int
+    tokens_per_step: int
+    lrs: np.ndarray
+    trainable_names: set[str]
+    step_cell: TrainStep
+    start: ckpt.Counters
+    resumed_from: str | None
 
-    trainable = [p for p in model.trainable_params()]
-    if not trainable:
-        raise ConfigError("the model has no trainable parameter")
-    decay = [p for p in trainable if p.ndim > 1]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}]
-    rest = [p for p in trainable if p.ndim <= 1]
-    if rest:  # norms are not decayed, as usual for AdamW
-        groups.append({"params": rest, "weight_decay": 0.0})
-    optimizer = nn.AdamWeightDecay(
-        groups, learning_rate=ms.Tensor(lrs), beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps
-    )
-    reducer = None
-    if rt.world_size > 1:
-        reducer = nn.DistributedGradReducer(
-            optimizer.parameters, mean=tc.gradients_mean, degree=rt.world_size
-        )
-    step_cell = TrainStep(
-        model,
-        optimizer,
-        accumulation_steps=accum,
-        loss_scale=tc.scale_sense,
-        clip_norm=tc.max_grad_norm if tc.use_clip_grad else None,
-        reducer=reducer,
-        group_size=rt.world_size,
-    )
-    step_cell.set_train(True)
+    def __init__(self, tc: TrainConfig) -> None:
+        self.tc = tc
+        self.global_step = 0
+        self.series: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.last_checkpoint: str | None = None
+        self.eval_loss: float | None = None
+        self.eval_ppl: float | None = None
 
-    start = ckpt.Counters(epoch=1, step_in_epoch=0, global_step=0)
-    resumed_from = None
-    if tc.resume_training:
-        found = _agree_on_resume(ckpt.load_newest(tc.output_dir, tc.ckpt_prefix, rt.rank), tc, rt)
-        if found is None:
-            logger.warning(
-                "resume_training: no complete checkpoint in %s; starting from step 0",
-                ckpt.rank_dir(tc.output_dir, rt.rank),
+    def run(self) -> TrainResult:
+        """Run training (or fine-tuning) as configured and return what happened."""
+        self.check_config()
+        self.setup()
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        self.resume()
+        self.loop()
+        self.evaluate_at_end()
+        return self.summary()
+
+    # -- set-up
+    def check_config(self) -> None:
+        tc = self.tc
+        if not tc.train_dataset_dir:
+            raise ConfigError(
+                "no training data: set train_dataset.data_loader.dataset_dir or --train_dataset_dir"
             )
-        else:
-            path, params = found
-            names = {p.name for p in step_cell.get_parameters()}
-            state = {k: v for k, v in params.items() if k in names and not k.startswith(ckpt.TRANSIENT)}
-            ms.load_param_into_net(step_cell, state)
-            start = ckpt.counters_of(params)
-            resumed_from = str(path)
-            logger.info("resumed from %s: epoch %d, step %d/%d", path, start.epoch, start.global_step, total)
-    if start.step_in_epoch >= steps_per_epoch:
-        start = ckpt.Counters(epoch=start.epoch + 1, step_in_epoch=0, global_step=start.global_step)
+        if tc.do_eval and not tc.eval_dataset_dir:
+            raise ConfigError(
+                "do_eval needs eval data: set eval_dataset.data_loader.dataset_dir or --eval_dataset_dir"
+            )
+        if tc.sink_mode:
+            logger.info(
+                "runner_config.sink_mode: steps are driven from Python (one step per call) on every device"
+            )
 
-    trainable_names = {p.name for p in trainable}
-    tokens_per_step = tc.batch_size * seq * accum
-    series: list[dict[str, float]] = []
-    evals: list[dict[str, float]] = []
-    step_times: list[float] = []
-    last_ckpt: str | None = None
-    global_step = start.global_step
-    eval_loss = eval_ppl = None
+    def setup(self) -> None:
+        self.rt = setup_context(self.tc)
+        ms.set_seed(self.tc.seed)
 
-    def save(epoch: int, in_epoch: int) -> None:
-        nonlocal last_ckpt
-        path = ckpt.save(
-            step_cell,
-            tc.output_dir,
-            tc.ckpt_prefix,
-            rt.rank,
-            ckpt.Counters(epoch, in_epoch, global_step),
-            trainable_only=tc.save_trainable_params,
-            trainable_names=trainable_names,
-            keep_max=tc.keep_checkpoint_max,
+    def setup_model(self) -> None:
+        self.model = build_model(self.tc)
+        load_base(self.model, self.tc, self.rt.rank)
+        self.model.set_train(True)
+
+    def setup_data(self) -> None:
+        tc, accum = self.tc, self.tc.gradient_accumulation_steps
+        plan = ShardPlan(
+            num_records=count_records(tc.train_dataset_dir),
+            batch_size=tc.batch_size,
+            num_shards=self.rt.world_size,
+            shard_id=self.rt.rank,
+            shuffle=tc.train_shuffle,
+            seed=tc.seed,
+        )
+        self.steps_per_epoch = plan.batches_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"{tc.train_dataset_dir}: {plan.num_records} records do not fill one step of "
+                f"{plan.global_batch} x {accum} (global batch x gradient accumulation)"
+            )
+        dropped = plan.num_records - self.steps_per_epoch * accum * plan.global_batch
+        if dropped:
+            logger.info(
+                "drop_remainder: %d of %d records per epoch do not fill a step and are skipped",
+                dropped,
+                plan.num_records,
+            )
+        self.plan = plan
+        self.total = tc.epochs * self.steps_per_epoch
+        self.tokens_per_step = tc.batch_size * tc.seq_length * accum
+
+    def setup_optimizer(self) -> None:
+        tc, rt = self.tc, self.rt
+        self.lrs = learning_rates(tc, self.total)
+        trainable = list(self.model.trainable_params())
+        if not trainable:
+            raise ConfigError("the model has no trainable parameter")
+        self.trainable_names = {p.name for p in trainable}
+        optimizer = adamw(trainable, tc, self.lrs)
+        reducer = None
+        if rt.world_size > 1:
+            reducer = nn.DistributedGradReducer(
+                optimizer.parameters, mean=tc.gradients_mean, degree=rt.world_size
+            )
+        self.step_cell = TrainStep(
+            self.model,
+            optimizer,
+            accumulation_steps=tc.gradient_accumulation_steps,
             loss_scale=tc.scale_sense,
+            clip_norm=tc.max_grad_norm if tc.use_clip_grad else None,
+            reducer=reducer,
+            group_size=rt.world_size,
         )
-        last_ckpt = str(path)
-        logger.info("saved checkpoint %s", path)
+        self.step_cell.set_train(True)
 
-    def run_eval() -> None:
-        nonlocal eval_loss, eval_ppl
-        eval_loss, eval_ppl = evaluate(model, tc.eval_dataset_dir, tc.batch_size, seq)
-        evals.append({"step": global_step, "loss": eval_loss, "perplexity": eval_ppl})
-        logger.info("eval step=%d/%d loss=%.6f perplexity=%.4f", global_step, total, eval_loss, eval_ppl)
+    # -- resume
+    def resume(self) -> None:
+        """Continue from the newest checkpoint every rank can read (with `resume_training`), or
+        start at step 0."""
+        start = ckpt.Counters(epoch=1, step_in_epoch=0, global_step=0)
+        self.resumed_from = None
+        if self.tc.resume_training:
+            found = self.resume_point()
+            if found is None:
+                logger.warning(
+                    "resume_training: no complete checkpoint in %s; starting from step 0",
+                    rank_dir(self.tc.output_dir, self.rt.rank),
+                )
+            else:
+                path, params = found
+                start = ckpt.restore(self.step_cell, params)
+                self.resumed_from = str(path)
+                logger.info(
+                    "resumed from %s: epoch %d, step %d/%d", path, start.epoch, start.global_step, self.total
+                )
+        if start.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
+            start = ckpt.Counters(epoch=start.epoch + 1, step_in_epoch=0, global_step=start.global_step)
+        self.start = start
+        self.global_step = start.global_step
 
-    if tc.do_eval and not tc.eval_dataset_dir:
-        raise ConfigError(
-            "do_eval needs eval data: set eval_dataset.data_loader.dataset_dir or --eval_dataset_dir"
-        )
+    def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """This rank's checkpoint to resume from. Ranks must resume from the same step: the
+        smallest over ranks of each one's newest readable step."""
+        tc, rt = self.tc, self.rt
+        found = ckpt.load_newest(tc.output_dir, tc.ckpt_prefix, rt.rank)
+        if rt.world_size == 1:
+            return found
+        mine = ckpt.counters_of(found[1]).global_step if found else -1
+        agreed = min_over_ranks(mine, rt)
+        if agreed == mine:
+            return found
+        if agreed < 0:
+            return None
+        found = ckpt.load_at_step(tc.output_dir, tc.ckpt_prefix, rt.rank, agreed)
+        if found is None:
+            raise InputError(
+                f"rank {rt.rank}: no readable checkpoint at step {agreed}, which the other ranks resume from"
+            )
+        return found
 
-    pad_id = int(tc.model_config.get("pad_token_id", 0))
-    ignore_id = int(tc.model_config.get("ignore_token_id", -100))
-    for epoch in range(start.epoch, tc.epochs + 1):
-        skip = start.step_in_epoch if epoch == start.epoch else 0
+    # -- the loop
+    def loop(self) -> None:
+        for epoch in range(self.start.epoch, self.tc.epochs + 1):
+            in_epoch = self.train_epoch(epoch)
+            # the last step is always saved, unless its periodic save just did
+            if self.global_step == self.total and not self.saved_at(epoch, in_epoch):
+                self.save(epoch, in_epoch)
+
+    def train_epoch(self, epoch: int) -> int:
+        """The epoch's steps not done yet (a resumed run skips the consumed batches); returns the
+        steps done in it."""
+        tc, accum = self.tc, self.tc.gradient_accumulation_steps
+        skip = self.start.step_in_epoch if epoch == self.start.epoch else 0
         in_epoch = skip
         micro_losses: list[float] = []
         t0 = time.perf_counter()
         for micro, (ids, labels) in enumerate(
-            epoch_batches(tc.train_dataset_dir, plan, epoch - 1, skip * accum)
+            epoch_batches(tc.train_dataset_dir, self.plan, epoch - 1, skip * accum)
         ):
-            if in_epoch >= steps_per_epoch:
+            if in_epoch >= self.steps_per_epoch:
                 break
-            where = f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
-            check_batch(ids, labels, seq, where)
-            if supervised_tokens(ids, labels, pad_id, ignore_id) == 0:
-                # its loss is 0 and its gradient nothing: say so rather than log a perfect loss
-                logger.warning(
-                    "%s: no supervised token in this batch (every label masked): it teaches nothing; "
-                    "were the answers truncated away? see the preprocess report",
-                    where,
-                )
+            self.check_micro_batch(
+                ids, labels, f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
+            )
             apply = (micro + 1) % accum == 0
-            loss_t, norm_t = step_cell(ms.Tensor(ids), ms.Tensor(labels), apply)
+            loss_t, norm_t = self.step_cell(ms.Tensor(ids), ms.Tensor(labels), apply)
             micro_losses.append(float(loss_t.asnumpy()))
             if not apply:
                 continue
-            lr = float(lrs[global_step])
-            global_step += 1
             in_epoch += 1
-            loss = float(np.mean(micro_losses))
-            norm = float(norm_t.asnumpy())
+            loss, norm = float(np.mean(micro_losses)), float(norm_t.asnumpy())
             micro_losses = []
-            dt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            step_times.append(dt)
-            # the first step of a process includes graph compilation: keep it out of rates and ETA
-            typical = float(np.mean(step_times[1:])) if len(step_times) > 1 else dt
-            if not math.isfinite(loss):
-                logger.warning("step %d: loss is %s", global_step, loss)
-            series.append({"step": global_step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm})
-            logger.info(
-                "epoch=%d/%d step=%d/%d loss=%.6f lr=%.6e step_time=%.3fs tokens_per_s_device=%.1f "
-                "grad_norm=%.6f eta=%s",
-                epoch,
-                tc.epochs,
-                global_step,
-                total,
-                loss,
-                lr,
-                dt,
-                tokens_per_step / dt,
-                norm,
-                human_seconds(typical * (total - global_step)),
-            )
-            if global_step % tc.save_checkpoint_steps == 0:
-                save(epoch, in_epoch)
-            if tc.do_eval and tc.eval_step_interval > 0 and global_step % tc.eval_step_interval == 0:
-                run_eval()
-        if global_step == total and (not last_ckpt or not last_ckpt.endswith(f"-{epoch}_{in_epoch}.ckpt")):
-            save(epoch, in_epoch)
-    if tc.do_eval and (not evals or evals[-1]["step"] != global_step):
-        run_eval()
+            now = time.perf_counter()
+            dt, t0 = now - t0, now  # saves and evals below stay out of the next step's time
+            self.end_step(epoch, in_epoch, loss, norm, dt)
+        return in_epoch
 
-    rates = step_times[1:] or step_times
-    result = TrainResult(
-        steps=global_step,
-        steps_this_run=len(series),
-        total_steps=total,
-        final_loss=series[-1]["loss"] if series else None,
-        eval_loss=eval_loss,
-        eval_perplexity=eval_ppl,
-        tokens_per_second_per_device=tokens_per_step / float(np.mean(rates)) if rates else None,
-        world_size=rt.world_size,
-        rank=rt.rank,
-        resumed_from=resumed_from,
-        last_checkpoint=last_ckpt,
-        summary_path=None,
-        loss_series=series,
-        eval_series=evals,
-    )
-    if rt.rank == 0:
+    def check_micro_batch(self, ids: np.ndarray, labels: np.ndarray, where: str) -> None:
+        check_batch(ids, labels, self.tc.seq_length, where)
+        pad_id = int(self.tc.model_config.get("pad_token_id", 0))
+        ignore_id = int(self.tc.model_config.get("ignore_token_id", -100))
+        if supervised_tokens(ids, labels, pad_id, ignore_id) == 0:
+            # its loss is 0 and its gradient nothing: say so rather than log a perfect loss
+            logger.warning(
+                "%s: no supervised token in this batch (every label masked): it teaches nothing; "
+                "were the answers truncated away? see the preprocess report",
+                where,
+            )
+
+    def end_step(self, epoch: int, in_epoch: int, loss: float, norm: float, dt: float) -> None:
+        """Count an optimizer step and log it; save and evaluate when due."""
+        tc = self.tc
+        lr = float(self.lrs[self.global_step])
+        self.global_step += 1
+        self.step_times.append(dt)
+        if not math.isfinite(loss):
+            logger.warning("step %d: loss is %s", self.global_step, loss)
+        self.series.append(
+            {"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm}
+        )
+        logger.info(
+            "epoch=%d/%d step=%d/%d loss=%.6f lr=%.6e step_time=%.3fs tokens_per_s_device=%.1f "
+            "grad_norm=%.6f eta=%s",
+            epoch,
+            tc.epochs,
+            self.global_step,
+            self.total,
+            loss,
+            lr,
+            dt,
+            self.tokens_per_step / dt,
+            norm,
+            human_seconds(self.typical_step_time() * (self.total - self.global_step)),
+        )
+        if self.global_step % tc.save_checkpoint_steps == 0:
+            self.save(epoch, in_epoch)
+        if tc.do_eval and tc.eval_step_interval > 0 and self.global_step % tc.eval_step_interval == 0:
+            self.evaluate_and_record()
+
+    def typical_step_time(self) -> float | None:
+        """Mean step time so far; None before the first step."""
+        # the first step of a process includes graph compilation: it counts only while alone
+        times = self.step_times[1:] or self.step_times
+        return float(np.mean(times)) if times else None
+
+    # -- evaluate and save
+    def evaluate_and_record(self) -> None:
+        tc = self.tc
+        self.eval_loss, self.eval_ppl = evaluate(
+            self.model, tc.eval_dataset_dir, tc.batch_size, tc.seq_length
+        )
+        self.evals.append({"step": self.global_step, "loss": self.eval_loss, "perplexity": self.eval_ppl})
+        logger.info(
+            "eval step=%d/%d loss=%.6f perplexity=%.4f",
+            self.global_step,
+            self.total,
+            self.eval_loss,
+            self.eval_ppl,
+        )
+
+    def evaluate_at_end(self) -> None:
+        """With `do_eval`, the final weights are evaluated, unless the last periodic eval did."""
+        if self.tc.do_eval and (not self.evals or self.evals[-1]["step"] != self.global_step):
+            self.evaluate_and_record()
+
+    def save(self, epoch: int, in_epoch: int) -> None:
+        tc = self.tc
+        path = ckpt.save(
+            self.step_cell,
+            tc.output_dir,
+            tc.ckpt_prefix,
+            self.rt.rank,
+            ckpt.Counters(epoch, in_epoch, self.global_step),
+            trainable_only=tc.save_trainable_params,
+            trainable_names=self.trainable_names,
+            keep_max=tc.keep_checkpoint_max,
+            loss_scale=tc.scale_sense,
+        )
+        self.last_checkpoint = str(path)
+        logger.info("saved checkpoint %s", path)
+
+    def saved_at(self, epoch: int, in_epoch: int) -> bool:
+        """Whether this run's last save was at step `in_epoch` of `epoch`."""
+        here = checkpoint_path(self.tc.output_dir, self.tc.ckpt_prefix, self.rt.rank, epoch, in_epoch)
+        return self.last_checkpoint == str(here)
+
+    # -- summary
+    def summary(self) -> TrainResult:
+        step_time = self.typical_step_time()
+        result = TrainResult(
+            steps=self.global_step,
+            steps_this_run=len(self.series),
+            total_steps=self.total,
+            final_loss=self.series[-1]["loss"] if self.series else None,
+            eval_loss=self.eval_loss,
+            eval_perplexity=self.eval_ppl,
+            tokens_per_second_per_device=self.tokens_per_step / step_time if step_time is not None else None,
+            world_size=self.rt.world_size,
+            rank=self.rt.rank,
+            resumed_from=self.resumed_from,
+            last_checkpoint=self.last_checkpoint,
+            summary_path=None,
+            loss_series=self.series,
+            eval_series=self.evals,
+        )
+        if self.rt.rank == 0:
+            self.write_summary(result)
+        return result
+
+    def write_summary(self, result: TrainResult) -> None:
+        """OUTPUT/train_summary.json: the result and the run's shape, written atomically."""
+        tc = self.tc
         path = Path(tc.output_dir) / SUMMARY_NAME
         result.summary_path = str(path)
         summary = asdict(result)
         summary.update(
             run_mode=tc.run_mode,
-            global_batch_size=plan.global_batch,
-            gradient_accumulation_steps=accum,
-            seq_length=seq,
+            global_batch_size=self.plan.global_batch,
+            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            seq_length=tc.seq_length,
             tokens_per_second_total=(
-                result.tokens_per_second_per_device * rt.world_size
+                result.tokens_per_second_per_device * self.rt.world_size
                 if result.tokens_per_second_per_device
                 else None
             ),
@@ -401,15 +521,14 @@ def train(tc: TrainConfig) -> TrainResult:
         write_json_atomic(path, summary)
         logger.info(
             "done: %d steps (%d this run), final loss %s, eval loss %s; summary %s",
-            global_step,
-            len(series),
+            self.global_step,
+            len(self.series),
             result.final_loss,
-            eval_loss,
+            self.eval_loss,
             path,
         )
-    return result
 
 
-def finetune(tc: TrainConfig) -> TrainResult:
-    """Fine-tune from `load_checkpoint` (run_mode finetune); same loop as `train`."""
-    return train(tc)
+def train(tc: TrainConfig) -> TrainResult:
+    """Run training (or fine-tuning from `load_checkpoint`) as configured; return what happened."""
+    return TrainRecipe(tc).run()
