@@ -3,7 +3,7 @@
 Runs both CLIs as subprocesses (convert, then preprocess at seq 4096 with the real Llama 2
 tokenizer), samples the total RSS of each process tree (the CLI and every worker it starts)
 with psutil every 20 ms, then checks every written record against `literal_qa`, a
-single-process implementation written straight from the contract (reference section 2), and
+single-process implementation written straight from docs/REFERENCE.md (token layout, masking), and
 writes the figures to docs/BENCHMARKS.md.
 """
 
@@ -39,7 +39,8 @@ COMMAND = "python -m bench.preprocess"
 def literal_qa(
     records: list[dict[str, Any]], sp: Any, seq_length: int
 ) -> Iterator[tuple[list[int], list[int]]]:
-    """Section 2 of the contract, step by step, with no shortcut: yields (input_ids, labels)."""
+    """docs/REFERENCE.md, token layout and masking, step by step, with no shortcut: yields
+    (input_ids, labels)."""
     from fastchat.conversation import get_conv_template
 
     conv = get_conv_template("vicuna_v1.1")

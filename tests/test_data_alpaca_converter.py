@@ -25,7 +25,8 @@ NO_INPUT = (
 
 
 def expected_text(recs: list[dict]) -> str:
-    """The reference output, built from the contract's prompts: json list, indent 2, non-ASCII kept."""
+    """The reference output, built from the prompts in docs/REFERENCE.md, conversations: json list,
+    indent 2, non-ASCII kept."""
     out = []
     for n, r in enumerate(recs, 1):
         x = r.get("input", "")

@@ -1,7 +1,8 @@
-"""llama_preprocess against expectations derived by hand from sentencepiece pieces (contract §2).
+"""llama_preprocess against expectations derived by hand from sentencepiece pieces
+(docs/REFERENCE.md, token layout and masking).
 
-Every expected record below is assembled in the test from `sp.encode` of the prompt pieces the
-contract names, never by calling the implementation.
+Every expected record below is assembled in the test from `sp.encode` of the prompt pieces
+docs/REFERENCE.md names, never by calling the implementation.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run_qa(tmp_path, recs, seq=SEQ, **kw):
 
 
 def one_round(sp, human: str, gpt: str, first: bool = True, length: int = L, offset: int = 3):
-    """Expected (ids, labels) for a one-round prompt, straight from the contract's formulas."""
+    """Expected (ids, labels) for a one-round prompt, straight from docs/REFERENCE.md, masking."""
     rnd = (SYS + " " if first else "") + "USER: " + human + " ASSISTANT: " + gpt
     enc = sp.encode(rnd)
     ids = [1, *enc, 2]

@@ -1,4 +1,5 @@
-"""Stage 1: Alpaca records -> conversation JSON, byte-identical to MindFormers' `alpaca_converter`.
+"""Stage 1: Alpaca records -> conversation JSON, byte-identical to MindFormers' `alpaca_converter`
+(docs/REFERENCE.md, conversations).
 
 Each Alpaca record (`instruction`, optional `input`, `output`) becomes
 `{"id": "<n>", "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": output}]}`

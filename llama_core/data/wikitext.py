@@ -1,6 +1,6 @@
-"""Wikitext -> token stream, as MindFormers' `llama_preprocess.py` does for `wiki`: the
-reference's clean-up, blank-line separated paragraphs (headings skipped), each tokenized as
-bos + ids + eos. Chunks are tokenized in the worker processes."""
+"""Wikitext -> token stream, as MindFormers' `llama_preprocess.py` does for `wiki`
+(docs/REFERENCE.md, token layout): the reference's clean-up, blank-line separated paragraphs
+(headings skipped), each tokenized as bos + ids + eos. Chunks are tokenized in the worker processes."""
 
 from __future__ import annotations
 
