@@ -4,15 +4,17 @@ The YAML keeps MindFormers 1.3's structure and key names (`runner_config`, `opti
 `train_dataset.data_loader`, `parallel`, `parallel_config`, `model.model_config`, `callbacks`,
 `context`, `runner_wrapper`, ...), so a reference config carries over. `TrainConfig.from_dict` reads
 the keys the trainer uses into one typed object; a wrong type or value fails with the key's path.
+`layout_from_config` reads `parallel_config` (the ranks' layout) for the trainer, the launcher and
+the checkpoint tools alike; `model.model_config` is the model's (`llama_core.model.config`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 
@@ -115,23 +117,16 @@ def set_key(cfg: dict[str, Any], path: str, value: Any) -> None:
 
 
 def _get(cfg: Mapping[str, Any], path: str, default: Any = None) -> Any:
+    """The value at a dotted key path (`callbacks[T].key`: the key of the callback of type T)."""
     node: Any = cfg
     for part in path.split("."):
+        if part.startswith("callbacks["):
+            node = _callback(node, part[len("callbacks[") : -1])
+            continue
         if not isinstance(node, Mapping) or part not in node:
             return default
         node = node[part]
     return default if node is None else node
-
-
-def _typed(cfg: Mapping[str, Any], path: str, kind: type, default: Any) -> Any:
-    value = _get(cfg, path, default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"config key {path!r} must be {kind.__name__}, got {value!r}")
-    return value
 
 
 def _callback(cfg: Mapping[str, Any], type_name: str) -> dict[str, Any]:
@@ -141,112 +136,145 @@ def _callback(cfg: Mapping[str, Any], type_name: str) -> dict[str, Any]:
     return {}
 
 
+def _typed(value: Any, path: str, kind: type) -> Any:
+    """`value` as `kind`; an int where a float is expected and 'true'/'false' for a bool are accepted."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {path!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """data_parallel x model_parallel x pipeline_stage.
+
+    Ranks follow MindSpore's device matrix: `rank = stage * (dp * mp) + dp_index * mp + mp_index`
+    (model parallel innermost, so a tensor parallel group sits on adjacent devices).
+    """
+
+    dp: int = 1
+    mp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.mp * self.pp
+
+    def rank(self, stage: int, d: int, m: int) -> int:
+        return stage * self.dp * self.mp + d * self.mp + m
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """rank -> (stage, dp index, mp index)."""
+        stage, rest = divmod(rank, self.dp * self.mp)
+        d, m = divmod(rest, self.mp)
+        return stage, d, m
+
+    def as_dict(self) -> dict[str, int]:
+        return {"data_parallel": self.dp, "model_parallel": self.mp, "pipeline_stage": self.pp}
+
+
+def layout_from_config(cfg: Mapping[str, Any]) -> Layout:
+    """The layout of a run config's `parallel_config` (absent keys: 1); the one reader of that section."""
+    pc = cfg.get("parallel_config") or {}
+    values = {}
+    for key in ("data_parallel", "model_parallel", "pipeline_stage"):
+        value = pc.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"config key 'parallel_config.{key}' must be a positive integer, got {value!r}")
+        values[key] = value
+    return Layout(values["data_parallel"], values["model_parallel"], values["pipeline_stage"])
+
+
+def _key(path: str, default: Any) -> Any:
+    """A TrainConfig field read from the run config's key `path`, `default` when absent or null.
+
+    (Fields with a mutable default spell out `field(default_factory=..., metadata={"key": path})`.)
+    """
+    return field(default=default, metadata={"key": path})
+
+
 @dataclass
 class TrainConfig:
-    """The training-relevant part of a run config, typed (MindFormers key path in each comment)."""
+    """The training-relevant part of a run config, typed; each field names its MindFormers key path.
 
-    seed: int = 0  # seed
-    output_dir: str = "./output"  # output_dir
-    run_mode: str = "finetune"  # run_mode
-    load_checkpoint: str = ""  # load_checkpoint
-    resume_training: bool = False  # resume_training
-    use_parallel: bool = False  # use_parallel
-    do_eval: bool = False  # do_eval
-    eval_step_interval: int = 100  # eval_step_interval (<= 0: only at the end)
-    epochs: int = 1  # runner_config.epochs
-    batch_size: int = 1  # runner_config.batch_size (per device)
-    sink_mode: bool = False  # runner_config.sink_mode
-    sink_size: int = 1  # runner_config.sink_size
-    gradient_accumulation_steps: int = 1  # runner_config.gradient_accumulation_steps
-    optimizer_type: str = "FP32StateAdamWeightDecay"  # optimizer.type
-    beta1: float = 0.9  # optimizer.beta1
-    beta2: float = 0.999  # optimizer.beta2
-    eps: float = 1e-8  # optimizer.eps
-    weight_decay: float = 0.0  # optimizer.weight_decay
-    lr_schedule_type: str = "CosineWithWarmUpLR"  # lr_schedule.type
-    learning_rate: float = 1e-5  # lr_schedule.learning_rate
-    warmup_ratio: float = 0.0  # lr_schedule.warmup_ratio
-    lr_end: float = 0.0  # lr_schedule.lr_end
-    total_steps: int = -1  # lr_schedule.total_steps (-1: from the dataset size)
-    train_dataset_dir: str = ""  # train_dataset.data_loader.dataset_dir
-    train_shuffle: bool = True  # train_dataset.data_loader.shuffle
-    train_drop_remainder: bool = True  # train_dataset.drop_remainder
-    input_columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
-    eval_dataset_dir: str = ""  # eval_dataset.data_loader.dataset_dir
-    gradients_mean: bool = False  # parallel.gradients_mean
-    parallel_mode: int = 0  # parallel.parallel_mode
-    data_parallel: int = 1  # parallel_config.data_parallel
-    model_parallel: int = 1  # parallel_config.model_parallel
-    pipeline_stage: int = 1  # parallel_config.pipeline_stage
-    scale_sense: float = 1.0  # runner_wrapper.scale_sense
-    use_clip_grad: bool = True  # runner_wrapper.use_clip_grad
-    max_grad_norm: float = 1.0  # runner_wrapper.max_grad_norm
-    ckpt_prefix: str = "llama"  # callbacks[CheckpointMonitor].prefix
-    save_checkpoint_steps: int = 100  # callbacks[CheckpointMonitor].save_checkpoint_steps
-    keep_checkpoint_max: int = 5  # callbacks[CheckpointMonitor].keep_checkpoint_max
-    save_trainable_params: bool = False  # callbacks[CheckpointMonitor].save_trainable_params (LoRA-only)
-    mode: int = 0  # context.mode (0 graph, 1 PyNative)
-    device_target: str = "CPU"  # context.device_target
-    device_id: int = 0  # context.device_id
-    max_device_memory: str = ""  # context.max_device_memory
-    vocab_file: str = ""  # processor.tokenizer.vocab_file
-    model_config: dict[str, Any] = field(default_factory=dict)  # model.model_config (incl. pet_config)
+    `from_dict` reads every field from its key by the field's type: int, float and bool values are
+    checked (naming the key), str and list values converted; `parallel_config` is read by
+    `layout_from_config`.
+    """
+
+    # incl. pet_config
+    model_config: dict[str, Any] = field(default_factory=dict, metadata={"key": "model.model_config"})
+    seed: int = _key("seed", 0)
+    output_dir: str = _key("output_dir", "./output")
+    run_mode: str = _key("run_mode", "finetune")
+    load_checkpoint: str = _key("load_checkpoint", "")
+    resume_training: bool = _key("resume_training", False)
+    use_parallel: bool = _key("use_parallel", False)
+    do_eval: bool = _key("do_eval", False)
+    eval_step_interval: int = _key("eval_step_interval", 100)  # <= 0: only at the end
+    epochs: int = _key("runner_config.epochs", 1)
+    batch_size: int = _key("runner_config.batch_size", 1)  # per device
+    sink_mode: bool = _key("runner_config.sink_mode", False)
+    sink_size: int = _key("runner_config.sink_size", 1)
+    gradient_accumulation_steps: int = _key("runner_config.gradient_accumulation_steps", 1)
+    optimizer_type: str = _key("optimizer.type", "FP32StateAdamWeightDecay")
+    beta1: float = _key("optimizer.beta1", 0.9)
+    beta2: float = _key("optimizer.beta2", 0.999)
+    eps: float = _key("optimizer.eps", 1e-8)
+    weight_decay: float = _key("optimizer.weight_decay", 0.0)
+    lr_schedule_type: str = _key("lr_schedule.type", "CosineWithWarmUpLR")
+    learning_rate: float = _key("lr_schedule.learning_rate", 1e-5)
+    warmup_ratio: float = _key("lr_schedule.warmup_ratio", 0.0)
+    lr_end: float = _key("lr_schedule.lr_end", 0.0)
+    total_steps: int = _key("lr_schedule.total_steps", -1)  # -1: from the dataset size
+    train_dataset_dir: str = _key("train_dataset.data_loader.dataset_dir", "")
+    train_shuffle: bool = _key("train_dataset.data_loader.shuffle", True)
+    train_drop_remainder: bool = _key("train_dataset.drop_remainder", True)
+    input_columns: list[str] = field(
+        default_factory=lambda: ["input_ids", "labels"], metadata={"key": "train_dataset.input_columns"}
+    )
+    eval_dataset_dir: str = _key("eval_dataset.data_loader.dataset_dir", "")
+    gradients_mean: bool = _key("parallel.gradients_mean", False)
+    parallel_mode: int = _key("parallel.parallel_mode", 0)
+    layout: Layout = field(default_factory=Layout, metadata={"key": "parallel_config"})
+    scale_sense: float = _key("runner_wrapper.scale_sense", 1.0)
+    use_clip_grad: bool = _key("runner_wrapper.use_clip_grad", True)
+    max_grad_norm: float = _key("runner_wrapper.max_grad_norm", 1.0)
+    ckpt_prefix: str = _key("callbacks[CheckpointMonitor].prefix", "llama")
+    save_checkpoint_steps: int = _key("callbacks[CheckpointMonitor].save_checkpoint_steps", 100)
+    keep_checkpoint_max: int = _key("callbacks[CheckpointMonitor].keep_checkpoint_max", 5)
+    # LoRA weights only
+    save_trainable_params: bool = _key("callbacks[CheckpointMonitor].save_trainable_params", False)
+    mode: int = _key("context.mode", 0)  # 0 graph, 1 PyNative
+    device_target: str = _key("context.device_target", "CPU")
+    device_id: int = _key("context.device_id", 0)
+    max_device_memory: str = _key("context.max_device_memory", "")
+    vocab_file: str = _key("processor.tokenizer.vocab_file", "")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> TrainConfig:
         """Read and check the keys the trainer uses; anything wrong names its key path."""
-        ckpt = _callback(cfg, "CheckpointMonitor")
-        model_config = _get(cfg, "model.model_config", {})
-        if not isinstance(model_config, Mapping) or not model_config:
-            raise ConfigError("config key 'model.model_config' is missing or not a mapping")
-        tc = cls(
-            seed=_typed(cfg, "seed", int, 0),
-            output_dir=str(_get(cfg, "output_dir", "./output")),
-            run_mode=str(_get(cfg, "run_mode", "finetune")),
-            load_checkpoint=str(_get(cfg, "load_checkpoint", "")),
-            resume_training=_typed(cfg, "resume_training", bool, False),
-            use_parallel=_typed(cfg, "use_parallel", bool, False),
-            do_eval=_typed(cfg, "do_eval", bool, False),
-            eval_step_interval=_typed(cfg, "eval_step_interval", int, 100),
-            epochs=_typed(cfg, "runner_config.epochs", int, 1),
-            batch_size=_typed(cfg, "runner_config.batch_size", int, 1),
-            sink_mode=_typed(cfg, "runner_config.sink_mode", bool, False),
-            sink_size=_typed(cfg, "runner_config.sink_size", int, 1),
-            gradient_accumulation_steps=_typed(cfg, "runner_config.gradient_accumulation_steps", int, 1),
-            optimizer_type=str(_get(cfg, "optimizer.type", "FP32StateAdamWeightDecay")),
-            beta1=_typed(cfg, "optimizer.beta1", float, 0.9),
-            beta2=_typed(cfg, "optimizer.beta2", float, 0.999),
-            eps=_typed(cfg, "optimizer.eps", float, 1e-8),
-            weight_decay=_typed(cfg, "optimizer.weight_decay", float, 0.0),
-            lr_schedule_type=str(_get(cfg, "lr_schedule.type", "CosineWithWarmUpLR")),
-            learning_rate=_typed(cfg, "lr_schedule.learning_rate", float, 1e-5),
-            warmup_ratio=_typed(cfg, "lr_schedule.warmup_ratio", float, 0.0),
-            lr_end=_typed(cfg, "lr_schedule.lr_end", float, 0.0),
-            total_steps=_typed(cfg, "lr_schedule.total_steps", int, -1),
-            train_dataset_dir=str(_get(cfg, "train_dataset.data_loader.dataset_dir", "")),
-            train_shuffle=_typed(cfg, "train_dataset.data_loader.shuffle", bool, True),
-            train_drop_remainder=_typed(cfg, "train_dataset.drop_remainder", bool, True),
-            input_columns=list(_get(cfg, "train_dataset.input_columns", ["input_ids", "labels"])),
-            eval_dataset_dir=str(_get(cfg, "eval_dataset.data_loader.dataset_dir", "")),
-            gradients_mean=_typed(cfg, "parallel.gradients_mean", bool, False),
-            parallel_mode=_typed(cfg, "parallel.parallel_mode", int, 0),
-            data_parallel=_typed(cfg, "parallel_config.data_parallel", int, 1),
-            model_parallel=_typed(cfg, "parallel_config.model_parallel", int, 1),
-            pipeline_stage=_typed(cfg, "parallel_config.pipeline_stage", int, 1),
-            scale_sense=_typed(cfg, "runner_wrapper.scale_sense", float, 1.0),
-            use_clip_grad=_typed(cfg, "runner_wrapper.use_clip_grad", bool, True),
-            max_grad_norm=_typed(cfg, "runner_wrapper.max_grad_norm", float, 1.0),
-            ckpt_prefix=str(ckpt.get("prefix", "llama")),
-            save_checkpoint_steps=int(ckpt.get("save_checkpoint_steps", 100)),
-            keep_checkpoint_max=int(ckpt.get("keep_checkpoint_max", 5)),
-            save_trainable_params=bool(ckpt.get("save_trainable_params", False)),
-            mode=_typed(cfg, "context.mode", int, 0),
-            device_target=str(_get(cfg, "context.device_target", "CPU")),
-            device_id=_typed(cfg, "context.device_id", int, 0),
-            max_device_memory=str(_get(cfg, "context.max_device_memory", "")),
-            vocab_file=str(_get(cfg, "processor.tokenizer.vocab_file", "")),
-            model_config=dict(model_config),
-        )
+        types = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            path, kind = f.metadata["key"], get_origin(types[f.name]) or types[f.name]
+            default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            if kind is Layout:
+                values[f.name] = layout_from_config(cfg)
+                continue
+            value = _get(cfg, path, default)
+            if kind is dict:
+                if not isinstance(value, Mapping) or not value:
+                    raise ConfigError(f"config key {path!r} is missing or not a mapping")
+                values[f.name] = dict(value)
+            elif kind in (str, list):
+                values[f.name] = kind(value)
+            else:
+                values[f.name] = _typed(value, path, kind)
+        tc = cls(**values)
         tc.validate()
         return tc
 
@@ -256,7 +284,6 @@ class TrainConfig:
             "runner_config.epochs": self.epochs,
             "runner_config.batch_size": self.batch_size,
             "runner_config.gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "parallel_config.data_parallel": self.data_parallel,
             "callbacks[CheckpointMonitor].save_checkpoint_steps": self.save_checkpoint_steps,
             "callbacks[CheckpointMonitor].keep_checkpoint_max": self.keep_checkpoint_max,
         }
@@ -292,6 +319,18 @@ class TrainConfig:
                 "config key 'train_dataset.input_columns' must be [input_ids, labels], "
                 f"got {self.input_columns}"
             )
+
+    @property
+    def data_parallel(self) -> int:
+        return self.layout.dp
+
+    @property
+    def model_parallel(self) -> int:
+        return self.layout.mp
+
+    @property
+    def pipeline_stage(self) -> int:
+        return self.layout.pp
 
     @property
     def pet_config(self) -> dict[str, Any]:

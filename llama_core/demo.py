@@ -24,19 +24,12 @@ import numpy as np
 
 from llama_core.atomic import atomic_path, write_bytes_atomic, write_json_atomic
 from llama_core.data.alpaca_converter import alpaca_to_conversation
+from llama_core.model.config import LlamaConfig
 
-# Shape of the demo model; it matches configs/lora_llama2_tiny.yaml's model_config.
-DEMO_MODEL = {
-    "hidden_size": 64,
-    "intermediate_size": 192,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "vocab_size": 512,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-}
+# The demo model's HF config.json; its sizes match configs/lora_llama2_tiny.yaml's model_config.
+DEMO_MODEL = LlamaConfig(
+    seq_length=256, hidden_size=64, num_layers=2, num_heads=4, vocab_size=512, multiple_of=32
+).to_hf_config(torch_dtype="float32")
 
 # Every demo prompt (110-143 tokens with the demo tokenizer) fits, so no answer is cut off.
 DEMO_SEQ_LENGTH = 160
@@ -114,7 +107,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def hf_llama_weights(shape: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+def hf_llama_weights(shape: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """Random fp32 weights under Hugging Face `LlamaForCausalLM` tensor names."""
     rng = np.random.default_rng(seed)
     hidden, ffn = int(shape["hidden_size"]), int(shape["intermediate_size"])
@@ -143,20 +136,6 @@ def hf_llama_weights(shape: dict[str, float], seed: int = 0) -> dict[str, np.nda
     return weights
 
 
-def hf_llama_config(shape: dict[str, float]) -> dict[str, object]:
-    """The `config.json` Hugging Face writes for a `LlamaForCausalLM` of this shape."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **shape,
-        "hidden_act": "silu",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-    }
-
-
 def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
     """Write the demo's Alpaca data, tokenizer and tiny HF Llama under `dest` (atomically)."""
     from safetensors.numpy import save_file
@@ -169,7 +148,7 @@ def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
     tokenizer = write_bytes_atomic(dest / "tokenizer.model", train_tokenizer(texts, DEMO_MODEL["vocab_size"]))
     with atomic_path(dest / "hf_model") as tmp:
         tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(hf_llama_config(DEMO_MODEL), indent=2))
+        (tmp / "config.json").write_text(json.dumps(DEMO_MODEL, indent=2))
         save_file(
             hf_llama_weights(DEMO_MODEL, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_core.checkpoint.layout import layout_from_config
 from llama_core.cli import run
 from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
@@ -128,8 +127,7 @@ def check_config(
     except ConfigError as exc:
         raise _param_error("overrides", str(exc)) from exc
     try:
-        TrainConfig.from_dict(cfg)
-        layout = layout_from_config(cfg)
+        layout = TrainConfig.from_dict(cfg).layout
     except ConfigError as exc:
         raise _param_error("config", f"{config} with the overrides: {exc}") from exc
     if not 1 <= layout.world_size <= MAX_RANKS[device_target]:

@@ -77,7 +77,7 @@ class MsrunFinetuneOperator(StageOperator):
 
     def world_size(self) -> int:
         """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
-        from llama_core.checkpoint.layout import layout_from_config
+        from llama_core.config import layout_from_config
 
         return layout_from_config(run_config(self.config, self.overrides)).world_size
 

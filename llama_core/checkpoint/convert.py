@@ -27,14 +27,11 @@ import numpy as np
 from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
-from llama_core.checkpoint.layout import dims_from_run_config
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import (
     HF_DERIVED,
     OPTIMIZER_PREFIXES,
-    LlamaDims,
     check_shape,
-    dims_from_hf_config,
     expected_ms_names,
     is_training_scalar,
     match_hf,
@@ -55,6 +52,7 @@ from llama_core.checkpoint.sources import CheckpointSource
 from llama_core.cli import run
 from llama_core.config import load_config
 from llama_core.errors import ConfigError, InputError
+from llama_core.model.config import LlamaConfig, LlamaDims
 from llama_core.progress import Progress
 
 log = logging.getLogger("llama_core.checkpoint.convert")
@@ -134,7 +132,7 @@ def convert_hf_to_ms(
     input_path, output_path = Path(input_path), Path(output_path)
     target = _target_dtype(dtype)
     hf_config = _read_json(input_path / "config.json")
-    dims = dims_from_hf_config(hf_config)
+    dims = LlamaConfig.from_hf_config(hf_config, check_features=False).dims
     plan, skipped = plan_hf_import(input_path, dims, bool(hf_config.get("tie_word_embeddings")))
 
     manifest_path = manifest_path_for(output_path)
@@ -191,35 +189,10 @@ def parse_size(text: str | int) -> int:
     raise ConfigError(f"max_shard_size {text!r}: expected e.g. 5GB, 500MB or a byte count")
 
 
-def hf_config_from_run_config(cfg: Mapping[str, Any], torch_dtype: str) -> dict[str, Any]:
-    """An HF LlamaForCausalLM config.json for a run config's `model.model_config`."""
-    dims = dims_from_run_config(cfg)
-    mc = cfg["model"]["model_config"]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": dims.hidden,
-        "intermediate_size": dims.ffn,
-        "num_attention_heads": dims.heads,
-        "num_hidden_layers": dims.layers,
-        "num_key_value_heads": dims.kv_heads,
-        "vocab_size": dims.vocab,
-        "rms_norm_eps": float(mc.get("rms_norm_eps", 1e-5)),
-        "rope_theta": float(mc.get("theta", 10000.0)),
-        "max_position_embeddings": int(mc.get("max_position_embedding") or mc.get("seq_length", 4096)),
-        "bos_token_id": int(mc.get("bos_token_id", 1)),
-        "eos_token_id": int(mc.get("eos_token_id", 2)),
-        "pad_token_id": int(mc.get("pad_token_id", 0)),
-        "tie_word_embeddings": False,
-        "torch_dtype": torch_dtype,
-    }
-
-
 def load_hf_config(config: str | os.PathLike[str] | Mapping[str, Any], torch_dtype: str) -> dict[str, Any]:
     """HF config.json content from an HF config.json path, a run-config YAML path or a run-config dict."""
     if isinstance(config, Mapping):
-        return hf_config_from_run_config(config, torch_dtype)
+        return LlamaConfig.from_run_config(config).to_hf_config(torch_dtype)
     path = Path(config)
     if path.suffix == ".json":
         hf = _read_json(path)
@@ -227,7 +200,7 @@ def load_hf_config(config: str | os.PathLike[str] | Mapping[str, Any], torch_dty
             if key in hf:
                 hf[key] = torch_dtype
         return hf
-    return hf_config_from_run_config(load_config(path), torch_dtype)
+    return LlamaConfig.from_run_config(load_config(path)).to_hf_config(torch_dtype)
 
 
 def _plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:
@@ -260,7 +233,6 @@ def convert_ms_to_hf(
     manifest_path = out / "convert_manifest.json"
     with CheckpointSource(input_path) as src:
         skipped, by_name = [], {}
-        dims = None
         for meta in src.tensors:
             if split_lora_name(meta.name):
                 raise InputError(
@@ -274,7 +246,7 @@ def convert_ms_to_hf(
             by_name[meta.name] = meta
         first = src.tensors[0].dtype if src.tensors else "F32"
         hf_config = load_hf_config(config, _HF_TORCH_DTYPE.get(target or first, "float32"))
-        dims = dims_from_hf_config(hf_config)
+        dims = LlamaConfig.from_hf_config(hf_config, check_features=False).dims
         plan_tensors, metas = [], []
         for name in expected_ms_names(dims):
             meta = by_name.pop(name, None)

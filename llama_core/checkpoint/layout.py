@@ -1,78 +1,31 @@
 """Parallel layouts: which rank holds which slice of which tensor, and the shard manifest.
 
-Rank numbering follows MindSpore's device matrix for pipeline x data x model parallelism:
-`rank = stage * (dp * mp) + dp_index * mp + mp_index` (model parallel innermost, so a tensor
-parallel group sits on adjacent devices). Layers go to stages as MindFormers assigns them:
-`stage(layer) = min(layer // max((layers + 1) // pp, 1), pp - 1)`; the embedding lives on the
+The layout itself (`Layout`, read from `parallel_config` by `layout_from_config`, rank numbering
+included) lives with the run config in `llama_core.config`. Layers go to stages as MindFormers
+assigns them: `stage(layer) = min(layer // max((layers + 1) // pp, 1), pp - 1)`; the embedding lives on the
 first stage, `model.norm_out` and `lm_head` on the last. Slicing per tensor: see `names`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_core.checkpoint.names import (
     OPTIMIZER_PREFIXES,
-    LlamaDims,
     check_shape,
-    dims_from_model_config,
     is_training_scalar,
     match_ms,
     split_lora_name,
 )
+from llama_core.config import Layout
 from llama_core.errors import ConfigError, InputError
+from llama_core.model.config import LlamaDims
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llama_core.shard/1"
-
-
-@dataclass(frozen=True)
-class Layout:
-    """data_parallel x model_parallel x pipeline_stage."""
-
-    dp: int = 1
-    mp: int = 1
-    pp: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.mp * self.pp
-
-    def rank(self, stage: int, d: int, m: int) -> int:
-        return stage * self.dp * self.mp + d * self.mp + m
-
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        """rank -> (stage, dp index, mp index)."""
-        stage, rest = divmod(rank, self.dp * self.mp)
-        d, m = divmod(rest, self.mp)
-        return stage, d, m
-
-    def as_dict(self) -> dict[str, int]:
-        return {"data_parallel": self.dp, "model_parallel": self.mp, "pipeline_stage": self.pp}
-
-
-def layout_from_config(cfg: Mapping[str, Any]) -> Layout:
-    """The layout of a run config's `parallel_config` (absent keys: 1)."""
-    pc = cfg.get("parallel_config") or {}
-    values = {}
-    for key in ("data_parallel", "model_parallel", "pipeline_stage"):
-        value = pc.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"config key 'parallel_config.{key}' must be a positive integer, got {value!r}")
-        values[key] = value
-    return Layout(values["data_parallel"], values["model_parallel"], values["pipeline_stage"])
-
-
-def dims_from_run_config(cfg: Mapping[str, Any]) -> LlamaDims:
-    """Model sizes from a run config's `model.model_config`."""
-    mc = (cfg.get("model") or {}).get("model_config")
-    if not isinstance(mc, Mapping):
-        raise ConfigError("config key 'model.model_config' is missing or not a mapping")
-    return dims_from_model_config(mc)
 
 
 def check_layout(layout: Layout, dims: LlamaDims) -> None:

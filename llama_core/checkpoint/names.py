@@ -17,7 +17,7 @@ parallelism slices it (Megatron style) and which pipeline stage holds it:
 | lm_head (lm_head)                                          | [vocab, h]   | rows (vocab)          | last  |
 
 (`layers.i` is `model.layers.i`, stage "layer" is the stage of layer i; every name ends
-in `.weight` except the embedding's.)
+in `.weight` except the embedding's.) The sizes come from `LlamaConfig.dims`, the model's config.
 
 LoRA (`<linear>.mindpet_delta_lora_a` [r, in], `_lora_b` [out, r]; older files say `tk_delta_`)
 follows its linear: for a row-split linear B is split by rows and A replicated, for a
@@ -30,91 +30,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
-from llama_core.errors import ConfigError, InputError
+from llama_core.errors import InputError
+from llama_core.model.config import LORA_PREFIXES, LlamaDims
 
-LORA_PREFIXES = ("mindpet_delta_", "tk_delta_")
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
-
-
-@dataclass(frozen=True)
-class LlamaDims:
-    """The sizes that fix every parameter's shape."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def check(self) -> None:
-        if self.hidden % self.heads:
-            raise ConfigError(f"hidden_size {self.hidden} is not divisible by num_heads {self.heads}")
-        if self.heads % self.kv_heads:
-            raise ConfigError(f"num_heads {self.heads} is not divisible by n_kv_heads {self.kv_heads}")
-
-    def size(self, symbol: str) -> int:
-        return {
-            "h": self.hidden,
-            "q": self.heads * self.head_dim,
-            "kv": self.kv_heads * self.head_dim,
-            "ffn": self.ffn,
-            "vocab": self.vocab,
-        }[symbol]
-
-
-def dims_from_hf_config(cfg: dict[str, Any]) -> LlamaDims:
-    """Sizes from an HF `config.json` of a LlamaForCausalLM."""
-    try:
-        dims = LlamaDims(
-            hidden=int(cfg["hidden_size"]),
-            layers=int(cfg["num_hidden_layers"]),
-            heads=int(cfg["num_attention_heads"]),
-            kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            ffn=int(cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]),
-        )
-    except KeyError as exc:
-        raise ConfigError(f"config.json lacks {exc.args[0]!r}") from None
-    dims.check()
-    if cfg.get("head_dim") not in (None, dims.head_dim):
-        raise ConfigError(f"config.json: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    return dims
-
-
-def mindformers_ffn_size(hidden: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """MindFormers' Llama FFN width: 2/3 of 4*hidden, scaled, rounded up to `multiple_of`."""
-    width = int(2 * (4 * hidden) / 3)
-    if ffn_dim_multiplier is not None:
-        width = int(ffn_dim_multiplier * width)
-    return multiple_of * ((width + multiple_of - 1) // multiple_of)
-
-
-def dims_from_model_config(cfg: dict[str, Any]) -> LlamaDims:
-    """Sizes from a MindFormers-style `model.model_config` mapping (hidden_size, num_layers, ...)."""
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_heads"])
-        ffn = cfg.get("intermediate_size") or mindformers_ffn_size(
-            hidden, int(cfg.get("multiple_of", 256)), cfg.get("ffn_dim_multiplier")
-        )
-        dims = LlamaDims(
-            hidden=hidden,
-            layers=int(cfg["num_layers"]),
-            heads=heads,
-            kv_heads=int(cfg.get("n_kv_heads") or heads),
-            ffn=int(ffn),
-            vocab=int(cfg["vocab_size"]),
-        )
-    except KeyError as exc:
-        raise ConfigError(f"model_config lacks {exc.args[0]!r}") from None
-    dims.check()
-    return dims
 
 
 @dataclass(frozen=True)

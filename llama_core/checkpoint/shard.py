@@ -46,11 +46,8 @@ from llama_core.cache import StageKey, content_id, write_manifest
 from llama_core.checkpoint.layout import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
-    Layout,
     Placement,
     check_layout,
-    dims_from_run_config,
-    layout_from_config,
     place,
     slice_bounds,
     stage_layer_ranges,
@@ -59,8 +56,9 @@ from llama_core.checkpoint.msckpt import CkptWriter, sub_ranges
 from llama_core.checkpoint.names import expected_ms_names
 from llama_core.checkpoint.sources import CheckpointSource, TensorMeta
 from llama_core.cli import run
-from llama_core.config import apply_overrides, load_config, parse_override_args
+from llama_core.config import Layout, apply_overrides, layout_from_config, load_config, parse_override_args
 from llama_core.errors import InputError
+from llama_core.model.config import LlamaConfig
 from llama_core.progress import Progress
 
 log = logging.getLogger("llama_core.checkpoint.shard")
@@ -242,7 +240,7 @@ def shard_checkpoint(
     """Shard `load_checkpoint` into `output_dir` for the layout of `config` (a YAML path or a dict)."""
     cfg = config if isinstance(config, Mapping) else load_config(config)
     layout = layout_from_config(cfg)
-    dims = dims_from_run_config(cfg)
+    dims = LlamaConfig.from_run_config(cfg).dims
     check_layout(layout, dims)
     out = Path(output_dir)
     manifest_path = out / MANIFEST_NAME

@@ -1,23 +1,31 @@
-"""Llama 2 family model and LoRA adapters in MindSpore, with MindFormers parameter names."""
+"""Llama 2 family model and LoRA adapters in MindSpore, with MindFormers parameter names.
 
-from llama_core.model.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
-from llama_core.model.lora import (
-    LoraConfig,
-    apply_lora,
-    is_lora_parameter,
-    lora_num_parameters,
-    normalize_lora_name,
-)
-from llama_core.model.weights import load_weights
+The names below are imported on first use, so `llama_core.model.config` (no MindSpore) can be
+imported by tools that never build the model without loading MindSpore.
+"""
 
-__all__ = [
-    "LlamaConfig",
-    "LlamaForCausalLM",
-    "LlamaModel",
-    "LoraConfig",
-    "apply_lora",
-    "is_lora_parameter",
-    "load_weights",
-    "lora_num_parameters",
-    "normalize_lora_name",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the submodule defining it
+_EXPORTS = {
+    "LlamaConfig": "config",
+    "LlamaForCausalLM": "llama",
+    "LlamaModel": "llama",
+    "LoraConfig": "lora",
+    "apply_lora": "lora",
+    "is_lora_parameter": "lora",
+    "lora_num_parameters": "lora",
+    "normalize_lora_name": "lora",
+    "load_weights": "weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

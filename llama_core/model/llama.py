@@ -8,71 +8,21 @@ Parameter names follow MindFormers 1.3 (reference section 3) so checkpoints inte
 Precision: parameters are stored in `param_init_type`; matmuls run in `compute_dtype`; RMSNorm in
 `layernorm_compute_type`, softmax in `softmax_compute_type`, RoPE in `rotary_dtype`; logits are fp32.
 On Ascend `use_flash_attention` switches attention to MindSpore's fused `flash_attention_score`.
+The sizes and settings come from `LlamaConfig` (`llama_core.model.config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal, One, initializer
 
-from llama_core.checkpoint.names import mindformers_ffn_size
-from llama_core.errors import ConfigError
+from llama_core.model.config import DTYPE_NAMES, LlamaConfig
 
-logger = logging.getLogger("llama_core.model")
-
-DTYPES = {"float32": mstype.float32, "float16": mstype.float16, "bfloat16": mstype.bfloat16}
-
-# MindFormers `model_config` keys for features that do not change what is trained here (incremental
-# inference, parallel layouts, generation defaults, kernel tuning). They are accepted so the reference
-# YAML loads as is, and listed in a log line so nothing is dropped without a word.
-IGNORED_MINDFORMERS_KEYS = frozenset(
-    {
-        "type",
-        "batch_size",
-        "checkpoint_name_or_path",
-        "use_past",
-        "use_past_shard",
-        "is_dynamic",
-        "use_kvcache_op",
-        "is_flexible_shape",
-        "use_rope_slice",
-        "use_paged_attention",
-        "block_size",
-        "num_blocks",
-        "offset",
-        "repetition_penalty",
-        "max_decode_length",
-        "top_k",
-        "top_p",
-        "do_sample",
-        "fine_grain_interleave",
-        "compute_in_2d",
-        "pretrain_seqlen",
-        "parallel_config",
-        "embedding_init_type",
-        "init_method_std",
-        "fused_rms_norm",
-        "pet_config",  # read by LoraConfig.from_pet_config
-    }
-)
-# MindFormers keys that would change the model (names, maths): accepted only at these values.
-NEUTRAL_MINDFORMERS_VALUES: dict[str, tuple[Any, ...]] = {
-    "extend_method": ("None", None),
-    "scaling_factor": (1.0, None),
-    "qkv_concat": (False,),
-    "qkv_has_bias": (False,),
-    "attn_proj_has_bias": (False,),
-    "tie_word_embeddings": (False,),
-    "moe_config": (None,),
-}
+DTYPES = {name: getattr(mstype, name) for name in DTYPE_NAMES}
 
 # Llama's standard deviation for the normal init of linear and embedding weights (MindFormers default).
 INIT_STD = 0.02
@@ -80,201 +30,6 @@ INIT_STD = 0.02
 _MASK_VALUE = {mstype.float32: -1.0e9, mstype.float16: -6.0e4, mstype.bfloat16: -1.0e9}
 # flash_attention_score's compressed causal mask (sparse_mode 2) is always 2048 x 2048.
 _FLASH_MASK_SIZE = 2048
-
-
-@dataclasses.dataclass
-class LlamaConfig:
-    """Model hyper-parameters, with MindFormers' `model.model_config` key names. Defaults: Llama 2 7B."""
-
-    seq_length: int = 4096
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    n_kv_heads: int | None = None  # None: multi-head attention (as many KV heads as query heads)
-    vocab_size: int = 32000
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    intermediate_size: int | None = None  # explicit FFN size; overrides the multiple_of rule
-    rms_norm_eps: float = 1.0e-5
-    theta: float = 10000.0
-    max_position_embedding: int | None = None  # None: seq_length
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-    ignore_token_id: int = -100
-    compute_dtype: str = "float32"
-    layernorm_compute_type: str = "float32"
-    softmax_compute_type: str = "float32"
-    rotary_dtype: str = "float32"
-    param_init_type: str = "float32"
-    use_flash_attention: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_position_embedding is None:
-            self.max_position_embedding = self.seq_length
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LlamaConfig:
-        """Build from a YAML `model.model_config` mapping.
-
-        Unknown keys raise ConfigError naming them. MindFormers keys for features that do not change
-        the trained model (`IGNORED_MINDFORMERS_KEYS`) are skipped and listed in one log line; those that
-        would change it (`NEUTRAL_MINDFORMERS_VALUES`: qkv_concat, extend_method...) must keep their
-        neutral value or raise ConfigError.
-        """
-        fields = {f.name for f in dataclasses.fields(cls)}
-        known = fields | IGNORED_MINDFORMERS_KEYS | NEUTRAL_MINDFORMERS_VALUES.keys()
-        unknown = sorted(k for k in values if k not in known)
-        if unknown:
-            raise ConfigError(f"model_config: unknown key(s) {', '.join(unknown)}")
-        for key, neutral in NEUTRAL_MINDFORMERS_VALUES.items():
-            if key in values and values[key] not in neutral:
-                allowed = " or ".join(map(repr, neutral))
-                raise ConfigError(f"model_config.{key}={values[key]!r} is not supported (only {allowed})")
-        ignored = sorted(k for k in values if k in IGNORED_MINDFORMERS_KEYS and k != "pet_config")
-        if ignored:
-            logger.info(
-                "model_config: ignoring MindFormers keys not used by this model: %s", ", ".join(ignored)
-            )
-        return cls(**{k: v for k, v in values.items() if k in fields})
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> LlamaConfig:
-        """Build from a Hugging Face Llama `config.json` mapping; `overrides` set other fields (e.g.
-        seq_length, dtypes). Raises ConfigError for HF features this model does not implement."""
-        rope = hf.get("rope_parameters") or {}
-        unsupported = {
-            "model_type": (hf.get("model_type", "llama"), "llama"),
-            "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-            "attention_bias": (bool(hf.get("attention_bias", False)), False),
-            "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
-            "tie_word_embeddings": (bool(hf.get("tie_word_embeddings", False)), False),
-            "rope_scaling": (hf.get("rope_scaling"), None),
-            "rope_type": (rope.get("rope_type", "default"), "default"),
-        }
-        for key, (value, supported) in unsupported.items():
-            if value != supported:
-                raise ConfigError(f"HF config: {key}={value!r} is not supported (only {supported!r})")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        if head_dim * heads != hf["hidden_size"]:
-            raise ConfigError(
-                f"HF config: head_dim {head_dim} x heads {heads} != hidden_size {hf['hidden_size']}"
-            )
-        max_positions = hf.get("max_position_embeddings", 4096)
-        values: dict[str, Any] = {
-            "seq_length": min(max_positions, 4096),
-            "hidden_size": hf["hidden_size"],
-            "num_layers": hf["num_hidden_layers"],
-            "num_heads": heads,
-            "n_kv_heads": hf.get("num_key_value_heads") or None,
-            "vocab_size": hf["vocab_size"],
-            "intermediate_size": hf["intermediate_size"],
-            "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-            "theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            "max_position_embedding": max_positions,
-        }
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(hf.get(key), int):
-                values[key] = hf[key]
-        if values["n_kv_heads"] == heads:
-            values["n_kv_heads"] = None
-        values.update(overrides)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        """Raise ConfigError on values that cannot build a model."""
-        positive = ("seq_length", "hidden_size", "num_layers", "num_heads", "vocab_size", "multiple_of")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model_config.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model_config.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        kv = self.num_kv_heads
-        if not isinstance(kv, int) or kv <= 0 or self.num_heads % kv:
-            raise ConfigError(
-                f"model_config.n_kv_heads {self.n_kv_heads!r} must be a positive divisor of "
-                f"num_heads {self.num_heads}"
-            )
-        if self.head_dim % 2:
-            raise ConfigError(f"model_config: head dim {self.head_dim} must be even for rotary embeddings")
-        if self.intermediate_size is not None and self.intermediate_size <= 0:
-            raise ConfigError(
-                f"model_config.intermediate_size must be positive, got {self.intermediate_size}"
-            )
-        if self.max_position_embedding < self.seq_length:
-            raise ConfigError(
-                f"model_config.max_position_embedding {self.max_position_embedding} is below "
-                f"seq_length {self.seq_length}"
-            )
-        if self.rms_norm_eps <= 0 or self.theta <= 0:
-            raise ConfigError("model_config.rms_norm_eps and theta must be positive")
-        for name in (
-            "compute_dtype",
-            "layernorm_compute_type",
-            "softmax_compute_type",
-            "rotary_dtype",
-            "param_init_type",
-        ):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(
-                    f"model_config.{name} {getattr(self, name)!r} is not one of {', '.join(DTYPES)}"
-                )
-        if self.use_flash_attention:
-            if self.compute_dtype == "float32":
-                raise ConfigError(
-                    "model_config.use_flash_attention needs compute_dtype float16 or bfloat16 "
-                    "(flash_attention_score runs on Ascend in half precision)"
-                )
-            if self.head_dim % 16 or self.head_dim > 512:
-                raise ConfigError(
-                    f"model_config.use_flash_attention needs a head dim that is a multiple of 16 up to 512, "
-                    f"got {self.head_dim}"
-                )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        """SwiGLU width: 2/3 of 4*hidden, times ffn_dim_multiplier, rounded up to multiple_of."""
-        if self.intermediate_size is not None:
-            return self.intermediate_size
-        return mindformers_ffn_size(self.hidden_size, self.multiple_of, self.ffn_dim_multiplier)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of every Linear cell, by cell name (as in the built model), without allocating."""
-        h, kv_dim, f = self.hidden_size, self.num_kv_heads * self.head_dim, self.ffn_hidden_size
-        shapes: dict[str, tuple[int, int]] = {}
-        for i in range(self.num_layers):
-            prefix = f"model.layers.{i}"
-            shapes[f"{prefix}.attention.wq"] = (h, h)
-            shapes[f"{prefix}.attention.wk"] = (kv_dim, h)
-            shapes[f"{prefix}.attention.wv"] = (kv_dim, h)
-            shapes[f"{prefix}.attention.wo"] = (h, h)
-            shapes[f"{prefix}.feed_forward.w1"] = (f, h)
-            shapes[f"{prefix}.feed_forward.w2"] = (h, f)
-            shapes[f"{prefix}.feed_forward.w3"] = (f, h)
-        shapes["lm_head"] = (self.vocab_size, h)
-        return shapes
-
-    def num_parameters(self) -> int:
-        """Total parameters of LlamaForCausalLM, computed arithmetically (7B: 6,738,415,616)."""
-        linears = sum(out * inp for out, inp in self.linear_shapes().values())
-        norms = (2 * self.num_layers + 1) * self.hidden_size
-        return linears + norms + self.vocab_size * self.hidden_size
 
 
 class Linear(nn.Cell):

@@ -16,11 +16,11 @@ from typing import Any
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, Zero, initializer
 
-from llama_core.checkpoint.names import LORA_PREFIXES
 from llama_core.errors import ConfigError
-from llama_core.model.llama import DTYPES, Linear, LlamaConfig
+from llama_core.model.config import LORA_PREFIXES, LlamaConfig
+from llama_core.model.llama import DTYPES, Linear
 
-# MindPet's prefix first, then the older one (both defined with the checkpoint names).
+# MindPet's prefix first, then the older one.
 LORA_PREFIX, _LEGACY_LORA_PREFIX = (f"{prefix}lora_" for prefix in LORA_PREFIXES)
 
 
