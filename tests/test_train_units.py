@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import mindspore as ms
@@ -13,7 +14,7 @@ from mindspore import nn
 from llama_core.errors import InputError
 from llama_core.train import checkpointing as ckpt
 from llama_core.train.dataset import ShardPlan
-from llama_core.train.outputs import list_checkpoints
+from llama_core.train.outputs import has_checkpoint, list_checkpoints, newest_checkpoint
 from llama_core.train.predict import greedy_generate
 from llama_core.train.schedule import cosine_with_warmup
 
@@ -108,6 +109,26 @@ def test_base_checkpoint_file_takes_this_ranks_file(tmp_path: Path) -> None:
     assert ckpt.base_checkpoint_file(tmp_path / "rank_0" / "m_0.ckpt", 1) == tmp_path / "rank_0" / "m_0.ckpt"
     with pytest.raises(InputError, match="not found"):
         ckpt.base_checkpoint_file(tmp_path / "missing", 0)
+
+
+def test_newest_checkpoint_goes_by_epoch_and_step_not_mtime(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint" / "rank_0"
+    folder.mkdir(parents=True)
+    assert not has_checkpoint(tmp_path)
+    for i, name in enumerate(["p_rank_0-2_3.ckpt", "p_rank_0-1_10.ckpt", "p_rank_0-2_12.ckpt"]):
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, ns=(0, (3 - i) * 10**9))  # the newest by name is the oldest by mtime
+    (folder / ".p_rank_0-3_1.ckpt.tmp-1-ab.ckpt").write_bytes(b"x")  # a dead write's leftover
+    assert newest_checkpoint(folder).name == "p_rank_0-2_12.ckpt"
+    assert has_checkpoint(tmp_path)
+    (folder / "copy.ckpt").write_bytes(b"x")
+    with pytest.raises(InputError, match="not all named"):
+        newest_checkpoint(folder)
+    (tmp_path / "lone").mkdir()
+    with pytest.raises(InputError, match=r"no \.ckpt file"):
+        newest_checkpoint(tmp_path / "lone")
+    (tmp_path / "lone" / "base.ckpt").write_bytes(b"x")
+    assert newest_checkpoint(tmp_path / "lone").name == "base.ckpt"
 
 
 class _NextToken:
