@@ -205,7 +205,7 @@ class TrainConfig:
     `layout_from_config`.
     """
 
-    # incl. pet_config
+    # the model's own keys (pet_config included), read by LlamaConfig.from_dict and LoraConfig
     model_config: dict[str, Any] = field(default_factory=dict, metadata={"key": "model.model_config"})
     seed: int = _key("seed", 0)
     output_dir: str = _key("output_dir", "./output")
