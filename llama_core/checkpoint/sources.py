@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from llama_core.checkpoint.dtypes import storage_dtype
-from llama_core.checkpoint.layout import Layout, read_shard_manifest
+from llama_core.checkpoint.layout import read_shard_manifest
 from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer, scan_ckpt
+from llama_core.config import Layout
 from llama_core.errors import InputError
 from llama_core.train.outputs import find_rank_folders, newest_checkpoint
 
