@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_core.atomic import atomic_path, clean_leftovers
-from llama_core.cache import cache_key, cached, manifest_path_for, write_manifest
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.cli import run
 from llama_core.data.records import iter_records, record_error
 from llama_core.errors import InputError
@@ -113,10 +113,10 @@ def convert_alpaca(
     if not data_path.is_file():
         raise InputError(f"{data_path}: input file not found")
     manifest_path = manifest_path_for(output_path)
-    key = cache_key(STAGE, FORMAT_VERSION, [data_path], {"on_error": on_error})
-    hit = cached(manifest_path, key)
+    key = StageKey(manifest_path, STAGE, FORMAT_VERSION, [data_path], {"on_error": on_error})
+    hit = key.hit()
     if hit is not None:
-        log.info("%s is up to date (cache hit, key %s): nothing to do", output_path, key[:12])
+        log.info("%s is up to date (cache hit, key %s): nothing to do", output_path, key.value()[:12])
         return ConversationsResult(**{**hit.extra["result"], "cached": True})
     clean_leftovers(output_path.parent, output_path.name)
     manifest_path.unlink(missing_ok=True)
@@ -150,7 +150,7 @@ def convert_alpaca(
         )
     log.info("wrote %d conversation record(s) to %s", written, output_path)
     write_manifest(
-        manifest_path, stage=STAGE, key=key, outputs=[output_path], extra={"result": asdict(result)}
+        manifest_path, stage=STAGE, key=key.value(), outputs=[output_path], extra={"result": asdict(result)}
     )
     return result
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from llama_core.atomic import clean_leftovers
-from llama_core.cache import cache_key, cached, file_sha256, write_manifest
+from llama_core.cache import StageKey, file_sha256, write_manifest
 from llama_core.cli import exit_without_teardown, run
 from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, init_qa_worker, qa_chunk
 from llama_core.data.mindrecord_sink import MindRecordSink
@@ -123,12 +123,12 @@ def preprocess(
         "dataset_type": dataset_type, "seq_length": seq_length, "file_partition": file_partition,
         "repeat": repeat if dataset_type == "wiki" else 1, "masking": masking, "name": out.name,
     }  # fmt: skip
-    key = cache_key(STAGE, FORMAT_VERSION, [*files, model_file], params)
     rpath = report_path(out)
-    hit = cached(rpath, key)
+    key = StageKey(rpath, STAGE, FORMAT_VERSION, [*files, model_file], params)
+    hit = key.hit()
     if hit is not None:
         result = PreprocessResult(**{**hit.extra["result"], "cached": True})
-        log.info("%s is up to date (cache hit, key %s): nothing to do", out, key[:12])
+        log.info("%s is up to date (cache hit, key %s): nothing to do", out, key.value()[:12])
         _print_done(result)
         return result
 
@@ -157,7 +157,7 @@ def preprocess(
         raise
     result.outputs = [str(p) for p in finals]
     result.seconds = round(time.monotonic() - t0, 3)
-    write_manifest(rpath, stage=STAGE, key=key, outputs=finals, extra={"result": asdict(result)})
+    write_manifest(rpath, stage=STAGE, key=key.value(), outputs=finals, extra={"result": asdict(result)})
     _print_done(result)
     return result
 
