@@ -87,21 +87,10 @@ def save(
 
 
 def load_newest(output_dir: str | Path, prefix: str, rank: int) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that reads back whole (CRC ok), with its contents; None if there is none.
-
-    Unreadable ones are skipped with a warning naming them.
-    """
+    """The newest checkpoint that reads back whole, with its contents; None if there is none."""
     for path in reversed(list_checkpoints(rank_dir(output_dir, rank), prefix, rank)):
-        try:
-            params = ms.load_checkpoint(str(path), crc_check=True)
-        except Exception as exc:  # MindSpore raises ValueError/RuntimeError/protobuf errors alike
-            logger.warning("skipping unreadable checkpoint %s: %s", path, str(exc).splitlines()[0][:200])
-            continue
-        missing = [k for k in COUNTERS if k not in params]
-        if missing:
-            logger.warning("skipping checkpoint %s: counters %s missing", path, missing)
-            continue
-        return path, params
+        if (params := _read_whole(path)) is not None:
+            return path, params
     return None
 
 
@@ -110,13 +99,24 @@ def load_at_step(
 ) -> tuple[Path, dict[str, Any]] | None:
     """The readable checkpoint saved after `global_step` optimizer steps, with its contents."""
     for path in list_checkpoints(rank_dir(output_dir, rank), prefix, rank):
-        try:
-            params = ms.load_checkpoint(str(path), crc_check=True)
-        except Exception:  # unreadable: not one to resume from, whatever its step
-            continue
-        if "global_step" in params and counters_of(params).global_step == global_step:
+        params = _read_whole(path)
+        if params is not None and counters_of(params).global_step == global_step:
             return path, params
     return None
+
+
+def _read_whole(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's contents if its CRC holds and it has the counters; else None, with a warning."""
+    try:
+        params = ms.load_checkpoint(str(path), crc_check=True)
+    except Exception as exc:  # MindSpore raises ValueError/RuntimeError/protobuf errors alike
+        logger.warning("skipping unreadable checkpoint %s: %s", path, str(exc).splitlines()[0][:200])
+        return None
+    missing = [k for k in COUNTERS if k not in params]
+    if missing:
+        logger.warning("skipping checkpoint %s: counters %s missing", path, missing)
+        return None
+    return params
 
 
 def restore(cell: ms.nn.Cell, params: dict[str, Any]) -> Counters:

@@ -9,8 +9,10 @@ and the checkpoint tools read this layout without loading the framework.
 
 The newest checkpoint is the one with the greatest (epoch, step) in its name, never the newest
 modification time: names survive copies and restores that reset times, and keep-max and resume
-order by them too. A checkpoint is complete once it has its final name (the trainer writes under
-a hidden temporary name and renames); one damaged later is the trainer's to skip on resume, as only
+order by them too. A folder whose only .ckpt has another name (a converted or sharded checkpoint)
+stands for that file; several files not all named so are refused rather than guessed between. A
+checkpoint is complete once it has its final name (the trainer writes under a hidden temporary
+name and renames); one damaged later is the trainer's to skip on resume, with a warning, as only
 reading it back (CRC) tells.
 """
 
