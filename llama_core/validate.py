@@ -22,6 +22,7 @@ from llama_core.cli import run
 from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
 from llama_core.fetch.source import parse_source
+from llama_core.model.config import LlamaConfig
 
 SOURCES = ("alpaca", "tokenizer", "weights")
 DEVICE_TARGETS = ("Ascend", "CPU")
@@ -126,8 +127,15 @@ def check_config(
         cfg = apply_overrides(cfg, overrides.items())
     except ConfigError as exc:
         raise _param_error("overrides", str(exc)) from exc
-    try:
+    max_positions = (cfg.get("model") or {}).get("model_config", {}).get("max_position_embedding")
+    if isinstance(max_positions, int) and seq_length > max_positions:
+        raise _param_error(
+            "seq_length", f"{seq_length} exceeds model.model_config.max_position_embedding {max_positions}"
+        )
+    try:  # as the ranks will see it: the finetune task sets the model's seq_length to the records'
+        cfg = apply_overrides(cfg, [("model.model_config.seq_length", seq_length)])
         layout = TrainConfig.from_dict(cfg).layout
+        LlamaConfig.from_run_config(cfg).validate()
     except ConfigError as exc:
         raise _param_error("config", f"{config} with the overrides: {exc}") from exc
     if not 1 <= layout.world_size <= MAX_RANKS[device_target]:
@@ -135,11 +143,6 @@ def check_config(
             "config",
             f"parallel_config asks for {layout.world_size} ranks; one {device_target} node runs "
             f"1..{MAX_RANKS[device_target]}",
-        )
-    max_positions = (cfg.get("model") or {}).get("model_config", {}).get("max_position_embedding")
-    if isinstance(max_positions, int) and seq_length > max_positions:
-        raise _param_error(
-            "seq_length", f"{seq_length} exceeds model.model_config.max_position_embedding {max_positions}"
         )
     return cfg, layout.world_size
 

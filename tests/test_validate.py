@@ -111,3 +111,8 @@ def test_cli_prints_the_checked_request(params: dict[str, Any], tmp_path: Path) 
     bad = subprocess.run([*cmd, str(tmp_path / "other")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "error: param 'work_dir'" in bad.stderr
     assert "mindspore" not in bad.stderr
+
+
+def test_the_model_the_ranks_build_is_checked(params: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"param 'config'.*hidden_size 64 is not divisible by num_heads 3"):
+        validate_run({**params, "overrides": {"model.model_config.num_heads": 3}}, tmp_path / "root")
