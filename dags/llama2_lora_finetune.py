@@ -15,8 +15,8 @@ Deployment settings (environment of the dag-processor and the workers):
 - `LLAMA_LORA_DEFAULTS`: a YAML file of param defaults (e.g. your own sources and work_dir).
 - `LLAMA_LORA_SCHEDULE`: a cron expression or preset for scheduled retraining. Accepted only when
   LLAMA_LORA_DEFAULTS sets the sources and work_dir (the built-in defaults are the quick start's
-  internet sources); without it the DAG runs only when triggered. Unpausing never starts a run: the
-  first scheduled run is the next cron tick.
+  internet sources); without it the DAG runs only when triggered. Runs fall on cron ticks from now
+  on: unpausing or a backfill never starts a run for a tick already past.
 - `LLAMA_LORA_NPU_POOL` / `LLAMA_LORA_NPU_QUEUE`: pool (one slot per NPU node) and queue of finetune.
 
 This file only wires operators: parsing it imports neither MindSpore nor torch.
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import yaml
 from airflow.sdk import DAG, Param
-from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from operators.finetune import MsrunFinetuneOperator
+from operators.schedule import FutureTicksTimetable
 from operators.stages import (
     AlpacaToConversationsOperator,
     FetchOperator,
@@ -147,7 +147,7 @@ def _defaults_from(path: str | None) -> dict:
     return defaults
 
 
-def _schedule(cron: str | None, defaults: dict) -> CronTriggerTimetable | None:
+def _schedule(cron: str | None, defaults: dict) -> FutureTicksTimetable | None:
     """Scheduled retraining only on the deployment's own sources; unpausing starts nothing."""
     if not cron:
         return None
@@ -157,7 +157,7 @@ def _schedule(cron: str | None, defaults: dict) -> CronTriggerTimetable | None:
             f"LLAMA_LORA_SCHEDULE={cron!r} needs LLAMA_LORA_DEFAULTS to set {missing}: a schedule never "
             "runs on the built-in quick-start sources"
         )
-    return CronTriggerTimetable(cron, timezone="UTC", run_immediately=False)
+    return FutureTicksTimetable(cron, timezone="UTC")
 
 
 DEFAULTS = _defaults_from(os.environ.get("LLAMA_LORA_DEFAULTS"))

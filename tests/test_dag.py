@@ -27,7 +27,6 @@ print(json.dumps({
     "param_defaults": {k: dag.params.get_param(k).value for k in dag.params},
     "native": dag.render_template_as_native_obj,
     "timetable": type(dag.timetable).__name__,
-    "run_immediately": getattr(dag.timetable, "run_immediately", None),
     "description": dag.description,
     "finetune": {
         "pool": dag.get_task("finetune").pool,
@@ -130,7 +129,7 @@ def test_a_schedule_runs_on_the_deployments_sources_and_unpausing_starts_nothing
     parsed = _parse_dag(
         LLAMA_LORA_SCHEDULE="0 3 * * 1", LLAMA_LORA_DEFAULTS=str(defaults), LLAMA_LORA_NPU_POOL="ascend_npu"
     )
-    assert parsed["timetable"] == "CronTriggerTimetable" and parsed["run_immediately"] is False
+    assert parsed["timetable"] == "FutureTicksTimetable"
     assert "Scheduled: 0 3 * * 1" in parsed["description"]
     assert {k: parsed["param_defaults"][k] for k in sources} == sources
     assert parsed["param_defaults"]["seq_length"] == 2048

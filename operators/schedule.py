@@ -1,0 +1,43 @@
+"""Scheduled retraining that runs on cron ticks from now on, never on a tick already past.
+
+Airflow's `CronTriggerTimetable` with `catchup=False` runs the latest past tick at once whenever a
+tick was missed: after unpausing a DAG that was paused over a tick, and after a backfill (Airflow
+counts backfill runs as the newest automated run). A fine-tune holds a node's NPUs for hours, so an
+operator who unpauses or backfills must not get a run they did not ask for: this timetable moves a
+missed tick to the next future one. A tick that is due now (the scheduler is only a moment late) still
+runs. It is registered with Airflow through the `airflow.plugins` entry point in pyproject.toml, so
+the dag-processor and the scheduler of any deployment that installs this project know it.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.plugins_manager import AirflowPlugin
+from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction
+from airflow.timetables.trigger import CronTriggerTimetable
+
+
+class FutureTicksTimetable(CronTriggerTimetable):
+    """`CronTriggerTimetable` whose missed ticks are skipped, not run (with `catchup=False`)."""
+
+    def next_dagrun_info(
+        self, *, last_automated_data_interval: DataInterval | None, restriction: TimeRestriction
+    ) -> DagRunInfo | None:
+        info = super().next_dagrun_info(
+            last_automated_data_interval=last_automated_data_interval, restriction=restriction
+        )
+        if info is None or restriction.catchup:
+            return info
+        now = pendulum.now("UTC")
+        successor = last_automated_data_interval and self._get_next(last_automated_data_interval.end)
+        if info.run_after == successor or info.run_after >= now:  # the tick after the last run, or ahead
+            return info
+        future = self._align_to_next(now)  # a missed tick (or a first run on a past one): the next one
+        return DagRunInfo.interval(future - self._interval, future)
+
+
+class LlamaLoraPlugin(AirflowPlugin):
+    """Makes `FutureTicksTimetable` known to Airflow's serializer (dag-processor and scheduler)."""
+
+    name = "llama_lora"
+    timetables = [FutureTicksTimetable]  # noqa: RUF012 (Airflow reads this class attribute)
