@@ -21,6 +21,7 @@ demo: $(VENV)/.installed-runtime
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 format: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format .
