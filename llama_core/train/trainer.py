@@ -116,8 +116,7 @@ def build_model(tc: TrainConfig) -> nn.Cell:
     """
     from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora
 
-    model_config = {k: v for k, v in tc.model_config.items() if k != "pet_config"}
-    model = LlamaForCausalLM(LlamaConfig.from_dict(model_config))
+    model = LlamaForCausalLM(LlamaConfig.from_dict(tc.model_config))  # it leaves pet_config to LoRA
     if tc.pet_config:
         apply_lora(model, LoraConfig.from_pet_config(tc.pet_config))
     return model
