@@ -20,7 +20,7 @@ ms = pytest.importorskip("mindspore")
 
 from tiny_hf import tiny_hf_llama  # noqa: E402
 
-# Written out by hand from reference section 3 (independent of llama_core.checkpoint.names).
+# Written out by hand from docs/REFERENCE.md, parameter names (independent of llama_core.checkpoint.names).
 HF_TO_MS = {
     "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
     "model.norm.weight": "model.norm_out.weight",

@@ -18,7 +18,7 @@ TINY = CONFIGS / "lora_llama2_tiny.yaml"
 
 
 def test_7b_config_has_reference_values() -> None:
-    """Values of reference section 4, read through the MindFormers key paths."""
+    """Values of docs/REFERENCE.md (config values), read through the MindFormers key paths."""
     cfg = load_config(SEVEN_B)
     tc = TrainConfig.from_dict(cfg)
     assert (tc.seed, tc.output_dir, tc.run_mode) == (0, "./output", "finetune")

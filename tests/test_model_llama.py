@@ -41,7 +41,7 @@ def tiny(**overrides: object) -> LlamaConfig:
 
 
 def expected_names(layers: int) -> list[str]:
-    """Reference section 3, written out."""
+    """docs/REFERENCE.md, parameter names, written out."""
     names = ["model.tok_embeddings.embedding_weight"]
     for i in range(layers):
         p = f"model.layers.{i}"
@@ -75,7 +75,7 @@ def test_7b_parameter_counts_without_allocating() -> None:
     by_hand = 2 * v * h + layers * (4 * h * h + 3 * h * f + 2 * h) + h
     assert cfg.num_parameters() == by_hand
     assert round(cfg.num_parameters() / 1e9, 2) == 6.74
-    # reference section 4: 32 x 4 x (16x4096 + 4096x16)
+    # docs/REFERENCE.md, config values: 32 x 4 x (16x4096 + 4096x16)
     assert lora_num_parameters(cfg, LoraConfig()) == 32 * 4 * (16 * 4096 + 4096 * 16)
 
 

@@ -1,8 +1,8 @@
 """HF <-> MindSpore Llama checkpoint conversion, streaming one tensor at a time.
 
 Forward (`convert_hf_to_ms`): an HF model folder (`config.json` + `model.safetensors`, or shards
-with `model.safetensors.index.json`) -> one MindSpore `.ckpt` with section 3's names, checked
-name by name and shape by shape against `config.json` before anything is written.
+with `model.safetensors.index.json`) -> one MindSpore `.ckpt` with the parameter names of
+docs/REFERENCE.md, checked name by name and shape by shape against `config.json` before anything is written.
 Reversed (`convert_ms_to_hf`): a complete MindSpore `.ckpt` -> an HF folder (safetensors shards
 with index, `config.json`); HF -> MS -> HF gives back bit-identical tensors.
 

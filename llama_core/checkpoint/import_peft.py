@@ -4,8 +4,8 @@
      [--base_checkpoint BASE.ckpt]`
 
 `base_model.model.<hf linear>.lora_A.weight` / `lora_B.weight` become
-`<ms linear>.mindpet_delta_lora_a` / `_lora_b` (section 3 names). With BASE, OUT holds the base
-weights followed by the LoRA weights (one file for `--load_checkpoint`); without, only the LoRA
+`<ms linear>.mindpet_delta_lora_a` / `_lora_b` (docs/REFERENCE.md, parameter names). With BASE, OUT
+holds the base weights followed by the LoRA weights (one file for `--load_checkpoint`); without, only the LoRA
 weights. The matching `pet_config` (lora_rank, lora_alpha, lora_dropout, target_modules regex) is
 returned and printed. Adapters this model cannot reproduce are refused: rsLoRA, DoRA, LoRA bias,
 per-module rank/alpha patterns, modules_to_save, non-Llama-linear targets.

@@ -1,4 +1,4 @@
-"""The one HF <-> MindSpore name table for Llama (reference section 3), with shapes and slicing.
+"""The one HF <-> MindSpore name table for Llama (docs/REFERENCE.md), with shapes and slicing.
 
 Each row names a parameter on both sides, its shape in terms of the model's sizes, how tensor
 parallelism slices it (Megatron style) and which pipeline stage holds it:

@@ -1,6 +1,6 @@
 """Llama 2 family decoder in MindSpore, readable top to bottom.
 
-Parameter names follow MindFormers 1.3 (reference section 3) so checkpoints interchange:
+Parameter names follow MindFormers 1.3 (docs/REFERENCE.md, parameter names) so checkpoints interchange:
 `model.tok_embeddings.embedding_weight`, `model.layers.<i>.attention.wq|wk|wv|wo.weight`,
 `model.layers.<i>.feed_forward.w1|w2|w3.weight`, `model.layers.<i>.attention_norm|ffn_norm.weight`,
 `model.norm_out.weight`, `lm_head.weight` (untied).
@@ -254,8 +254,8 @@ class LlamaForCausalLM(nn.Cell):
 
     `construct(input_ids)` returns fp32 logits [batch, seq, vocab].
     `construct(input_ids, labels)` takes stored records of length seq_length+1 and returns the scalar loss
-    of reference section 3: inputs ids[:, :-1], targets labels[:, 1:], mask = (input != pad) and
-    (target != ignore), loss = sum(ce * mask) / (sum(mask) + 1e-8).
+    of docs/REFERENCE.md (model and loss): inputs ids[:, :-1], targets labels[:, 1:],
+    mask = (input != pad) and (target != ignore), loss = sum(ce * mask) / (sum(mask) + 1e-8).
     """
 
     def __init__(self, config: LlamaConfig) -> None:

@@ -35,7 +35,7 @@ def is_lora_parameter(name: str) -> bool:
 
 @dataclasses.dataclass
 class LoraConfig:
-    """LoRA settings (reference section 4 defaults). `target_modules` is matched with re.match against
+    """LoRA settings (docs/REFERENCE.md, config values). `target_modules` is matched with re.match against
     Linear cell names such as `model.layers.0.attention.wq`, as MindFormers does."""
 
     rank: int = 16

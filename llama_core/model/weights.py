@@ -14,7 +14,7 @@ from llama_core.model.lora import is_lora_parameter, normalize_lora_name
 
 logger = logging.getLogger("llama_core.model")
 
-# Training state MindFormers checkpoints may carry beside the weights (reference section 3).
+# Training state MindFormers checkpoints may carry beside the weights (docs/REFERENCE.md, parameter names).
 TRAINING_STATE = re.compile(
     r"^(global_step|epoch_num|step_num|loss_scale|current_iterator_step|adam_[mv]\..*)$"
 )

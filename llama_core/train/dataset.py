@@ -89,7 +89,7 @@ def epoch_batches(path: str | Path, plan: ShardPlan, epoch: int, skip_batches: i
 
 
 def supervised_tokens(ids: np.ndarray, labels: np.ndarray, pad_id: int = 0, ignore_id: int = -100) -> int:
-    """How many targets a batch's loss counts (section 3's mask: input not pad, target not ignored)."""
+    """How many targets a batch's loss counts (docs/REFERENCE.md's mask: input not pad, target kept)."""
     return int(((ids[:, :-1] != pad_id) & (labels[:, 1:] != ignore_id)).sum())
 
 

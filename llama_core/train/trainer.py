@@ -133,7 +133,7 @@ def load_base(model: nn.Cell, tc: TrainConfig, rank: int) -> None:
 
 
 def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int) -> tuple[float, float]:
-    """Mean loss over the eval batches (section 3 loss per batch) and its perplexity exp(loss)."""
+    """Mean loss over the eval batches (docs/REFERENCE.md's loss, per batch) and its perplexity exp(loss)."""
     import mindspore.dataset as ds
 
     data = ds.MindDataset(mindrecord_files(dataset_dir), columns_list=COLUMNS, shuffle=False)
