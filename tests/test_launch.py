@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import job_processes, wait_until
 
 from llama_core.launch import LaunchError, LaunchStopped, MsrunJob, launch
 
@@ -229,31 +230,6 @@ def test_an_interrupted_launch_leaves_no_rank_running(program: list[str], tmp_pa
     assert not _running(tmp_path / "logs")
 
 
-def _job_processes(launcher_pid: int) -> list[int]:
-    """Live processes started by the launcher `launcher_pid` (they carry its pid in their environment)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("LLAMA_LAUNCHER_PID") == str(launcher_pid) and proc.status() != "zombie":
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _wait_until(predicate, timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_stop_from_another_thread_ends_every_process(program: list[str], tmp_path: Path) -> None:
     import threading
 
@@ -269,7 +245,7 @@ def test_stop_from_another_thread_ends_every_process(program: list[str], tmp_pat
     status = tmp_path / "logs" / ".rank_status"
     stopper = threading.Thread(
         target=lambda: (
-            _wait_until(lambda: len(list(status.glob("rank_*.pid.json"))) == 2, 60)
+            wait_until(lambda: len(list(status.glob("rank_*.pid.json"))) == 2, 60)
             and job.stop("the test stopped it")
         )
     )
@@ -282,7 +258,7 @@ def test_stop_from_another_thread_ends_every_process(program: list[str], tmp_pat
     assert result.exit_codes == {0: -9, 1: -9}
     assert all(r.killed_by_launcher for r in result.ranks)
     assert result.master_port > 0  # None picked a free port
-    assert _job_processes(os.getpid()) == []
+    assert job_processes(os.getpid()) == []
     job.stop("again")  # idempotent: the first reason stays
     assert job.result.stop_reason == "the test stopped it"
 
@@ -300,11 +276,11 @@ def test_ranks_do_not_outlive_a_killed_launcher(program: list[str], tmp_path: Pa
     cli = subprocess.Popen([sys.executable, "-c", launcher, str(log_dir), *program])
     try:
         started = log_dir / ".rank_status"
-        assert _wait_until(lambda: len(list(started.glob("rank_*.pid.json"))) == 2, 60), "ranks never started"
-        assert len(_job_processes(cli.pid)) >= 5  # msrun, 2 wrappers, 2 ranks (+ scheduler)
+        assert wait_until(lambda: len(list(started.glob("rank_*.pid.json"))) == 2, 60), "ranks never started"
+        assert len(job_processes(cli.pid)) >= 5  # msrun, 2 wrappers, 2 ranks (+ scheduler)
         cli.send_signal(signal.SIGKILL)
         cli.wait()
-        assert _wait_until(lambda: _job_processes(cli.pid) == [], 10), _job_processes(cli.pid)
+        assert wait_until(lambda: job_processes(cli.pid) == [], 10), job_processes(cli.pid)
         for rank in (0, 1):  # the rank's own log says what stopped it
             assert f"launcher pid {cli.pid} is gone" in (log_dir / f"worker_{rank}.log").read_text()
     finally:

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from processes import job_processes, wait_until
 
 from operators.finetune import MsrunFinetuneOperator
 from operators.stages import ImportCheckpointOperator, to_xcom
@@ -159,36 +160,12 @@ def slow_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MsrunFinet
     )
 
 
-def _job_processes(launcher_pid: int) -> list[int]:
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("LLAMA_LAUNCHER_PID") == str(launcher_pid) and proc.status() != "zombie":
-                found.append(proc.pid)
-        except psutil.Error:
-            continue
-    return found
-
-
 def _ranks_training(run_dir: Path) -> bool:
     return all("training" in _text(run_dir / "msrun_log" / f"worker_{r}.log") for r in (0, 1))
 
 
 def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
-
-
-def _wait(predicate, timeout: float) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.mark.slow
@@ -205,7 +182,7 @@ def test_execution_timeout_stops_every_rank(
         finally:
             assert _ranks_training(tmp_path / "run"), "the ranks never started training"
     slow_training.on_kill()
-    assert _job_processes(os.getpid()) == []
+    assert job_processes(os.getpid()) == []
     messages = [r.getMessage() for r in caplog.records]
     assert any("the launcher was interrupted (AirflowTaskTimeout)" in m for m in messages)
     assert any("stopped by the launcher: the task was stopped" in m for m in messages)
@@ -239,11 +216,11 @@ def test_sigterm_to_the_task_process_stops_every_rank_within_10_s(
         text=True,
     )
     try:
-        assert _wait(lambda: _ranks_training(tmp_path / "run"), 90), "the ranks never started training"
-        assert len(_job_processes(task.pid)) >= 5
+        assert wait_until(lambda: _ranks_training(tmp_path / "run"), 90), "the ranks never started training"
+        assert len(job_processes(task.pid)) >= 5
         task.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
-        assert _wait(lambda: _job_processes(task.pid) == [], 10), _job_processes(task.pid)
+        assert wait_until(lambda: job_processes(task.pid) == [], 10), job_processes(task.pid)
         output, _ = task.communicate(timeout=30)
         assert time.monotonic() - stopped_at < 10 or task.returncode != 0
     finally:
