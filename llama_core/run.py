@@ -147,16 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(tc)
         return 0
     if tc.run_mode == "eval":
-        from llama_core.train.predict import run_eval
+        from llama_core.train.predict import evaluate_checkpoint
 
-        run_eval(tc)
+        evaluate_checkpoint(tc)
         return 0
     if tc.run_mode == "predict":
-        from llama_core.train.predict import run_predict
+        from llama_core.train.predict import predict_prompts
 
         if not args.predict_data:
             raise ConfigError("run_mode predict needs --predict_data PROMPT [PROMPT ...]")
-        for prompt, text in run_predict(tc, args.predict_data):
+        for prompt, text in predict_prompts(tc, args.predict_data):
             print(json.dumps({"prompt": prompt, "output": text}, ensure_ascii=False))
         return 0
     raise ConfigError(f"run_mode must be train, finetune, eval or predict, got {tc.run_mode!r}")

@@ -12,7 +12,7 @@ import pytest
 from mindspore import nn
 
 from llama_core.errors import InputError
-from llama_core.train import checkpointing as ckpt
+from llama_core.train import state as train_state
 from llama_core.train.dataset import ShardPlan
 from llama_core.train.outputs import has_checkpoint, list_checkpoints, newest_checkpoint
 from llama_core.train.predict import greedy_generate
@@ -57,12 +57,12 @@ class _State(nn.Cell):
 
 def _save(tmp: Path, value: float, epoch: int, step: int, **kw) -> Path:
     kw.setdefault("trainable_only", False)
-    return ckpt.save(
+    return train_state.save(
         _State(value),
         tmp,
         "p",
         1,
-        ckpt.Counters(epoch, step, int(value)),
+        train_state.Counters(epoch, step, int(value)),
         trainable_names={"w"},
         keep_max=kw.pop("keep_max", 3),
         **kw,
@@ -79,7 +79,7 @@ def test_checkpoint_names_keep_max_and_contents(tmp_path: Path) -> None:
     stored = ms.load_checkpoint(str(path))
     assert {"w", "frozen", "adam_m.w", "global_step", "epoch_num", "step_num", "loss_scale"} <= set(stored)
     assert "accu_grads.w" not in stored
-    assert ckpt.counters_of(stored) == ckpt.Counters(epoch=2, step_in_epoch=10, global_step=4)
+    assert train_state.counters_of(stored) == train_state.Counters(epoch=2, step_in_epoch=10, global_step=4)
     lora_only = _save(tmp_path / "lora", 1.0, 1, 5, trainable_only=True)
     assert "frozen" not in ms.load_checkpoint(str(lora_only)) and "w" in ms.load_checkpoint(str(lora_only))
 
@@ -95,20 +95,23 @@ def test_resume_skips_truncated_and_corrupt_checkpoints(
     raw = bytearray(newest.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped byte: the CRC catches it
     newest.write_bytes(bytes(raw))
-    path, params = ckpt.load_newest(tmp_path, "p", 1)
-    assert path == good and ckpt.counters_of(params).global_step == 1
+    path, params = train_state.load_newest(tmp_path, "p", 1)
+    assert path == good and train_state.counters_of(params).global_step == 1
     assert sum("skipping unreadable checkpoint" in r.message for r in caplog.records) == 2
-    assert ckpt.load_newest(tmp_path / "none", "p", 1) is None
+    assert train_state.load_newest(tmp_path / "none", "p", 1) is None
 
 
 def test_base_checkpoint_file_takes_this_ranks_file(tmp_path: Path) -> None:
     for r in (0, 1):
         (tmp_path / f"rank_{r}").mkdir()
         (tmp_path / f"rank_{r}" / f"m_{r}.ckpt").write_bytes(b"x")
-    assert ckpt.base_checkpoint_file(tmp_path, 1) == tmp_path / "rank_1" / "m_1.ckpt"
-    assert ckpt.base_checkpoint_file(tmp_path / "rank_0" / "m_0.ckpt", 1) == tmp_path / "rank_0" / "m_0.ckpt"
+    assert train_state.base_checkpoint_file(tmp_path, 1) == tmp_path / "rank_1" / "m_1.ckpt"
+    assert (
+        train_state.base_checkpoint_file(tmp_path / "rank_0" / "m_0.ckpt", 1)
+        == tmp_path / "rank_0" / "m_0.ckpt"
+    )
     with pytest.raises(InputError, match="not found"):
-        ckpt.base_checkpoint_file(tmp_path / "missing", 0)
+        train_state.base_checkpoint_file(tmp_path / "missing", 0)
 
 
 def test_newest_checkpoint_goes_by_epoch_and_step_not_mtime(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def _model_for_inference(tc: TrainConfig) -> ms.nn.Cell:
     return model
 
 
-def run_eval(tc: TrainConfig) -> tuple[float, float]:
+def evaluate_checkpoint(tc: TrainConfig) -> tuple[float, float]:
     """Eval loss and perplexity of `load_checkpoint` on the eval dataset; writes OUTPUT/eval_summary.json."""
     if not tc.eval_dataset_dir:
         raise ConfigError("run_mode eval needs eval_dataset.data_loader.dataset_dir or --eval_dataset_dir")
@@ -77,7 +77,7 @@ def greedy_generate(
     return new
 
 
-def run_predict(tc: TrainConfig, prompts: Sequence[str]) -> list[tuple[str, str]]:
+def predict_prompts(tc: TrainConfig, prompts: Sequence[str]) -> list[tuple[str, str]]:
     """Greedy completions of `prompts` with the sentencepiece tokenizer (bos prepended, as in training).
 
     Writes OUTPUT/predict_results.json and returns (prompt, completion) pairs.

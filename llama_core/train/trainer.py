@@ -32,7 +32,7 @@ from llama_core.atomic import write_json_atomic
 from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
 from llama_core.progress import human_seconds
-from llama_core.train import checkpointing as ckpt
+from llama_core.train import state as train_state
 from llama_core.train.dataset import (
     COLUMNS,
     ShardPlan,
@@ -127,7 +127,7 @@ def load_base(model: nn.Cell, tc: TrainConfig, rank: int) -> None:
     from llama_core.model.weights import load_weights
 
     if tc.load_checkpoint:
-        load_weights(model, ckpt.base_checkpoint_file(tc.load_checkpoint, rank))
+        load_weights(model, train_state.base_checkpoint_file(tc.load_checkpoint, rank))
     elif tc.run_mode == "finetune":
         logger.warning("run_mode finetune without load_checkpoint: starting from random weights")
 
@@ -205,7 +205,7 @@ class TrainRecipe:
     lrs: np.ndarray
     trainable_names: set[str]
     step_cell: TrainStep
-    start: ckpt.Counters
+    start: train_state.Counters
     resumed_from: str | None
 
     def __init__(self, tc: TrainConfig) -> None:
@@ -310,7 +310,7 @@ class TrainRecipe:
     def resume(self) -> None:
         """Continue from the newest checkpoint every rank can read (with `resume_training`), or
         start at step 0."""
-        start = ckpt.Counters(epoch=1, step_in_epoch=0, global_step=0)
+        start = train_state.Counters(epoch=1, step_in_epoch=0, global_step=0)
         self.resumed_from = None
         if self.tc.resume_training:
             found = self.resume_point()
@@ -321,13 +321,15 @@ class TrainRecipe:
                 )
             else:
                 path, params = found
-                start = ckpt.restore(self.step_cell, params)
+                start = train_state.restore(self.step_cell, params)
                 self.resumed_from = str(path)
                 logger.info(
                     "resumed from %s: epoch %d, step %d/%d", path, start.epoch, start.global_step, self.total
                 )
         if start.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
-            start = ckpt.Counters(epoch=start.epoch + 1, step_in_epoch=0, global_step=start.global_step)
+            start = train_state.Counters(
+                epoch=start.epoch + 1, step_in_epoch=0, global_step=start.global_step
+            )
         self.start = start
         self.global_step = start.global_step
 
@@ -335,16 +337,16 @@ class TrainRecipe:
         """This rank's checkpoint to resume from. Ranks must resume from the same step: the
         smallest over ranks of each one's newest readable step."""
         tc, rt = self.tc, self.rt
-        found = ckpt.load_newest(tc.output_dir, tc.ckpt_prefix, rt.rank)
+        found = train_state.load_newest(tc.output_dir, tc.ckpt_prefix, rt.rank)
         if rt.world_size == 1:
             return found
-        mine = ckpt.counters_of(found[1]).global_step if found else -1
+        mine = train_state.counters_of(found[1]).global_step if found else -1
         agreed = min_over_ranks(mine, rt)
         if agreed == mine:
             return found
         if agreed < 0:
             return None
-        found = ckpt.load_at_step(tc.output_dir, tc.ckpt_prefix, rt.rank, agreed)
+        found = train_state.load_at_step(tc.output_dir, tc.ckpt_prefix, rt.rank, agreed)
         if found is None:
             raise InputError(
                 f"rank {rt.rank}: no readable checkpoint at step {agreed}, which the other ranks resume from"
@@ -458,12 +460,12 @@ class TrainRecipe:
 
     def save(self, epoch: int, in_epoch: int) -> None:
         tc = self.tc
-        path = ckpt.save(
+        path = train_state.save(
             self.step_cell,
             tc.output_dir,
             tc.ckpt_prefix,
             self.rt.rank,
-            ckpt.Counters(epoch, in_epoch, self.global_step),
+            train_state.Counters(epoch, in_epoch, self.global_step),
             trainable_only=tc.save_trainable_params,
             trainable_names=self.trainable_names,
             keep_max=tc.keep_checkpoint_max,

@@ -1,4 +1,4 @@
-"""Training checkpoints with MindSpore: atomic writes, keep-max, resume from the newest readable.
+"""The trainer's own checkpoints (training state) with MindSpore: atomic writes, keep-max, resume.
 
 Names and the newest-first order are `outputs`'. A checkpoint holds the weights (all, or only the
 trainable ones when LoRA-only), the optimizer state (`adam_m.*`, `adam_v.*`, `global_step`) and the
