@@ -18,8 +18,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's `main`; a `LlamaCoreError` prints `error: <message>` and exits 2."""
+def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """The exit code of a CLI's `main`: a `LlamaCoreError` prints `error: <message>` and gives 2."""
     setup_logging()
     try:
         return main(argv)

@@ -166,6 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llama_core.cli import run
+    from llama_core.cli import exit_code
 
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

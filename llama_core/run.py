@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, apply_overrides, load_config, parse_override_args, set_key
 from llama_core.errors import ConfigError
 
@@ -163,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

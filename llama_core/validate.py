@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
 from llama_core.fetch.source import parse_source
@@ -177,4 +177,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Context
 
 from operators.rank_logs import RankLogRelay, log_rank_summary
-from operators.stages import StageOperator, run_config
+from operators.stages import StageOperator, resolved_config
 
 if TYPE_CHECKING:
     from llama_core.launch import MsrunJob
@@ -79,7 +79,7 @@ class MsrunFinetuneOperator(StageOperator):
         """Ranks to launch: the config's data_parallel x model_parallel x pipeline_stage."""
         from llama_core.config import layout_from_config
 
-        return layout_from_config(run_config(self.config, self.overrides)).world_size
+        return layout_from_config(resolved_config(self.config, self.overrides)).world_size
 
     def run_args(self, world_size: int, resume: bool) -> list[str]:
         """The `llama_core.run` command line for this task."""

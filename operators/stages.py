@@ -32,7 +32,7 @@ def to_xcom(result: Any) -> Any:
     return result
 
 
-def run_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+def resolved_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
     """The YAML run config with the overrides applied: what the trainer will see."""
     from llama_core.config import apply_overrides, load_config
     from llama_core.validate import overrides_dict
@@ -206,5 +206,5 @@ class ShardCheckpointOperator(StageOperator):
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.shard import shard_checkpoint
 
-        config = run_config(self.config, self.overrides)
+        config = resolved_config(self.config, self.overrides)
         return to_xcom(shard_checkpoint(self.load_checkpoint, config, self.output_dir))

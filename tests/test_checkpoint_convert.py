@@ -11,7 +11,7 @@ import pytest
 from llama_core.checkpoint import msckpt
 from llama_core.checkpoint.convert import convert_hf_to_ms, convert_ms_to_hf, main
 from llama_core.checkpoint.msckpt import load_ckpt_dict, scan_ckpt, write_ckpt
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.errors import InputError
 
 torch = pytest.importorskip("torch")
@@ -184,7 +184,9 @@ def test_unknown_and_missing_tensors_fail(hf_gqa, tmp_path, capsys):
     src = _resave(
         folder, {**state, "model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)}, tmp_path
     )
-    rc = run(main, ["--model", "llama", "--input_path", str(src), "--output_path", str(tmp_path / "x.ckpt")])
+    rc = exit_code(
+        main, ["--model", "llama", "--input_path", str(src), "--output_path", str(tmp_path / "x.ckpt")]
+    )
     assert rc == 2
     assert "model.layers.0.self_attn.q_norm.weight" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
@@ -308,5 +310,5 @@ def test_reversed_refuses_lora(hf_gqa, tmp_path, capsys):
         "--config",
         str(folder / "config.json"),
     ]
-    assert run(main, argv) == 2
+    assert exit_code(main, argv) == 2
     assert "mindpet_delta_lora_a" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -21,7 +21,7 @@ from llama_core.checkpoint.import_peft import import_peft  # noqa: E402
 from llama_core.checkpoint.merge_lora import main as merge_main  # noqa: E402
 from llama_core.checkpoint.merge_lora import merge_lora  # noqa: E402
 from llama_core.checkpoint.msckpt import load_ckpt_dict, write_ckpt  # noqa: E402
-from llama_core.cli import run  # noqa: E402
+from llama_core.cli import exit_code  # noqa: E402
 from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora, load_weights  # noqa: E402
 
 ms.set_context(mode=ms.GRAPH_MODE)  # as the model tests: PyNative cannot run with numpy 2 here
@@ -120,7 +120,7 @@ def test_merge_from_separate_lora_checkpoint_with_config_alpha(setup, tmp_path, 
     merge_lora(d / "full.ckpt", tmp_path / "m1.ckpt", alpha=ALPHA)
     assert (tmp_path / "m1.ckpt").read_bytes() == (tmp_path / "m2.ckpt").read_bytes()
     # no alpha anywhere: a clear error, nothing written
-    assert run(merge_main, [*argv[:-2], "--output_path", str(tmp_path / "m3.ckpt")]) == 2
+    assert exit_code(merge_main, [*argv[:-2], "--output_path", str(tmp_path / "m3.ckpt")]) == 2
     assert "lora_alpha" in capsys.readouterr().err and not (tmp_path / "m3.ckpt").exists()
 
 

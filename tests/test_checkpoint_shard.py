@@ -13,7 +13,7 @@ import yaml
 from llama_core.checkpoint.msckpt import load_ckpt_dict, write_ckpt
 from llama_core.checkpoint.shard import main, shard_checkpoint
 from llama_core.checkpoint.unshard import unshard_checkpoint
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.errors import ConfigError, InputError
 
 H, HEADS, KV, FFN, VOCAB, LAYERS, R = 32, 4, 2, 64, 64, 3, 4
@@ -238,7 +238,7 @@ def test_cli_with_yaml_and_override(src, tmp_path, capsys):
     argv = ["--load_checkpoint", str(path), "--config", str(cfg), "--output_dir", str(out)]
     assert main([*argv, "--parallel_config.model_parallel", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["world_size"] == 4
-    assert run(main, [*argv, "--parallel_config.model_parallel", "3"]) == 2
+    assert exit_code(main, [*argv, "--parallel_config.model_parallel", "3"]) == 2
     assert "model_parallel = 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--help"])

@@ -49,7 +49,7 @@ from llama_core.checkpoint.safetensors_io import (
     write_safetensors,
 )
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.config import load_config
 from llama_core.errors import ConfigError, InputError
 from llama_core.model.config import LlamaConfig, LlamaDims
@@ -351,4 +351,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -28,7 +28,7 @@ from llama_core.checkpoint.lora_args import lora_alpha, pet_config
 from llama_core.checkpoint.names import lora_pairs, ms_lora_to_peft
 from llama_core.checkpoint.safetensors_io import PlannedTensor, write_safetensors
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.errors import InputError
 
 log = logging.getLogger("llama_core.checkpoint.export_peft")
@@ -145,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

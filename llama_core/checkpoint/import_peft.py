@@ -37,7 +37,7 @@ from llama_core.checkpoint.names import (
 )
 from llama_core.checkpoint.safetensors_io import read_entry, scan_safetensors
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.errors import ConfigError, InputError
 
 log = logging.getLogger("llama_core.checkpoint.import_peft")
@@ -187,4 +187,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -30,7 +30,7 @@ from llama_core.checkpoint.lora_args import lora_alpha
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.names import OPTIMIZER_PREFIXES, is_training_scalar, lora_pairs, split_lora_name
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.errors import InputError
 from llama_core.progress import Progress
 
@@ -166,4 +166,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -55,7 +55,7 @@ from llama_core.checkpoint.layout import (
 from llama_core.checkpoint.msckpt import CkptWriter, sub_ranges
 from llama_core.checkpoint.names import expected_ms_names
 from llama_core.checkpoint.sources import CheckpointSource, TensorMeta
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.config import Layout, apply_overrides, layout_from_config, load_config, parse_override_args
 from llama_core.errors import InputError
 from llama_core.model.config import LlamaConfig
@@ -311,4 +311,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

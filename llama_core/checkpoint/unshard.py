@@ -22,7 +22,7 @@ from llama_core.atomic import atomic_path, clean_leftovers
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.progress import Progress
 
 log = logging.getLogger("llama_core.checkpoint.unshard")
@@ -89,4 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -27,7 +27,7 @@ from typing import Any
 
 from llama_core.atomic import atomic_path, clean_leftovers
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.data.records import iter_records, record_error
 from llama_core.errors import InputError
 
@@ -174,4 +174,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

@@ -30,7 +30,7 @@ import numpy as np
 
 from llama_core.atomic import clean_leftovers
 from llama_core.cache import StageKey, file_sha256, write_manifest
-from llama_core.cli import exit_without_teardown, run
+from llama_core.cli import exit_code, exit_without_teardown
 from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, init_qa_worker, qa_chunk
 from llama_core.data.mindrecord_sink import MindRecordSink
 from llama_core.data.ordered_pool import batched, ordered_map
@@ -281,4 +281,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_without_teardown(run(main))
+    exit_without_teardown(exit_code(main))

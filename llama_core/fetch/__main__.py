@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.fetch import HF_SYNTAX, Credentials, RetryPolicy, Timeouts, fetch
 
 
@@ -49,4 +49,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))

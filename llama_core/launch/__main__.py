@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llama_core.cli import run
+from llama_core.cli import exit_code
 from llama_core.launch.job import launch
 
 
@@ -58,4 +58,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(exit_code(main))
