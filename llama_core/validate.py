@@ -23,6 +23,7 @@ from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
 from llama_core.fetch.source import parse_source
 from llama_core.model.config import LlamaConfig
+from llama_core.results import print_result
 
 SOURCES = ("alpaca", "tokenizer", "weights")
 DEVICE_TARGETS = ("Ascend", "CPU")
@@ -164,15 +165,20 @@ def validate_run(params: Mapping[str, Any], work_root: str | os.PathLike[str]) -
     return ValidatedRun(work_dir, params["config"], overrides, world_size, seq_length, device_target, port)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama_core.validate", description=__doc__.splitlines()[0]
-    )
+def build_parser(prog: str = "python -m llama_core.validate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True, help="JSON file of the pipeline's parameters")
     parser.add_argument("--work_root", required=True, help="work_dir must resolve inside this folder")
-    args = parser.parse_args(argv)
-    params = json.loads(Path(args.params).read_text())
-    print(json.dumps(validate_run(params, args.work_root).to_dict(), indent=2))
+    return parser
+
+
+def stage_from_args(args: argparse.Namespace) -> ValidatedRun:
+    """The checked request of the parsed command line's params file."""
+    return validate_run(json.loads(Path(args.params).read_text()), args.work_root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    print_result(stage_from_args(build_parser().parse_args(argv)))
     return 0
 
 

@@ -7,7 +7,6 @@ arguments, calls it, and hands its result object on as the task's XCom.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,20 +15,9 @@ from typing import Any
 from airflow.sdk import BaseHook, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
+from llama_core.results import to_jsonable
+
 log = logging.getLogger("llama_core.operators")
-
-
-def to_xcom(result: Any) -> Any:
-    """A stage result (dataclasses, paths, lists) as plain JSON-able values."""
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return {f.name: to_xcom(getattr(result, f.name)) for f in dataclasses.fields(result)}
-    if isinstance(result, Mapping):
-        return {str(k): to_xcom(v) for k, v in result.items()}
-    if isinstance(result, (list, tuple)):
-        return [to_xcom(v) for v in result]
-    if isinstance(result, Path):
-        return str(result)
-    return result
 
 
 def resolved_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -107,7 +95,7 @@ class FetchOperator(StageOperator):
                 token=extra.get("token") or conn.password or None,
                 endpoint_url=extra.get("endpoint_url") or conn.host or None,
             )
-        return fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials).to_dict()
+        return to_jsonable(fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials))
 
 
 class AlpacaToConversationsOperator(StageOperator):
@@ -123,7 +111,7 @@ class AlpacaToConversationsOperator(StageOperator):
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.alpaca_converter import convert_alpaca
 
-        return to_xcom(convert_alpaca(self.data_path, self.output_path, on_error=self.on_error))
+        return to_jsonable(convert_alpaca(self.data_path, self.output_path, on_error=self.on_error))
 
 
 class TokenizeToMindRecordOperator(StageOperator):
@@ -161,7 +149,7 @@ class TokenizeToMindRecordOperator(StageOperator):
             file_partition=self.file_partition,
             workers=self.workers,
         )
-        return to_xcom(result)
+        return to_jsonable(result)
 
 
 class ImportCheckpointOperator(StageOperator):
@@ -181,7 +169,7 @@ class ImportCheckpointOperator(StageOperator):
             return {"output_path": str(source), "imported": False}
         from llama_core.checkpoint.convert import convert_hf_to_ms
 
-        return {**to_xcom(convert_hf_to_ms(source, self.output_path, dtype=self.dtype)), "imported": True}
+        return {**to_jsonable(convert_hf_to_ms(source, self.output_path, dtype=self.dtype)), "imported": True}
 
 
 class ShardCheckpointOperator(StageOperator):
@@ -207,4 +195,4 @@ class ShardCheckpointOperator(StageOperator):
         from llama_core.checkpoint.shard import shard_checkpoint
 
         config = resolved_config(self.config, self.overrides)
-        return to_xcom(shard_checkpoint(self.load_checkpoint, config, self.output_dir))
+        return to_jsonable(shard_checkpoint(self.load_checkpoint, config, self.output_dir))

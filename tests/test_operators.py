@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from processes import job_processes, wait_until
 
+from llama_core.results import to_jsonable
 from operators.finetune import MsrunFinetuneOperator
-from operators.stages import ImportCheckpointOperator, to_xcom
+from operators.stages import ImportCheckpointOperator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def test_to_xcom_makes_results_json_able(tmp_path: Path) -> None:
         files: list[Path]
         counts: dict[str, int]
 
-    value = to_xcom(Result(Inner(tmp_path), [tmp_path / "a"], {"n": 1}))
+    value = to_jsonable(Result(Inner(tmp_path), [tmp_path / "a"], {"n": 1}))
     assert value == {"inner": {"path": str(tmp_path)}, "files": [str(tmp_path / "a")], "counts": {"n": 1}}
 
 

@@ -315,9 +315,21 @@ def convert_ms_to_hf(
     return ConvertResult(out, manifest_path, len(plan_tensors), written, False, skipped)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.convert",
+class _ConvertParser(argparse.ArgumentParser):
+    """Refuses --reversed without --config as a usage error, like argparse's own."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed = super().parse_args(args, namespace)
+        if parsed.reversed and not parsed.config:
+            self.error("--reversed needs --config (HF config.json or run-config YAML)")
+        return parsed
+
+
+def build_parser(prog: str = "python -m llama_core.checkpoint.convert") -> argparse.ArgumentParser:
+    p = _ConvertParser(
+        prog=prog,
         description="Convert a Llama checkpoint between HF safetensors and MindSpore .ckpt.",
     )
     p.add_argument("--model", default="llama", choices=["llama"], help="model family (only llama)")
@@ -335,17 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def stage_from_args(args: argparse.Namespace) -> ConvertResult:
+    """The conversion the parsed command line asks for."""
     if args.reversed:
-        if not args.config:
-            parser.error("--reversed needs --config (HF config.json or run-config YAML)")
-        res = convert_ms_to_hf(
+        return convert_ms_to_hf(
             args.input_path, args.output_path, args.config, args.dtype, args.max_shard_size
         )
-    else:
-        res = convert_hf_to_ms(args.input_path, args.output_path, dtype=args.dtype or "fp32", crc=args.crc)
+    return convert_hf_to_ms(args.input_path, args.output_path, dtype=args.dtype or "fp32", crc=args.crc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    res = stage_from_args(build_parser().parse_args(argv))
     print(json.dumps({"output_path": str(res.output_path), "tensors": res.tensors, "cached": res.cached}))
     return 0
 

@@ -119,9 +119,9 @@ def export_peft(
     return ExportPeftResult(out, rank, targets, len(plan), False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llama_core.checkpoint.export_peft") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.export_peft",
+        prog=prog,
         description="Export MindSpore LoRA weights as a Hugging Face PEFT adapter folder.",
     )
     p.add_argument(
@@ -135,9 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stage_from_args(args: argparse.Namespace) -> ExportPeftResult:
+    """The export the parsed command line asks for."""
+    return export_peft(
+        args.load_checkpoint,
+        args.output_dir,
+        args.base_model,
+        args.lora_alpha,
+        args.lora_dropout,
+        args.config,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    res = export_peft(a.load_checkpoint, a.output_dir, a.base_model, a.lora_alpha, a.lora_dropout, a.config)
+    res = stage_from_args(build_parser().parse_args(argv))
     print(
         json.dumps({"output_dir": str(res.output_dir), "r": res.rank, "target_modules": res.target_modules})
     )

@@ -160,9 +160,9 @@ def import_peft(
     return ImportPeftResult(out, pet_config, total, False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llama_core.checkpoint.import_peft") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.import_peft",
+        prog=prog,
         description="Import a Hugging Face PEFT LoRA adapter as MindSpore LoRA weights.",
     )
     p.add_argument(
@@ -175,9 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stage_from_args(args: argparse.Namespace) -> ImportPeftResult:
+    """The import the parsed command line asks for."""
+    return import_peft(args.adapter_dir, args.output_path, args.base_checkpoint)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    res = import_peft(a.adapter_dir, a.output_path, a.base_checkpoint)
+    res = stage_from_args(build_parser().parse_args(argv))
     print(
         json.dumps(
             {"output_path": str(res.output_path), "pet_config": res.pet_config, "tensors": res.tensors}

@@ -141,9 +141,9 @@ def merge_lora(
     return MergeResult(out, manifest_path, sorted(lora), dropped, False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llama_core.checkpoint.merge_lora") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.merge_lora",
+        prog=prog,
         description="Merge LoRA into the base weights (W += B @ A * alpha / r); drop optimizer state.",
     )
     p.add_argument(
@@ -156,11 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    res = merge_lora(
+def stage_from_args(args: argparse.Namespace) -> MergeResult:
+    """The merge the parsed command line asks for."""
+    return merge_lora(
         args.base_checkpoint, args.output_path, args.lora_checkpoint, args.lora_alpha, args.config
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    res = stage_from_args(build_parser().parse_args(argv))
     print(json.dumps({"output_path": str(res.output_path), "merged": len(res.merged), "cached": res.cached}))
     return 0
 

@@ -290,9 +290,20 @@ def shard_checkpoint(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.shard",
+class _ShardParser(argparse.ArgumentParser):
+    """Keeps the words it does not know (`--a.b.c value` config overrides) as `args.overrides`."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, rest = self.parse_known_args(args, namespace)
+        parsed.overrides = rest
+        return parsed
+
+
+def build_parser(prog: str = "python -m llama_core.checkpoint.shard") -> argparse.ArgumentParser:
+    p = _ShardParser(
+        prog=prog,
         description="Shard a Llama checkpoint to the parallel layout of a run config.",
         epilog="Extra --a.b.c value arguments override config keys, e.g. --parallel_config.model_parallel 2.",
     )
@@ -302,10 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stage_from_args(args: argparse.Namespace) -> ShardResult:
+    """The sharding the parsed command line asks for, with its config overrides applied."""
+    cfg = apply_overrides(load_config(args.config), parse_override_args(args.overrides))
+    return shard_checkpoint(args.load_checkpoint, cfg, args.output_dir)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    cfg = apply_overrides(load_config(args.config), parse_override_args(rest))
-    res = shard_checkpoint(args.load_checkpoint, cfg, args.output_dir)
+    res = stage_from_args(build_parser().parse_args(argv))
     print(json.dumps({"output_dir": str(res.output_dir), "world_size": res.world_size, "cached": res.cached}))
     return 0
 

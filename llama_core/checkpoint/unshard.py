@@ -71,9 +71,9 @@ def unshard_checkpoint(
     return UnshardResult(out, manifest_path, len(src.tensors), writer.bytes_written, False)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llama_core.checkpoint.unshard") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama_core.checkpoint.unshard",
+        prog=prog,
         description="Rebuild one complete .ckpt from a folder of rank_<i>/ checkpoints.",
     )
     p.add_argument("--load_checkpoint", required=True, help="distributed checkpoint folder (rank_<i>/)")
@@ -81,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stage_from_args(args: argparse.Namespace) -> UnshardResult:
+    """The unsharding the parsed command line asks for."""
+    return unshard_checkpoint(args.load_checkpoint, args.output_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    res = unshard_checkpoint(args.load_checkpoint, args.output_path)
+    res = stage_from_args(build_parser().parse_args(argv))
     print(json.dumps({"output_path": str(res.output_path), "tensors": res.tensors, "cached": res.cached}))
     return 0
 

@@ -155,9 +155,9 @@ def convert_alpaca(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser(prog: str = "python -m llama_core.data.alpaca_converter") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama_core.data.alpaca_converter",
+        prog=prog,
         description="Convert Alpaca records (JSON list or JSON Lines) to FastChat conversation JSON.",
     )
     parser.add_argument("--data_path", required=True, help="Alpaca JSON / JSON Lines file")
@@ -168,8 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="raise",
         help="bad records: fail (default) or skip them and report which",
     )
-    args = parser.parse_args(argv)
-    convert_alpaca(args.data_path, args.output_path, on_error=args.on_error)
+    return parser
+
+
+def stage_from_args(args: argparse.Namespace) -> ConversationsResult:
+    """The conversion the parsed command line asks for."""
+    return convert_alpaca(args.data_path, args.output_path, on_error=args.on_error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    stage_from_args(build_parser().parse_args(argv))
     return 0
 
 

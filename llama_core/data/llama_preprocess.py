@@ -253,9 +253,9 @@ def _run_wiki(
     result.records_written = sink.rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama_core.data.llama_preprocess",
+        prog=prog,
         description="Tokenize conversations (qa) or wikitext (wiki) into MindRecord like MindFormers 1.3.",
     )
     parser.add_argument("--dataset_type", choices=("qa", "wiki"), default="wiki")
@@ -272,11 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="mindformers",
         help="instruction masking: mindformers (reference, -3) or fastchat (-2)",
     )
-    args = parser.parse_args(argv)
-    preprocess(
+    return parser
+
+
+def stage_from_args(args: argparse.Namespace) -> PreprocessResult:
+    """The preprocessing the parsed command line asks for (it prints the reference's two lines)."""
+    return preprocess(
         args.dataset_type, args.input_glob, args.model_file, args.output_file, seq_length=args.seq_length,
         file_partition=args.file_partition, repeat=args.repeat, workers=args.workers, masking=args.masking,
     )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    stage_from_args(build_parser().parse_args(argv))
     return 0
 
 

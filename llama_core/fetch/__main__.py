@@ -7,17 +7,17 @@ environment only (AWS_*, HF_TOKEN, HTTP_TOKEN): a secret on a command line shows
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 
 from llama_core.cli import exit_code
-from llama_core.fetch import HF_SYNTAX, Credentials, RetryPolicy, Timeouts, fetch
+from llama_core.fetch import HF_SYNTAX, Credentials, FetchResult, RetryPolicy, Timeouts, fetch
+from llama_core.results import print_result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser(prog: str = "python -m llama_core.fetch") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m llama_core.fetch",
+        prog=prog,
         description="Fetch a file or folder from a path, file://, http(s)://, s3:// or hf:// into DEST, "
         f"resumably and verified. hf syntax: {HF_SYNTAX}",
     )
@@ -31,20 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--read-timeout", type=float, default=60.0, help="seconds without data (default 60)")
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
-    a = p.parse_args(argv)
+    return p
+
+
+def stage_from_args(args: argparse.Namespace) -> FetchResult:
+    """The fetch the parsed command line asks for."""
     # HTTP_TOKEN is for http(s) only; hf:// reads HF_TOKEN through huggingface_hub.
-    http_token = os.environ.get("HTTP_TOKEN") if a.url.startswith(("http://", "https://")) else None
-    result = fetch(
-        a.url,
-        a.dest,
-        sha256=a.sha256,
-        cache_dir=a.cache,
-        credentials=Credentials(token=http_token, endpoint_url=a.endpoint_url, region=a.region),
-        retry=RetryPolicy(retries=a.retries),
-        timeouts=Timeouts(a.connect_timeout, a.read_timeout),
-        progress_interval=a.progress_interval,
+    http_token = os.environ.get("HTTP_TOKEN") if args.url.startswith(("http://", "https://")) else None
+    return fetch(
+        args.url,
+        args.dest,
+        sha256=args.sha256,
+        cache_dir=args.cache,
+        credentials=Credentials(token=http_token, endpoint_url=args.endpoint_url, region=args.region),
+        retry=RetryPolicy(retries=args.retries),
+        timeouts=Timeouts(args.connect_timeout, args.read_timeout),
+        progress_interval=args.progress_interval,
     )
-    print(json.dumps(result.to_dict(), indent=2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    print_result(stage_from_args(build_parser().parse_args(argv)))
     return 0
 
 
