@@ -318,7 +318,7 @@ def convert_ms_to_hf(
 class _ConvertParser(argparse.ArgumentParser):
     """Refuses --reversed without --config as a usage error, like argparse's own."""
 
-    def parse_args(  # type: ignore[override]
+    def parse_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         parsed = super().parse_args(args, namespace)

@@ -293,7 +293,7 @@ def shard_checkpoint(
 class _ShardParser(argparse.ArgumentParser):
     """Keeps the words it does not know (`--a.b.c value` config overrides) as `args.overrides`."""
 
-    def parse_args(  # type: ignore[override]
+    def parse_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         parsed, rest = self.parse_known_args(args, namespace)
