@@ -74,7 +74,7 @@ def stage_main(stage: Stage) -> Callable[[Sequence[str] | None], int]:
 
     def main(argv: Sequence[str] | None) -> int:
         args = module.build_parser(prog=f"llama-lora {stage.name}").parse_args(argv)
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is only the JSON, e.g. for jq
             result = module.stage_from_args(args)
         print_result(result)
         return 0
