@@ -16,8 +16,6 @@ from operators.stages import StageOperator, resolved_config
 if TYPE_CHECKING:
     from llama_core.launch import MsrunJob
 
-log = logging.getLogger("llama_core.operators.finetune")
-
 
 def override_args(overrides: Mapping[str, Any] | None) -> list[str]:
     """`{"runner_config.epochs": 1}` -> `["--runner_config.epochs", "1"]` (values as YAML scalars)."""
@@ -108,7 +106,7 @@ class MsrunFinetuneOperator(StageOperator):
         output_dir = Path(self.output_dir)
         resume = has_checkpoint(output_dir)
         if resume:
-            log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
+            self.log.info("checkpoints from an earlier try found in %s: resuming", output_dir)
         workers = self.world_size()
         port = None if self.master_port in (None, "") else int(self.master_port)
         self._job = MsrunJob(
@@ -128,7 +126,7 @@ class MsrunFinetuneOperator(StageOperator):
                 cause = "the task was stopped" if isinstance(exc, LaunchStopped) else "another rank failed"
                 log_rank_summary(exc.result.ranks, stop_cause=cause)
             if exc.rank is not None and exc.rank >= 0:
-                log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
+                self.log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
             raise
         except BaseException:  # execution_timeout and the like: the job stopped itself; show the ranks
             if self._job.result is not None:

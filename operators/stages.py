@@ -7,7 +7,6 @@ arguments, calls it, and hands its result object on as the task's XCom.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from airflow.sdk import BaseHook, BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from llama_core.results import to_jsonable
-
-log = logging.getLogger("llama_core.operators")
 
 
 def resolved_config(config: str, overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -165,7 +162,7 @@ class ImportCheckpointOperator(StageOperator):
     def run_stage(self, context: Context) -> dict[str, Any]:
         source = Path(self.input_path)
         if source.is_file() and source.suffix == ".ckpt":
-            log.info("%s is already a MindSpore checkpoint: nothing to import", source)
+            self.log.info("%s is already a MindSpore checkpoint: nothing to import", source)
             return {"output_path": str(source), "imported": False}
         from llama_core.checkpoint.convert import convert_hf_to_ms
 
