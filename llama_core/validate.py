@@ -174,7 +174,13 @@ def build_parser(prog: str = "python -m llama_core.validate") -> argparse.Argume
 
 def stage_from_args(args: argparse.Namespace) -> ValidatedRun:
     """The checked request of the parsed command line's params file."""
-    return validate_run(json.loads(Path(args.params).read_text()), args.work_root)
+    try:
+        params = json.loads(Path(args.params).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--params {args.params}: cannot read a JSON object: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"--params {args.params}: expected a JSON object of params")
+    return validate_run(params, args.work_root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

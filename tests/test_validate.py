@@ -111,6 +111,23 @@ def test_cli_prints_the_checked_request(params: dict[str, Any], tmp_path: Path) 
     bad = subprocess.run([*cmd, str(tmp_path / "other")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "error: param 'work_dir'" in bad.stderr
     assert "mindspore" not in bad.stderr
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama_core.validate",
+            "--params",
+            str(tmp_path / "nope.json"),
+            "--work_root",
+            "/",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert (
+        missing.returncode == 2 and "error: --params" in missing.stderr and "Traceback" not in missing.stderr
+    )
 
 
 def test_the_model_the_ranks_build_is_checked(params: dict[str, Any], tmp_path: Path) -> None:
