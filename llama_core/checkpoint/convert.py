@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,51 +232,21 @@ def convert_ms_to_hf(
     target = _target_dtype(dtype)
     manifest_path = out / "convert_manifest.json"
     with CheckpointSource(input_path) as src:
-        skipped, by_name = [], {}
-        for meta in src.tensors:
-            if split_lora_name(meta.name):
-                raise InputError(
-                    f"tensor {meta.name!r} is a LoRA weight: merge it (merge_lora) or export it (export_peft)"
-                )
-            if meta.name.startswith(OPTIMIZER_PREFIXES) or is_training_scalar(
-                meta.name, int(np.prod(meta.shape))
-            ):
-                skipped.append(meta.name)
-                continue
-            by_name[meta.name] = meta
+        by_name, skipped = _hf_weights(src)
         first = src.tensors[0].dtype if src.tensors else "F32"
         hf_config = load_hf_config(config, _HF_TORCH_DTYPE.get(target or first, "float32"))
-        dims = LlamaConfig.from_hf_config(hf_config, check_features=False).dims
-        plan_tensors, metas = [], []
-        for name in expected_ms_names(dims):
-            meta = by_name.pop(name, None)
-            if meta is None:
-                raise InputError(f"{src.path}: tensor {name!r} is missing (not a complete Llama checkpoint)")
-            m = match_ms(name, dims)
-            assert m is not None
-            check_shape(name, meta.shape, m, dims)
-            if meta.dtype not in FLOAT_TYPES:
-                raise InputError(f"{src.path}: tensor {name!r} has non-float type {meta.dtype}")
-            plan_tensors.append(PlannedTensor(m.hf_name, target or meta.dtype, meta.shape))
-            metas.append(meta)
-        if by_name:
-            raise InputError(
-                f"{src.path}: tensor {next(iter(by_name))!r} is not a Llama weight (unknown name)"
-            )
+        plan = _hf_plan(src, by_name, hf_config, target)
         if skipped:
             log.info("left out %d optimizer/step tensors (e.g. %s)", len(skipped), skipped[0])
-        shards = _plan_shards(plan_tensors, parse_size(max_shard_size))
+        shards = _plan_shards([t for t, _ in plan], parse_size(max_shard_size))
         params = {"dtype": target, "config": hf_config, "max_shard_size": parse_size(max_shard_size)}
         key = StageKey(manifest_path, "checkpoint.convert_reversed", FORMAT_VERSION, src.files, params)
         if key.hit():
             log.info("cache hit: %s is already the HF form of %s", out, src.path)
-            return ConvertResult(out, manifest_path, len(plan_tensors), 0, True, skipped)
+            return ConvertResult(out, manifest_path, len(plan), 0, True, skipped)
         clean_leftovers(out.parent, out.name)
-        meta_of = dict(zip((t.name for t in plan_tensors), metas, strict=True))
-        progress = Progress(
-            f"convert {src.path.name}", sum(t.nbytes for t in plan_tensors), "bytes", logger=log
-        )
-        written = 0
+        meta_of = {t.name: meta for t, meta in plan}
+        progress = Progress(f"convert {src.path.name}", sum(t.nbytes for t, _ in plan), "bytes", logger=log)
 
         def arrays(shard: list[PlannedTensor]) -> Iterator[np.ndarray]:
             for t in shard:
@@ -286,23 +256,7 @@ def convert_ms_to_hf(
 
         with atomic_path(out) as tmp:
             tmp.mkdir()
-            names = (
-                [SINGLE_NAME]
-                if len(shards) == 1
-                else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
-            )
-            for fname, shard in zip(names, shards, strict=True):
-                written += write_safetensors(tmp / fname, shard, arrays(shard), metadata={"format": "pt"})
-            if len(shards) > 1:
-                weight_map = {
-                    t.name: fname for fname, shard in zip(names, shards, strict=True) for t in shard
-                }
-                total = sum(t.nbytes for t in plan_tensors)
-                write_json_atomic(
-                    tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map}
-                )
-            write_json_atomic(tmp / "config.json", hf_config)
-            outputs = [tmp / n for n in names] + [tmp / "config.json"]
+            written, outputs = _write_hf_folder(tmp, shards, arrays, hf_config)
             write_manifest(
                 tmp / manifest_path.name,
                 stage="checkpoint.convert_reversed",
@@ -311,8 +265,68 @@ def convert_ms_to_hf(
                 extra={"source": str(src.path.resolve()), "skipped": skipped},
             )
         progress.close()
-    log.info("wrote %s: %d tensors in %d file(s)", out, len(plan_tensors), len(shards))
-    return ConvertResult(out, manifest_path, len(plan_tensors), written, False, skipped)
+    log.info("wrote %s: %d tensors in %d file(s)", out, len(plan), len(shards))
+    return ConvertResult(out, manifest_path, len(plan), written, False, skipped)
+
+
+def _hf_weights(src: CheckpointSource) -> tuple[dict[str, Any], list[str]]:
+    """The source's weights by name, and the optimizer/step tensors left out; LoRA is refused."""
+    skipped, by_name = [], {}
+    for meta in src.tensors:
+        if split_lora_name(meta.name):
+            raise InputError(
+                f"tensor {meta.name!r} is a LoRA weight: merge it (merge_lora) or export it (export_peft)"
+            )
+        if meta.name.startswith(OPTIMIZER_PREFIXES) or is_training_scalar(
+            meta.name, int(np.prod(meta.shape))
+        ):
+            skipped.append(meta.name)
+            continue
+        by_name[meta.name] = meta
+    return by_name, skipped
+
+
+def _hf_plan(
+    src: CheckpointSource, by_name: dict[str, Any], hf_config: Mapping[str, Any], target: str | None
+) -> list[tuple[PlannedTensor, Any]]:
+    """Every Llama weight in HF order, checked by name, shape and type: (HF tensor, its source)."""
+    dims = LlamaConfig.from_hf_config(hf_config, check_features=False).dims
+    plan = []
+    for name in expected_ms_names(dims):
+        meta = by_name.pop(name, None)
+        if meta is None:
+            raise InputError(f"{src.path}: tensor {name!r} is missing (not a complete Llama checkpoint)")
+        m = match_ms(name, dims)
+        assert m is not None
+        check_shape(name, meta.shape, m, dims)
+        if meta.dtype not in FLOAT_TYPES:
+            raise InputError(f"{src.path}: tensor {name!r} has non-float type {meta.dtype}")
+        plan.append((PlannedTensor(m.hf_name, target or meta.dtype, meta.shape), meta))
+    if by_name:
+        raise InputError(f"{src.path}: tensor {next(iter(by_name))!r} is not a Llama weight (unknown name)")
+    return plan
+
+
+def _write_hf_folder(
+    folder: Path,
+    shards: list[list[PlannedTensor]],
+    arrays: Callable[[list[PlannedTensor]], Iterator[np.ndarray]],
+    hf_config: Mapping[str, Any],
+) -> tuple[int, list[Path]]:
+    """safetensors shards (+ index when several) and config.json: (bytes written, files)."""
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    written = 0
+    for fname, shard in zip(names, shards, strict=True):
+        written += write_safetensors(folder / fname, shard, arrays(shard), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {t.name: fname for fname, shard in zip(names, shards, strict=True) for t in shard}
+        total = sum(t.nbytes for shard in shards for t in shard)
+        write_json_atomic(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(folder / "config.json", hf_config)
+    return written, [folder / n for n in names] + [folder / "config.json"]
 
 
 class _ConvertParser(argparse.ArgumentParser):
