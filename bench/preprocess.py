@@ -234,8 +234,9 @@ def main() -> None:
             "20 ms with psutil, children listed every 0.5 s (shared library pages are counted once per "
             "process, so it over-states).",
             f"Token identity: every record read back with `mindspore.dataset.MindDataset` and compared with "
-            f"`bench.preprocess.literal_qa`, a literal single-process transcription of the contract's "
-            f"section 2 (three sentencepiece calls per round, as the reference); took {verify_s:.0f} s.",
+            f"`bench.preprocess.literal_qa`, a literal single-process transcription of docs/REFERENCE.md's "
+            f"token layout and masking (three sentencepiece calls per round, as the reference); took "
+            f"{verify_s:.0f} s.",
             f"Report: fully masked {report['records_fully_masked']['count']}, truncated "
             f"{report['records_truncated']['count']}, supervised tokens {report['supervised_tokens']:,}.",
         ]
