@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -233,26 +233,47 @@ def demo_run(airflow: AirflowLive, demo_inputs: Path, work_root: Path) -> dict[s
     return {**result, "work_dir": work_dir}
 
 
-@pytest.fixture(scope="module")
-def stopped_run(airflow: AirflowLive, demo_run: dict[str, Any], demo_inputs: Path) -> dict[str, Any]:
-    """A long run: finetune marked failed mid-training, then cleared and waited for to the end."""
-    work_dir = demo_run["work_dir"]  # its cache: only finetune has work to do
+def stop_mid_training(
+    airflow: AirflowLive, demo_inputs: Path, work_dir: Path, stop: Callable[[str, int], None]
+) -> dict[str, Any]:
+    """Trigger a long run, wait until its ranks have saved a checkpoint, `stop(run_id, launcher pid)`,
+    and time how long the job's processes take to be gone (60 s at most)."""
     ensure_unpaused(airflow)
     conf = demo_conf(demo_inputs, work_dir, {"overrides": LONG_OVERRIDES})
     run_id = airflow.trigger(conf).json()["dag_run_id"]
     out = run_dir(work_dir, run_id)
     launcher = wait_training(airflow, run_id, out)
     before = job_procs(airflow, launcher)
-
     t0 = time.monotonic()
-    airflow.set_ti_state(run_id, "finetune", "failed")
-    patch_s = time.monotonic() - t0
+    stop(run_id, launcher)
+    stop_call_s = time.monotonic() - t0
     left: list = []
     try:
         wait_for(lambda: not job_procs(airflow, launcher), 60, "the job's processes to end", interval=0.2)
     except AssertionError:
         left = job_procs(airflow, launcher)
-    gone_s = time.monotonic() - t0
+    return {
+        "run_id": run_id,
+        "work_dir": work_dir,
+        "out": out,
+        "launcher": launcher,
+        "before": before,
+        "left": left,
+        "gone_s": time.monotonic() - t0,
+        "stop_call_s": stop_call_s,
+    }
+
+
+@pytest.fixture(scope="module")
+def stopped_run(airflow: AirflowLive, demo_run: dict[str, Any], demo_inputs: Path) -> dict[str, Any]:
+    """A long run: finetune marked failed mid-training, then cleared and waited for to the end."""
+    stopped = stop_mid_training(  # the demo run's work_dir: its cache leaves only finetune to do
+        airflow,
+        demo_inputs,
+        demo_run["work_dir"],
+        lambda run_id, _launcher: airflow.set_ti_state(run_id, "finetune", "failed"),
+    )
+    run_id = stopped["run_id"]
     ti1 = airflow.wait_ti(run_id, "finetune", {"failed"}, 60)
     # the task process may still be writing its last lines: let its log settle
     time.sleep(3)
@@ -261,52 +282,21 @@ def stopped_run(airflow: AirflowLive, demo_run: dict[str, Any], demo_inputs: Pat
     t1 = time.monotonic()
     airflow.clear_tasks(run_id, ["finetune"])
     run = airflow.wait_run(run_id, 600)
-    return {
-        "run_id": run_id,
-        "work_dir": work_dir,
-        "out": out,
-        "launcher": launcher,
-        "before": before,
-        "left": left,
-        "gone_s": gone_s,
-        "patch_s": patch_s,
-        "ti1": ti1,
-        "log1": log1,
-        "run": run,
-        "resume_s": time.monotonic() - t1,
-    }
+    return {**stopped, "ti1": ti1, "log1": log1, "run": run, "resume_s": time.monotonic() - t1}
 
 
 @pytest.fixture(scope="module")
 def killed_run(airflow: AirflowLive, stopped_run: dict[str, Any], demo_inputs: Path) -> dict[str, Any]:
     """A long run whose finetune task process gets SIGKILL mid-training."""
-    work_dir = stopped_run["work_dir"]
-    ensure_unpaused(airflow)
-    run_id = airflow.trigger(demo_conf(demo_inputs, work_dir, {"overrides": LONG_OVERRIDES})).json()[
-        "dag_run_id"
-    ]
-    out = run_dir(work_dir, run_id)
-    launcher = wait_training(airflow, run_id, out)
-    before = job_procs(airflow, launcher)
-    t0 = time.monotonic()
-    os.kill(launcher, signal.SIGKILL)
-    left: list = []
-    try:
-        wait_for(lambda: not job_procs(airflow, launcher), 60, "the job's processes to end", interval=0.2)
-    except AssertionError:
-        left = job_procs(airflow, launcher)
-    gone_s = time.monotonic() - t0
-    ti = airflow.wait_ti(run_id, "finetune", {"failed", "up_for_retry", "success"}, 120)
-    run = airflow.wait_run(run_id, 120)
-    return {
-        "run_id": run_id,
-        "launcher": launcher,
-        "before": before,
-        "left": left,
-        "gone_s": gone_s,
-        "ti": ti,
-        "run": run,
-    }
+    killed = stop_mid_training(
+        airflow,
+        demo_inputs,
+        stopped_run["work_dir"],
+        lambda _run_id, launcher: os.kill(launcher, signal.SIGKILL),
+    )
+    ti = airflow.wait_ti(killed["run_id"], "finetune", {"failed", "up_for_retry", "success"}, 120)
+    run = airflow.wait_run(killed["run_id"], 120)
+    return {**killed, "ti": ti, "run": run}
 
 
 # ---------------------------------------------------------------- scheduling
@@ -512,7 +502,7 @@ def test_marking_finetune_failed_stops_every_rank_within_10s(stopped_run: dict[s
         assert len(groups) == 1 and "stopped" in groups[0], f"rank {rank}'s summary: {groups}"
     print(
         f"mark failed -> no process after {stopped_run['gone_s']:.1f} s "
-        f"(the PATCH itself took {stopped_run['patch_s']:.1f} s)"
+        f"(the PATCH itself took {stopped_run['stop_call_s']:.1f} s)"
     )
 
 
