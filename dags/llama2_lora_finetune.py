@@ -18,12 +18,15 @@ Deployment settings (environment of the dag-processor and the workers):
   internet sources); without it the DAG runs only when triggered. Runs fall on cron ticks from now
   on: unpausing or a backfill never starts a run for a tick already past.
 - `LLAMA_LORA_NPU_POOL` / `LLAMA_LORA_NPU_QUEUE`: pool (one slot per NPU node) and queue of finetune.
+- `LLAMA_LORA_RANK_CHATTER_LEVEL`: the level MindSpore's distributed start-up chatter is logged at in
+  the task log (default DEBUG: hidden at Airflow's default INFO; always in the rank's own file).
 
 This file only wires operators: parsing it imports neither MindSpore nor torch.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -160,10 +163,18 @@ def _schedule(cron: str | None, defaults: dict) -> FutureTicksTimetable | None:
     return FutureTicksTimetable(cron, timezone="UTC")
 
 
+def _level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        raise ValueError(f"LLAMA_LORA_RANK_CHATTER_LEVEL={name!r} is not a logging level (DEBUG, INFO, ...)")
+    return level
+
+
 DEFAULTS = _defaults_from(os.environ.get("LLAMA_LORA_DEFAULTS"))
 for _name, _value in DEFAULTS.items():
     PARAMS[_name].value = _value
 SCHEDULE = _schedule(os.environ.get("LLAMA_LORA_SCHEDULE"), DEFAULTS)
+CHATTER_LEVEL = _level(os.environ.get("LLAMA_LORA_RANK_CHATTER_LEVEL", "DEBUG"))
 WORK = "{{ params.work_dir }}"
 DATA = f"{WORK}/data/seq{{{{ params.seq_length }}}}"
 
@@ -236,6 +247,7 @@ with DAG(
         max_active_tis_per_dag=1,
         queue=os.environ.get("LLAMA_LORA_NPU_QUEUE", "ascend"),
         retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
+        rank_chatter_level=CHATTER_LEVEL,
     )
 
     validate >> list(fetch.values())

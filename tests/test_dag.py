@@ -31,6 +31,7 @@ print(json.dumps({
     "finetune": {
         "pool": dag.get_task("finetune").pool,
         "max_active_tis_per_dag": dag.get_task("finetune").max_active_tis_per_dag,
+        "rank_chatter_level": dag.get_task("finetune").rank_chatter_level,
     },
     "validate_retries": dag.get_task("validate").retries,
 }, default=str))
@@ -116,6 +117,10 @@ def test_without_configured_sources_the_dag_is_manual_only() -> None:
     assert "Manual runs only" in parsed["description"]
     assert parsed["finetune"]["max_active_tis_per_dag"] == 1  # fine-tunes of this DAG never overlap
     assert parsed["validate_retries"] == 0
+    assert parsed["finetune"]["rank_chatter_level"] == 10  # DEBUG: hidden at Airflow's INFO
+    assert _parse_dag(LLAMA_LORA_RANK_CHATTER_LEVEL="info")["finetune"]["rank_chatter_level"] == 20
+    errors, _ = _dagbag(LLAMA_LORA_RANK_CHATTER_LEVEL="LOUD")
+    assert "LLAMA_LORA_RANK_CHATTER_LEVEL='LOUD' is not a logging level" in errors
     errors, dag_ids = _dagbag(LLAMA_LORA_SCHEDULE="@weekly")  # a schedule alone is refused, loudly
     assert dag_ids == []
     assert "@weekly" in errors and "needs LLAMA_LORA_DEFAULTS to set" in errors
