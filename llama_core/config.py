@@ -220,6 +220,12 @@ class TrainConfig:
     sink_mode: bool = _key("runner_config.sink_mode", False)
     sink_size: int = _key("runner_config.sink_size", 1)
     gradient_accumulation_steps: int = _key("runner_config.gradient_accumulation_steps", 1)
+    # not MindFormers keys: trim each global batch's trailing padding to the smallest bucket that
+    # holds its longest record (results unchanged); [] = powers of two from 128 up, plus seq_length
+    length_buckets: bool = _key("runner_config.length_buckets", True)
+    length_bucket_sizes: list[int] = field(
+        default_factory=list, metadata={"key": "runner_config.length_bucket_sizes"}
+    )
     optimizer_type: str = _key("optimizer.type", "FP32StateAdamWeightDecay")
     beta1: float = _key("optimizer.beta1", 0.9)
     beta2: float = _key("optimizer.beta2", 0.999)
@@ -314,6 +320,12 @@ class TrainConfig:
                 "only data parallelism is implemented: parallel_config.model_parallel and "
                 f"parallel_config.pipeline_stage must be 1 (got {self.model_parallel}, {self.pipeline_stage})"
             )
+        for size in self.length_bucket_sizes:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ConfigError(
+                    "config key 'runner_config.length_bucket_sizes' must list positive integers, "
+                    f"got {self.length_bucket_sizes}"
+                )
         if list(self.input_columns) != ["input_ids", "labels"]:
             raise ConfigError(
                 "config key 'train_dataset.input_columns' must be [input_ids, labels], "

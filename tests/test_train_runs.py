@@ -4,7 +4,9 @@
   resume under msrun with one rank's newest checkpoint damaged continues from the common step;
 - 2-rank data parallel reproduces the 1-process loss curve on the same global batch;
 - a run killed (SIGKILL) after a checkpoint and resumed continues exactly like an uninterrupted run,
-  skipping a truncated newer checkpoint.
+  skipping a truncated newer checkpoint;
+- length buckets (trailing padding trimmed per global batch) give the padded run's losses and LoRA
+  weights, in one process and under 2-rank data parallel.
 """
 
 from __future__ import annotations
@@ -51,6 +53,44 @@ def write_records(path: Path, n: int, patterns: int, seed: int = 0) -> Path:
     writer.write_raw_data(rows)
     writer.commit()
     return path
+
+
+def write_padded_records(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` records of SEQ+1 ids of which only the first 3..SEQ+1 are tokens, right-padded with 0
+    (labels -100 there and on the first 2 positions), mostly short: the length buckets have work."""
+    from mindspore.mindrecord import FileWriter
+
+    rng = np.random.default_rng(seed)
+    writer = FileWriter(str(path), 1)
+    writer.add_schema(
+        {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}, "qa"
+    )
+    rows = []
+    for _ in range(n):
+        size = int(
+            rng.choice(
+                [3, 5, 7, 8, 9, 12, 16, 17, 24, SEQ + 1],
+                p=[0.15, 0.15, 0.15, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05],
+            )
+        )
+        ids = np.zeros(SEQ + 1, np.int32)
+        ids[:size] = rng.integers(3, VOCAB, size)
+        labels = np.where(ids == 0, -100, ids).astype(np.int32)
+        labels[:2] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    writer.write_raw_data(rows)
+    writer.commit()
+    return path
+
+
+def lora_weights(output_dir: Path, rank: int = 0) -> dict[str, np.ndarray]:
+    """The LoRA tensors of the rank's newest checkpoint."""
+    import mindspore as ms
+
+    from llama_core.train.outputs import newest_checkpoint
+
+    ckpt = newest_checkpoint(output_dir / "checkpoint" / f"rank_{rank}")
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ckpt)).items() if "lora" in k}
 
 
 def free_port() -> int:
@@ -320,3 +360,86 @@ def test_gradient_accumulation_equals_big_batch_and_eval_and_predict(tmp_path: P
         isinstance(r["output"], str) for r in rows
     )
     assert json.loads((tmp_path / "pred" / "predict_results.json").read_text()) == rows
+
+
+BUCKETS = ["--runner_config.length_bucket_sizes", "[8, 16, 32]"]
+NO_BUCKETS = ["--runner_config.length_buckets", "False"]
+
+
+def assert_same_run(trimmed: Path, padded: Path, steps: int) -> None:
+    """Per-step losses within 1e-5 relative, final LoRA weights within 1e-5; several buckets used."""
+    a, b = np.array(losses(trimmed)), np.array(losses(padded))
+    assert len(a) == len(b) == steps
+    assert np.max(np.abs(a - b) / np.abs(b)) <= 1e-5
+    assert np.ptp(b) > 1e-3  # the curve moves
+    wa, wb = lora_weights(trimmed), lora_weights(padded)
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for name in wa:
+        np.testing.assert_allclose(wa[name], wb[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert max(np.abs(w).max() for name, w in wb.items() if "lora_b" in name) > 1e-3  # B left zero
+    on = json.loads((trimmed / "train_summary.json").read_text())["length_buckets"]
+    off = json.loads((padded / "train_summary.json").read_text())["length_buckets"]
+    assert on["enabled"] and on["sizes"] == [8, 16, 32]
+    assert len(on["micro_batches_per_bucket"]) >= 2 and sum(on["micro_batches_per_bucket"].values()) == steps
+    assert on["compiles"] == len(on["micro_batches_per_bucket"])  # one graph per bucket used, once
+    assert not off["enabled"] and off["compiles"] == 1 and off["micro_batches_per_bucket"] == {}
+
+
+def step_seqs(log: Path) -> list[int]:
+    """The sequence length of each step a rank logged (`seq=`)."""
+    return [
+        int(line.split(" seq=")[1].split()[0]) for line in log.read_text().splitlines() if " seq=" in line
+    ]
+
+
+def rank_buckets(data: Path, rank: int) -> list[int]:
+    """The bucket each step of epoch 1 would take from this rank's own rows alone (batch 2, 2 ranks)."""
+    import mindspore.dataset as ds
+
+    from llama_core.train.dataset import ShardPlan, choose_bucket, content_length
+
+    rows = [
+        ids for ids, _ in ds.MindDataset(str(data), shuffle=False).create_tuple_iterator(output_numpy=True)
+    ]
+    order = ShardPlan(len(rows), 2, 2, rank, shuffle=True, seed=0).indices(0)
+    batches = [np.stack([rows[i] for i in order[k : k + 2]]) for k in range(0, len(order), 2)]
+    return [choose_bucket([content_length(b)], [8, 16, 32]) for b in batches]
+
+
+@pytest.mark.slow
+def test_length_buckets_equal_the_padded_run(tmp_path: Path) -> None:
+    data = write_padded_records(tmp_path / "train.mindrecord", 48)
+    # fmt: off
+    common = ["--run_mode", "train", "--train_dataset_dir", str(data), "--epochs", "2", "--batch_size", "2",
+              "--callbacks.1.save_trainable_params", "True", *NO_DROPOUT]
+    # fmt: on
+    on = run_cli([*common, *BUCKETS, "--output_dir", str(tmp_path / "on")])
+    assert on.returncode == 0, on.stderr[-3000:]
+    off = run_cli([*common, *BUCKETS, *NO_BUCKETS, "--output_dir", str(tmp_path / "off")])
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert_same_run(tmp_path / "on", tmp_path / "off", 2 * 48 // 2)
+    assert "length buckets [8, 16, 32]" in on.stderr and "compiled, first call" in on.stderr
+
+
+@pytest.mark.slow
+def test_length_buckets_equal_the_padded_run_under_data_parallel(tmp_path: Path) -> None:
+    """2 ranks: each global batch runs at the bucket of the longest row of either rank."""
+    data = write_padded_records(tmp_path / "train.mindrecord", 48, seed=1)
+    # fmt: off
+    common = ["--run_mode", "train", "--train_dataset_dir", str(data), "--batch_size", "2",
+              "--callbacks.1.save_trainable_params", "True", *NO_DROPOUT]
+    # fmt: on
+    run_msrun(tmp_path / "a", [*common, *BUCKETS, "--output_dir", str(tmp_path / "on")])
+    run_msrun(tmp_path / "b", [*common, *BUCKETS, *NO_BUCKETS, "--output_dir", str(tmp_path / "off")])
+    assert_same_run(tmp_path / "on", tmp_path / "off", 48 // 4)
+    # both ranks ran every step at one shape, the bucket of the global batch's longest row: on some
+    # step a rank's own rows alone would have fit a smaller bucket
+    seqs = [step_seqs(tmp_path / "a" / "msrun_log" / f"worker_{r}.log") for r in (0, 1)]
+    assert seqs[0] == seqs[1] and len(seqs[0]) == 12
+    own = [rank_buckets(data, r) for r in (0, 1)]
+    assert seqs[0] == [max(a, b) for a, b in zip(*own, strict=True)]
+    assert own[0] != seqs[0] or own[1] != seqs[0]
+    for rank in (0, 1):  # the ranks ended with identical adapters: they ran the same shapes
+        ref = lora_weights(tmp_path / "on", 0)
+        for name, w in lora_weights(tmp_path / "on", rank).items():
+            np.testing.assert_array_equal(w, ref[name])

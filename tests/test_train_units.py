@@ -171,3 +171,41 @@ def test_supervised_tokens_counts_the_loss_mask() -> None:
     assert supervised_tokens(ids[1:], labels[1:]) == 0
     # a target after a pad input does not count: inputs [1, 0], targets [-100, 6]
     assert supervised_tokens(np.array([[1, 0, 0]]), np.array([[-100, -100, 6]])) == 0
+
+
+def test_length_bucket_of_a_global_batch_takes_every_ranks_rows() -> None:
+    from llama_core.train.dataset import bucket_sizes, choose_bucket, content_length, trim_to_bucket
+
+    assert bucket_sizes(4096) == [128, 256, 512, 1024, 2048, 4096]
+    assert bucket_sizes(1000) == [128, 256, 512, 1000]  # seq_length is always a bucket
+    assert bucket_sizes(32) == [32]
+    assert bucket_sizes(32, [16, 8, 64, 16]) == [8, 16, 32]  # sorted, deduplicated, capped, 32 added
+
+    def rows(*lengths: int, seq: int = 32) -> np.ndarray:
+        """Records of seq+1 ids: `n` non-pad tokens, then padding 0."""
+        out = np.zeros((len(lengths), seq + 1), np.int32)
+        for i, n in enumerate(lengths):
+            out[i, :n] = 7
+        return out
+
+    # content length: 1 + the last input position (ids[:, :-1]) holding a non-pad token, over rows
+    assert content_length(rows(5, 3)) == 5
+    assert content_length(rows(33)) == 32  # a full record: its last id is only ever a target
+    assert content_length(rows(0, 0)) == 0
+    mid_pad = rows(6)
+    mid_pad[0, 2] = 0  # a pad id inside the record does not end it
+    assert content_length(mid_pad) == 6
+
+    buckets = [8, 16, 32]
+    # 2 ranks x 2 rows: rank 0 holds short rows, rank 1 a long one; both run rank 1's bucket
+    rank0, rank1 = rows(3, 8), rows(2, 12)
+    lengths = [content_length(rank0), content_length(rank1)]
+    assert lengths == [8, 12]
+    assert choose_bucket(lengths, buckets) == 16
+    assert choose_bucket([lengths[0]], buckets) == 8  # rank 0 alone would have chosen 8
+    assert choose_bucket([0, 1], buckets) == 8 and choose_bucket([32, 1], buckets) == 32
+    assert choose_bucket([9], buckets) == 16 and choose_bucket([17], buckets) == 32
+
+    ids, labels = trim_to_bucket(rank0, np.where(rank0 == 0, -100, rank0), 8)
+    assert ids.shape == labels.shape == (2, 9)  # bucket + 1: the model shifts by one
+    assert (ids[:, :8] == rank0[:, :8]).all() and ids.flags["C_CONTIGUOUS"]

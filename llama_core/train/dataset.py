@@ -101,3 +101,39 @@ def check_batch(ids: np.ndarray, labels: np.ndarray, seq_length: int, where: str
                 f"{where}: column {name!r} has records of length {arr.shape[-1]}, "
                 f"expected seq_length + 1 = {seq_length + 1}"
             )
+
+
+def bucket_sizes(seq_length: int, configured: list[int] | None = None) -> list[int]:
+    """The sequence lengths a batch may be trimmed to, ascending: `configured` (sizes above
+    seq_length dropped) or powers of two from 128 up; seq_length is always one of them."""
+    if configured:
+        sizes = {int(b) for b in configured if int(b) < seq_length}
+    else:
+        sizes = {1 << k for k in range(7, seq_length.bit_length()) if 1 << k < seq_length}
+    return sorted(sizes | {seq_length})
+
+
+def content_length(ids: np.ndarray, pad_id: int = 0) -> int:
+    """Input positions a batch's loss can count: 1 + the last input position (of ids[:, :-1]) holding
+    a non-pad token in any row; 0 for a batch of padding only."""
+    inputs = ids[:, :-1] != pad_id
+    if not inputs.any():
+        return 0
+    return int(inputs.shape[1] - np.argmax(inputs[:, ::-1].any(axis=0)))
+
+
+def choose_bucket(lengths: list[int] | np.ndarray, buckets: list[int]) -> int:
+    """The smallest bucket that holds the longest of `lengths` (the content lengths of every rank's
+    rows of one global batch), so every rank runs the same shape."""
+    longest = int(np.max(lengths)) if len(lengths) else 0
+    for size in buckets:
+        if size >= longest:
+            return size
+    return buckets[-1]
+
+
+def trim_to_bucket(ids: np.ndarray, labels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Records cut to `bucket` + 1 tokens (the model shifts by one). Exact when `bucket` holds the
+    batch's content length: with causal attention the cut positions feed only positions that are cut
+    too, and the loss mask (input != pad) counts none of them."""
+    return np.ascontiguousarray(ids[:, : bucket + 1]), np.ascontiguousarray(labels[:, : bucket + 1])

@@ -6,7 +6,8 @@
   data          this rank's share of every global batch, steps per epoch
   optimizer     lr schedule, AdamW, gradient reduction over ranks, the step cell
   resume        the newest checkpoint every rank can read
-  loop          epochs of steps: a log line per step, checkpoints and evals when due
+  loop          epochs of steps: a log line per step, checkpoints and evals when due; each global
+                batch trimmed to its length bucket (one compiled graph per bucket, counted)
   evaluate      eval loss and perplexity, periodically and at the end
   save          one checkpoint per rank (names and folders: `outputs`)
   summary       the TrainResult; rank 0 writes it to OUTPUT/train_summary.json
@@ -36,11 +37,15 @@ from llama_core.train import state as train_state
 from llama_core.train.dataset import (
     COLUMNS,
     ShardPlan,
+    bucket_sizes,
     check_batch,
+    choose_bucket,
+    content_length,
     count_records,
     epoch_batches,
     mindrecord_files,
     supervised_tokens,
+    trim_to_bucket,
 )
 from llama_core.train.outputs import SUMMARY_NAME, checkpoint_path, rank_dir
 from llama_core.train.schedule import lr_array
@@ -67,6 +72,9 @@ class TrainResult:
     summary_path: str | None
     loss_series: list[dict[str, float]] = field(default_factory=list)
     eval_series: list[dict[str, float]] = field(default_factory=list)
+    # runner_config.length_buckets: the sizes, micro-batches per size, the graphs compiled and the time
+    # of each one's first call (compile + one step)
+    length_buckets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -184,12 +192,18 @@ class _SumOverRanks(nn.Cell):
         return self.reduce(x)
 
 
-def min_over_ranks(value: int, rt: Runtime) -> int:
-    """The smallest of every rank's `value`; every rank must call it."""
-    # each rank fills its own slot, the sum gathers them all (float32 is exact for step counts < 2**24)
+def gather_over_ranks(value: int, rt: Runtime, cell: nn.Cell | None = None) -> np.ndarray:
+    """Every rank's `value`, in rank order; every rank must call it. Pass one `_SumOverRanks` cell
+    to reuse its compiled graph across calls."""
+    # each rank fills its own slot, the sum gathers them all (float32 is exact for counts < 2**24)
     slots = np.zeros(rt.world_size, np.float32)
     slots[rt.rank] = value
-    return int(_SumOverRanks()(ms.Tensor(slots)).asnumpy().min())
+    return (_SumOverRanks() if cell is None else cell)(ms.Tensor(slots)).asnumpy().astype(np.int64)
+
+
+def min_over_ranks(value: int, rt: Runtime) -> int:
+    """The smallest of every rank's `value`; every rank must call it."""
+    return int(gather_over_ranks(value, rt).min())
 
 
 class TrainRecipe:
@@ -217,6 +231,10 @@ class TrainRecipe:
         self.last_checkpoint: str | None = None
         self.eval_loss: float | None = None
         self.eval_ppl: float | None = None
+        self.buckets: list[int] = []  # empty: length buckets off, every batch runs at seq_length
+        self.bucket_counts: dict[int, int] = {}
+        self.graphs: list[dict[str, Any]] = []  # one per (sequence length, apply_update) compiled
+        self.lengths_cell: nn.Cell | None = None
 
     def run(self) -> TrainResult:
         """Run training (or fine-tuning) as configured and return what happened."""
@@ -281,6 +299,14 @@ class TrainRecipe:
         self.plan = plan
         self.total = tc.epochs * self.steps_per_epoch
         self.tokens_per_step = tc.batch_size * tc.seq_length * accum
+        if tc.length_buckets:
+            self.buckets = bucket_sizes(tc.seq_length, tc.length_bucket_sizes)
+            if self.rt.world_size > 1:
+                self.lengths_cell = _SumOverRanks()
+            logger.info(
+                "length buckets %s: each global batch runs at the smallest that holds its longest record",
+                self.buckets,
+            )
 
     def setup_optimizer(self) -> None:
         tc, rt = self.tc, self.rt
@@ -368,6 +394,7 @@ class TrainRecipe:
         skip = self.start.step_in_epoch if epoch == self.start.epoch else 0
         in_epoch = skip
         micro_losses: list[float] = []
+        micro_seqs: list[int] = []
         t0 = time.perf_counter()
         for micro, (ids, labels) in enumerate(
             epoch_batches(tc.train_dataset_dir, self.plan, epoch - 1, skip * accum)
@@ -378,16 +405,20 @@ class TrainRecipe:
                 ids, labels, f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
             )
             apply = (micro + 1) % accum == 0
+            ids, labels = self.to_bucket(ids, labels)
+            t_call = time.perf_counter()
             loss_t, norm_t = self.step_cell(ms.Tensor(ids), ms.Tensor(labels), apply)
             micro_losses.append(float(loss_t.asnumpy()))
+            micro_seqs.append(ids.shape[1] - 1)
+            self.count_graph(ids.shape[1] - 1, apply, time.perf_counter() - t_call)
             if not apply:
                 continue
             in_epoch += 1
             loss, norm = float(np.mean(micro_losses)), float(norm_t.asnumpy())
-            micro_losses = []
+            seqs, micro_losses, micro_seqs = micro_seqs, [], []
             now = time.perf_counter()
             dt, t0 = now - t0, now  # saves and evals below stay out of the next step's time
-            self.end_step(epoch, in_epoch, loss, norm, dt)
+            self.end_step(epoch, in_epoch, loss, norm, dt, seqs)
         return in_epoch
 
     def check_micro_batch(self, ids: np.ndarray, labels: np.ndarray, where: str) -> None:
@@ -402,8 +433,40 @@ class TrainRecipe:
                 where,
             )
 
-    def end_step(self, epoch: int, in_epoch: int, loss: float, norm: float, dt: float) -> None:
-        """Count an optimizer step and log it; save and evaluate when due."""
+    def to_bucket(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows trimmed to the global batch's bucket: the smallest that holds the longest
+        record of every rank's rows, so all ranks run one shape. A pure function of the global
+        batch's content: a resumed run trims exactly as the first did."""
+        if not self.buckets:
+            return ids, labels
+        pad_id = int(self.tc.model_config.get("pad_token_id", 0))
+        length = content_length(ids, pad_id)
+        if self.lengths_cell is None:
+            lengths = [length]
+        else:
+            lengths = gather_over_ranks(length, self.rt, self.lengths_cell)
+        bucket = choose_bucket(lengths, self.buckets)
+        self.bucket_counts[bucket] = self.bucket_counts.get(bucket, 0) + 1
+        return trim_to_bucket(ids, labels, bucket)
+
+    def count_graph(self, seq: int, apply: bool, seconds: float) -> None:
+        """Note the first call of each step shape: graph mode compiles one graph for it."""
+        if any(g["seq"] == seq and g["apply_update"] == apply for g in self.graphs):
+            return
+        self.graphs.append({"seq": seq, "apply_update": apply, "first_call_seconds": seconds})
+        logger.info(
+            "graph %d: seq %d (apply_update=%s) compiled, first call %.2fs (compile + one step)",
+            len(self.graphs),
+            seq,
+            apply,
+            seconds,
+        )
+
+    def end_step(
+        self, epoch: int, in_epoch: int, loss: float, norm: float, dt: float, seqs: list[int]
+    ) -> None:
+        """Count an optimizer step and log it (`seq`: its micro-batches' sequence lengths, the
+        length buckets); save and evaluate when due."""
         tc = self.tc
         lr = float(self.lrs[self.global_step])
         self.global_step += 1
@@ -415,7 +478,7 @@ class TrainRecipe:
         )
         logger.info(
             "epoch=%d/%d step=%d/%d loss=%.6f lr=%.6e step_time=%.3fs tokens_per_s_device=%.1f "
-            "grad_norm=%.6f eta=%s",
+            "grad_norm=%.6f seq=%s eta=%s",
             epoch,
             tc.epochs,
             self.global_step,
@@ -425,6 +488,7 @@ class TrainRecipe:
             dt,
             self.tokens_per_step / dt,
             norm,
+            ",".join(map(str, seqs)),
             human_seconds(self.typical_step_time() * (self.total - self.global_step)),
         )
         if self.global_step % tc.save_checkpoint_steps == 0:
@@ -497,7 +561,21 @@ class TrainRecipe:
             summary_path=None,
             loss_series=self.series,
             eval_series=self.evals,
+            length_buckets={
+                "enabled": bool(self.buckets),
+                "sizes": self.buckets or [self.tc.seq_length],
+                "micro_batches_per_bucket": {str(b): n for b, n in sorted(self.bucket_counts.items())},
+                "compiles": len(self.graphs),
+                "compile_seconds": sum(g["first_call_seconds"] for g in self.graphs),
+                "graphs": self.graphs,
+            },
         )
+        if self.graphs:
+            logger.info(
+                "%d step graph(s) compiled this run, first calls %.2fs in all (compile + one step each)",
+                len(self.graphs),
+                result.length_buckets["compile_seconds"],
+            )
         if self.rt.rank == 0:
             self.write_summary(result)
         return result
