@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 from airflow.sdk import BaseHook, Context
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+from llama_core.results import to_jsonable
 from operators.stages import StageOperator
 
 WORK_ROOT_ENV = "LLAMA_LORA_WORK_ROOT"
@@ -34,14 +35,12 @@ class ValidateParamsOperator(StageOperator):
 
         params = dict(context["params"])
         root = os.environ.get(WORK_ROOT_ENV) or self.default_work_root
-        validated = validate_run(params, root).to_dict()
+        validated = to_jsonable(validate_run(params, root))
         conn_id = params.get("storage_conn_id")
         if conn_id:
             try:
                 BaseHook.get_connection(conn_id)
-            except Exception as exc:  # the SDK raises its own not-found type
-                raise AirflowFailException(
-                    f"param 'storage_conn_id': no connection {conn_id!r}: {exc}"
-                ) from exc
+            except AirflowNotFoundException as exc:  # only "no such connection" is the param's fault
+                raise AirflowFailException(f"param 'storage_conn_id': {exc}") from exc
         self.log.info("params checked: %s (work root %s)", validated, root)
         return validated

@@ -134,6 +134,8 @@ def test_validate_fails_fast_naming_the_param(tmp_path: Path, monkeypatch: pytes
     assert op.execute({"params": params})["world_size"] == 2
     with pytest.raises(AirflowFailException, match=r"param 'work_dir'.*outside the allowed work root"):
         op.execute({"params": {**params, "work_dir": str(tmp_path / "elsewhere")}})
+    with pytest.raises(AirflowFailException, match=r"param 'storage_conn_id'.*no_such_conn"):
+        op.execute({"params": {**params, "storage_conn_id": "no_such_conn"}})
 
 
 # Loaded by every Python process of the launch (via PYTHONPATH): a rank's `llama_core.run` says it
