@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,3 +30,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def sleeper_with_env(env: dict[str, str], seconds: float) -> subprocess.Popen:
+    """A process that sleeps `seconds` with `env`, returned once /proc shows that environment: right
+    after a vfork+exec the kernel may still show it empty, and a scan then would miss it."""
+    proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"], env=env)
+    if not wait_until(lambda: _environ(proc.pid).get("MS_ROLE") == env.get("MS_ROLE"), 10, 0.01):
+        proc.kill()
+        raise AssertionError(f"pid {proc.pid} never showed its environment")
+    return proc
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        return psutil.Process(pid).environ()
+    except psutil.Error:
+        return {}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import job_processes, wait_until
+from processes import job_processes, sleeper_with_env, wait_until
 
 from llama_core.launch import LaunchError, LaunchStopped, MsrunJob, launch
 
@@ -180,7 +180,7 @@ def test_port_in_use_is_refused_naming_the_owner(program: list[str], tmp_path: P
 def test_stale_process_of_an_earlier_job_is_refused(program: list[str], tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "MS_SCHED_PORT": str(port), "MS_ROLE": "MS_WORKER"}
-    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    stale = sleeper_with_env(env, 120)
     try:
         with pytest.raises(LaunchError, match="maybe the last training process is running") as info:
             launch(
@@ -299,7 +299,7 @@ def test_a_retry_waits_for_the_orphans_of_a_stopped_job(program: list[str], tmp_
         "LLAMA_LAUNCHER_PID": str(gone.pid),
         "LLAMA_LAUNCHER_START": "0.0",
     }
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], env=env)
+    orphan = sleeper_with_env(env, 2)
     try:
         result = launch(
             ["ok"], worker_num=2, local_worker_num=2, master_port=port, log_dir=tmp_path, command=program
@@ -315,7 +315,7 @@ def test_a_leftover_in_the_same_log_dir_is_refused_whatever_its_port(
 ) -> None:
     log_dir = (tmp_path / "logs").resolve()
     env = {**os.environ, "MS_SCHED_PORT": "1", "MS_ROLE": "MS_WORKER", "LLAMA_LAUNCH_LOG_DIR": str(log_dir)}
-    stale = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    stale = sleeper_with_env(env, 120)
     try:
         with pytest.raises(LaunchError, match=rf"in {log_dir} are still running") as info:
             launch(
