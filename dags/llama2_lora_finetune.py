@@ -109,6 +109,15 @@ PARAMS = {
         section="Data",
         description="tokens per record (records hold seq_length + 1 ids); the model trains on this length",
     ),
+    "layout": Param(
+        "buckets",
+        enum=["buckets", "packed", "padded"],
+        section="Data",
+        description="buckets: records as MindFormers writes them, each batch trimmed to its length bucket "
+        "(same losses, far less padding computed); packed: several conversations per row, each attending "
+        "only to itself (the least work); padded: the reference's full-length records, for bit-for-bit "
+        "comparisons",
+    ),
     "config": Param(
         str(CONFIGS / "lora_llama2_7b.yaml"),
         type="string",
@@ -217,7 +226,9 @@ with DAG(
         input_glob="{{ ti.xcom_pull(task_ids='alpaca_to_conversations')['output_path'] }}",
         model_file="{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}",
         seq_length="{{ params.seq_length }}",
-        output_file=f"{DATA}/alpaca.mindrecord",
+        packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
+        # each data layout keeps its own file: switching back and forth re-tokenizes nothing
+        output_file=f"{DATA}/alpaca{{{{ '-packed' if params.layout == 'packed' else '' }}}}.mindrecord",
     )
     imported = ImportCheckpointOperator(
         task_id="import_checkpoint",
@@ -241,6 +252,7 @@ with DAG(
         output_dir=f"{WORK}/runs/{{{{ run_id }}}}",
         device_target="{{ params.device_target }}",
         master_port="{{ params.master_port }}",
+        length_buckets="{{ params.layout != 'padded' }}",
         # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
         # max_active_tis_per_dag does so for this DAG even in the default pool.
         pool=os.environ.get("LLAMA_LORA_NPU_POOL", "default_pool"),

@@ -47,6 +47,7 @@ class MsrunFinetuneOperator(StageOperator):
         "seq_length",
         "device_target",
         "master_port",
+        "length_buckets",
     )
     ui_color = "#f6c7b6"
 
@@ -61,6 +62,7 @@ class MsrunFinetuneOperator(StageOperator):
         overrides: Mapping[str, Any] | str | None = None,
         device_target: str = "Ascend",
         master_port: int | str | None = None,
+        length_buckets: bool | str | None = None,
         run_mode: str = "finetune",
         rank_chatter_level: int = logging.DEBUG,
         **kwargs: Any,
@@ -70,6 +72,7 @@ class MsrunFinetuneOperator(StageOperator):
         self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
         self.seq_length = seq_length
         self.device_target, self.master_port = device_target, master_port
+        self.length_buckets = length_buckets  # None: the config's runner_config.length_buckets
         self.rank_chatter_level = rank_chatter_level
         self._job: MsrunJob | None = None
 
@@ -97,6 +100,8 @@ class MsrunFinetuneOperator(StageOperator):
             args += ["--resume_training", "True"]
         if self.seq_length:  # the model trains on the records' length: one setting, not two
             args += ["--model.model_config.seq_length", str(int(self.seq_length))]
+        if self.length_buckets not in (None, ""):
+            args += ["--runner_config.length_buckets", str(self.length_buckets)]
         return args + override_args(overrides_dict(self.overrides))
 
     def run_stage(self, context: Context) -> dict[str, Any]:

@@ -112,9 +112,10 @@ class AlpacaToConversationsOperator(StageOperator):
 
 
 class TokenizeToMindRecordOperator(StageOperator):
-    """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers."""
+    """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers; `packing`
+    "pack" packs several conversations per row instead."""
 
-    template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file")
+    template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file", "packing")
     output_field = "output_file"
 
     def __init__(
@@ -125,13 +126,14 @@ class TokenizeToMindRecordOperator(StageOperator):
         output_file: str,
         seq_length: int | str = 4096,
         dataset_type: str = "qa",
+        packing: str = "none",
         file_partition: int = 1,
         workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.input_glob, self.model_file, self.output_file = input_glob, model_file, output_file
-        self.seq_length, self.dataset_type = seq_length, dataset_type
+        self.seq_length, self.dataset_type, self.packing = seq_length, dataset_type, packing
         self.file_partition, self.workers = file_partition, workers
 
     def run_stage(self, context: Context) -> dict[str, Any]:
@@ -145,6 +147,7 @@ class TokenizeToMindRecordOperator(StageOperator):
             output_file=self.output_file,
             file_partition=self.file_partition,
             workers=self.workers,
+            packing=self.packing,
         )
         return to_jsonable(result)
 

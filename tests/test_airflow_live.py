@@ -433,6 +433,35 @@ def test_demo_conf_trains_to_success(airflow: AirflowLive, demo_run: dict[str, A
     print(f"demo run: {demo_run['elapsed_s']:.0f} s from trigger to success")
 
 
+def test_layout_param_packs_or_pads_and_keeps_each_layouts_data(
+    airflow: AirflowLive, demo_run: dict[str, Any], demo_inputs: Path
+) -> None:
+    """After the demo (the default, buckets): `packed` tokenizes into a file of its own and trains on
+    packed rows; `padded` trains every step at full length on the demo's records, re-tokenizing nothing."""
+    from llama_core.demo import DEMO_SEQ_LENGTH
+
+    work_dir = demo_run["work_dir"]
+    unpacked = work_dir / "data" / f"seq{DEMO_SEQ_LENGTH}" / "alpaca.mindrecord"
+    stamp = unpacked.stat().st_mtime_ns
+    # at seq 256 two of the demo's conversations fit a row
+    packed = trigger_and_wait(
+        airflow, demo_conf(demo_inputs, work_dir, {"layout": "packed", "seq_length": 256}), 600
+    )
+    assert packed["run"]["state"] == "success", airflow.failure_report(packed["run_id"])
+    report = json.loads((work_dir / "data" / "seq256" / "alpaca-packed.mindrecord.report.json").read_text())
+    assert report["result"]["packing"]["documents_per_row_max"] == 2
+    out = run_dir(work_dir, packed["run_id"])
+    assert "is packed: up to 2 documents per row" in (out / "msrun_log" / "worker_0.log").read_text()
+
+    padded = trigger_and_wait(airflow, demo_conf(demo_inputs, work_dir, {"layout": "padded"}), 600)
+    assert padded["run"]["state"] == "success", airflow.failure_report(padded["run_id"])
+    summary = json.loads((run_dir(work_dir, padded["run_id"]) / "train_summary.json").read_text())
+    assert not summary["length_buckets"]["enabled"] and summary["length_buckets"]["compiles"] == 1
+    demo = json.loads((run_dir(work_dir, demo_run["run_id"]) / "train_summary.json").read_text())
+    assert demo["length_buckets"]["enabled"] and demo["length_buckets"]["compiles"] >= 1
+    assert unpacked.stat().st_mtime_ns == stamp  # the buckets' and padded layouts share one file
+
+
 def test_finetune_log_shows_each_rank_under_its_source(
     airflow: AirflowLive, demo_run: dict[str, Any], artifacts: Path
 ) -> None:

@@ -270,10 +270,22 @@ def test_fp16_compute_stays_close_to_fp32_with_fp32_logits() -> None:
 
 
 def reference_flash_attention_score(
-    query, key, value, head_num, attn_mask=None, scalar_value=1.0, input_layout="BSH", sparse_mode=0
+    query,
+    key,
+    value,
+    head_num,
+    attn_mask=None,
+    scalar_value=1.0,
+    input_layout="BSH",
+    sparse_mode=0,
+    actual_seq_qlen=None,
+    actual_seq_kvlen=None,
 ):
     """CPU stand-in for Ascend's flash_attention_score, per its documented semantics for BNSD layout
-    and sparse_mode 2 (compressed 2048x2048 mask, 1 = discard, top-left aligned)."""
+    with sparse_mode 2 (compressed 2048x2048 mask, 1 = discard, top-left aligned) and TND layout with
+    sparse_mode 3 (causal inside each sequence the cumulative lengths delimit)."""
+    if input_layout == "TND":
+        return reference_tnd(query, key, value, head_num, scalar_value, actual_seq_qlen)
     groups = head_num // key.shape[1]
     key = ops.repeat_interleave(key, groups, 1)
     value = ops.repeat_interleave(value, groups, 1)
@@ -284,6 +296,25 @@ def reference_flash_attention_score(
     return ops.matmul(ops.softmax(scores, -1), value.astype(ms.float32)).astype(query.dtype)
 
 
+def reference_tnd(query, key, value, head_num, scalar_value, cumulative):
+    """TND: [tokens, heads, dim]; token t belongs to the sequence of the first cumulative end above it."""
+    groups = head_num // key.shape[1]
+    key = ops.repeat_interleave(key, groups, 1).transpose(1, 0, 2)
+    value = ops.repeat_interleave(value, groups, 1).transpose(1, 0, 2)
+    tokens = query.shape[0]
+    index = ops.arange(tokens)
+    sequence = (cumulative.reshape(1, -1) <= index.reshape(-1, 1).astype(cumulative.dtype)).sum(-1)
+    allowed = (sequence.reshape(-1, 1) == sequence.reshape(1, -1)) & (
+        index.reshape(-1, 1) >= index.reshape(1, -1)
+    )
+    scores = ops.matmul(
+        query.astype(ms.float32).transpose(1, 0, 2), key.astype(ms.float32).transpose(0, 2, 1)
+    )
+    scores = ops.where(allowed, scores * scalar_value, ops.full_like(scores, -1e9))
+    out = ops.matmul(ops.softmax(scores, -1), value.astype(ms.float32)).transpose(1, 0, 2)
+    return out.astype(query.dtype)
+
+
 def test_flash_attention_branch_matches_plain_attention(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llama_module.ops, "flash_attention_score", reference_flash_attention_score)
     plain = LlamaForCausalLM(tiny(compute_dtype="float16"))
@@ -291,6 +322,75 @@ def test_flash_attention_branch_matches_plain_attention(monkeypatch: pytest.Monk
     copy_weights(plain, flash)
     ids = ms.Tensor(np.random.default_rng(6).integers(0, 128, size=(2, 16)).astype(np.int32))
     np.testing.assert_allclose(flash(ids).asnumpy(), plain(ids).asnumpy(), atol=2e-2)
+
+
+# ---- packed rows: documents attend only to themselves ----
+
+
+def packed_batch(rng: np.random.Generator, lengths: list[list[int]], row: int) -> tuple[np.ndarray, ...]:
+    """Rows of `row` ids holding documents of the given lengths (first label of each ignored, like a
+    record's bos, and two more as a prompt), the documents alone, and the rows' cumulative ends
+    padded with the row length."""
+    ids = np.zeros((len(lengths), row), np.int32)
+    labels = np.full((len(lengths), row), -100, np.int32)
+    ends = np.full((len(lengths), max(map(len, lengths))), row, np.int32)
+    docs = []
+    for r, sizes in enumerate(lengths):
+        start = 0
+        for k, n in enumerate(sizes):
+            doc = rng.integers(3, 128, n).astype(np.int32)
+            doc_labels = doc.copy()
+            doc_labels[:3] = -100
+            ids[r, start : start + n], labels[r, start : start + n] = doc, doc_labels
+            docs.append((r, start, doc, doc_labels))
+            start += n
+            ends[r, k] = start
+    return ids, labels, ends, docs
+
+
+def alone(doc: np.ndarray, doc_labels: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A document as an unpacked record: padded with 0, labels with -100."""
+    ids, labels = np.zeros((1, row), np.int32), np.full((1, row), -100, np.int32)
+    ids[0, : len(doc)], labels[0, : len(doc)] = doc, doc_labels
+    return ids, labels
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["dot-product", "flash-TND"])
+def test_packed_documents_give_the_logits_of_each_document_alone(
+    flash: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llama_module.ops, "flash_attention_score", reference_flash_attention_score)
+    ms.set_seed(0)
+    dtype = "float16" if flash else "float32"  # the flash path needs half precision
+    model = LlamaForCausalLM(tiny(use_flash_attention=flash, compute_dtype=dtype))
+    model.set_train(False)
+    # row 0: three documents and padding; row 1: two documents filling it (the last one to the end)
+    ids, _, ends, docs = packed_batch(np.random.default_rng(7), [[5, 6, 2], [9, 7]], 16)
+    packed = model(ms.Tensor(ids), None, ms.Tensor(ends)).asnumpy()
+    for r, start, doc, doc_labels in docs:
+        single = model(ms.Tensor(alone(doc, doc_labels, 16)[0])).asnumpy()[0, : len(doc)]
+        got = packed[r, start : start + len(doc)]
+        scale = np.abs(single).max()
+        assert np.abs(got - single).max() / scale <= (2e-3 if flash else 1e-5), (r, start)
+    # the same rows without boundaries attend across documents: the comparison can fail
+    unpacked = model(ms.Tensor(ids)).asnumpy()
+    assert np.abs(unpacked[0, 5:11] - packed[0, 5:11]).max() > 1e-2
+
+
+def test_packed_loss_is_the_supervised_token_weighted_mean_of_the_documents_losses() -> None:
+    ms.set_seed(0)
+    model = LlamaForCausalLM(tiny())
+    model.set_train(False)
+    ids, labels, ends, docs = packed_batch(np.random.default_rng(8), [[5, 6, 4], [9, 8]], 17)
+    packed = float(model(ms.Tensor(ids), ms.Tensor(labels), ms.Tensor(ends)).asnumpy())
+    losses, weights = [], []
+    for _, _, doc, doc_labels in docs:
+        one_ids, one_labels = alone(doc, doc_labels, 17)
+        losses.append(float(model(ms.Tensor(one_ids), ms.Tensor(one_labels)).asnumpy()))
+        weights.append(int((one_labels[:, 1:] != -100).sum()))
+    assert weights == [len(doc) - 3 for _, _, doc, _ in docs]  # 3 ignored labels per document
+    assert packed == pytest.approx(np.average(losses, weights=weights), rel=1e-5)
+    assert np.ptp(losses) > 1e-3  # a plain mean of the documents' losses would differ
 
 
 # ---- loading checkpoints ----

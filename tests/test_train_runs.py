@@ -443,3 +443,79 @@ def test_length_buckets_equal_the_padded_run_under_data_parallel(tmp_path: Path)
         ref = lora_weights(tmp_path / "on", 0)
         for name, w in lora_weights(tmp_path / "on", rank).items():
             np.testing.assert_array_equal(w, ref[name])
+
+
+def write_documents(tmp: Path, groups: int, seed: int = 0) -> tuple[Path, Path]:
+    """`groups` x 6 documents (bos, tokens, eos; the first 3 labels ignored) of lengths 6..12 written
+    twice: one padded record each (`padded.mindrecord`, group after group), and packed by the
+    preprocess stage's Packer group by group (`packed.mindrecord`: 2 rows per group)."""
+    from llama_core.data.llama_preprocess import FIELD_PAD
+    from llama_core.data.mindrecord_sink import MindRecordSink
+    from llama_core.data.packing import DOC_ENDS, Packer
+
+    rng = np.random.default_rng(seed)
+    int32 = {"type": "int32", "shape": [-1]}
+    padded = MindRecordSink(
+        tmp / "padded.mindrecord", 1, {"input_ids": int32, "labels": int32}, "qa", FIELD_PAD
+    )
+    packed_sink = MindRecordSink(
+        tmp / "packed.mindrecord", 1, {"input_ids": int32, "labels": int32, DOC_ENDS: int32}, "qa", FIELD_PAD
+    )
+    packer = Packer(packed_sink, SEQ + 1)
+    for _ in range(groups):
+        for n in rng.permutation([12, 10, 9, 8, 7, 6]):
+            ids = np.concatenate([[1], rng.integers(3, VOCAB, n - 2), [2]]).astype(np.int32)
+            labels = ids.copy()
+            labels[:3] = -100
+            row = {"input_ids": (ids.tobytes(), SEQ + 1), "labels": (labels.tobytes(), SEQ + 1)}
+            padded.write([row])
+            packer.add(row)
+        packer.flush()  # one group: 12+10+9 and 8+7+6 tokens
+    padded.publish()
+    packed_sink.publish()
+    assert packer.stats.rows == 2 * groups
+    return tmp / "padded.mindrecord", tmp / "packed.mindrecord"
+
+
+@pytest.mark.slow
+def test_packed_rows_train_exactly_like_their_documents_padded(tmp_path: Path) -> None:
+    """Step k sees the same 6 documents either way: as 6 padded records (batch 6) or packed in 2 rows
+    (batch 2). Per-step losses and the final LoRA weights agree within 1e-5."""
+    padded, packed = write_documents(tmp_path, groups=4)
+    # fmt: off
+    common = ["--run_mode", "train", "--train_dataset.data_loader.shuffle", "False",
+              "--callbacks.1.save_trainable_params", "True", *NO_DROPOUT]
+    # fmt: on
+    a = run_cli(
+        [
+            *common,
+            "--train_dataset_dir",
+            str(padded),
+            "--batch_size",
+            "6",
+            "--output_dir",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run_cli(
+        [
+            *common,
+            "--train_dataset_dir",
+            str(packed),
+            "--batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert "is packed: up to 3 documents per row" in b.stderr
+    la, lb = np.array(losses(tmp_path / "a")), np.array(losses(tmp_path / "b"))
+    assert len(la) == len(lb) == 4 and np.ptp(la) > 1e-3
+    assert np.max(np.abs(la - lb) / np.abs(la)) <= 1e-5
+    wa, wb = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for name in wa:
+        np.testing.assert_allclose(wb[name], wa[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert max(np.abs(w).max() for name, w in wa.items() if "lora_b" in name) > 1e-3

@@ -7,6 +7,10 @@ masking quirks are kept and listed in `llama_core.data.masking` (docs/REFERENCE.
 `wiki` cleans wikitext, tokenizes each paragraph, concatenates, repeats `--repeat` times and cuts
 chunks of seq_length+1 (`input_ids` only, tail dropped).
 
+`--packing pack` (qa only) places several conversations in each row instead of one, with their
+boundaries in an `actual_seq_len` column (`llama_core.data.packing`); the default `none` keeps the
+reference's one padded record per conversation.
+
 Records are streamed, tokenized by `--workers` processes in bounded chunks
 (`llama_core.data.ordered_pool`) and written in input order (`llama_core.data.mindrecord_sink`),
 so memory does not grow with the record count. Records whose every label is masked are logged
@@ -34,6 +38,7 @@ from llama_core.cli import exit_code, exit_without_teardown
 from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, init_qa_worker, qa_chunk
 from llama_core.data.mindrecord_sink import MindRecordSink
 from llama_core.data.ordered_pool import batched, ordered_map
+from llama_core.data.packing import DOC_ENDS, MODES, Packer
 from llama_core.data.records import iter_records
 from llama_core.data.tokenizer import load_tokenizer
 from llama_core.data.wikitext import init_wiki_worker, wiki_chunk, wiki_paragraphs
@@ -44,7 +49,7 @@ log = logging.getLogger("llama_core.data.llama_preprocess")
 
 STAGE = "llama_preprocess"
 FORMAT_VERSION = 2  # 2: records whose answers are truncated away count as fully masked
-FIELD_PAD = {"input_ids": PAD, "labels": IGNORE}  # what fills each field up to its length
+FIELD_PAD = {"input_ids": PAD, "labels": IGNORE, DOC_ENDS: 0}  # what fills each field up to its length
 MAX_LISTED = 50  # record ids listed in the report and logged one by one; counts are always exact
 QA_CHUNK = 256  # records per task sent to a worker
 WIKI_CHUNK = 512  # paragraphs per task
@@ -64,6 +69,7 @@ class PreprocessResult:
     seq_length: int = 0
     dataset_type: str = "qa"
     masking: str = "mindformers"
+    packing: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     file_partition: int = 1
     repeat: int = 1
     tokenizer: dict[str, str] = field(default_factory=dict)
@@ -104,13 +110,19 @@ def preprocess(
     repeat: int = 1,
     workers: int | None = None,
     masking: str = "mindformers",
+    packing: str = "none",
 ) -> PreprocessResult:
-    """Tokenize conversation records (`qa`) or wikitext (`wiki`) into MindRecord files."""
+    """Tokenize conversation records (`qa`) or wikitext (`wiki`) into MindRecord files; `packing`
+    "pack" puts several conversations in a row (qa)."""
     t0 = time.monotonic()
     if dataset_type not in ("qa", "wiki"):
         raise InputError(f"dataset_type must be 'qa' or 'wiki', got {dataset_type!r}")
     if masking not in MASKING_OFFSET:
         raise InputError(f"masking must be one of {sorted(MASKING_OFFSET)}, got {masking!r}")
+    if packing not in MODES:
+        raise InputError(f"packing must be one of {list(MODES)}, got {packing!r}")
+    if packing != "none" and dataset_type != "qa":
+        raise InputError("packing applies to conversations (dataset_type qa): wiki rows are already full")
     if seq_length < 1 or file_partition < 1 or repeat < 1:
         raise InputError("seq_length, file_partition and repeat must be >= 1")
     files = sorted(glob.glob(input_glob))
@@ -123,6 +135,8 @@ def preprocess(
         "dataset_type": dataset_type, "seq_length": seq_length, "file_partition": file_partition,
         "repeat": repeat if dataset_type == "wiki" else 1, "masking": masking, "name": out.name,
     }  # fmt: skip
+    if packing != "none":  # unpacked outputs keep the keys they had before packing existed
+        params["packing"] = packing
     rpath = report_path(out)
     key = StageKey(rpath, STAGE, FORMAT_VERSION, [*files, model_file], params)
     hit = key.hit()
@@ -135,10 +149,10 @@ def preprocess(
     clean_leftovers(out.parent, out.name)
     rpath.unlink(missing_ok=True)  # outputs are about to change: the old report no longer holds
     workers = workers or os.cpu_count() or 1
-    if dataset_type == "qa":
-        schema = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
-    else:
-        schema = {"input_ids": {"type": "int32", "shape": [-1]}}
+    columns = {"qa": ["input_ids", "labels"], "wiki": ["input_ids"]}[dataset_type]
+    if packing != "none":
+        columns.append(DOC_ENDS)
+    schema = {name: {"type": "int32", "shape": [-1]} for name in columns}
     sink = MindRecordSink(out, file_partition, schema, dataset_type, FIELD_PAD)
     result = PreprocessResult(
         output_file=str(output_file), console_path=console_path, records_written=0, seq_length=seq_length,
@@ -148,7 +162,8 @@ def preprocess(
     )  # fmt: skip
     try:
         if dataset_type == "qa":
-            _run_qa(QaJob(str(model_file), seq_length, masking, files), workers, sink, result)
+            packer = Packer(sink, seq_length + 1) if packing != "none" else None
+            _run_qa(QaJob(str(model_file), seq_length, masking, files), workers, sink, result, packer)
         else:
             _run_wiki(files, str(model_file), seq_length, params["repeat"], workers, sink, result)
         finals = sink.publish()
@@ -164,12 +179,17 @@ def preprocess(
 
 def _print_done(result: PreprocessResult) -> None:
     """The reference's two closing lines, also on a cache hit."""
+    if result.packing["mode"] != "none":
+        print(f"Packed {result.packing['documents']} records into {result.records_written} rows.")
     print(f"Transformed {result.records_written} records.")
     print(f"Transform finished, output files refer: {result.console_path}")
 
 
-def _run_qa(job: QaJob, workers: int, sink: MindRecordSink, result: PreprocessResult) -> None:
-    """Tokenize and write the conversation records; fill the result's record counts."""
+def _run_qa(
+    job: QaJob, workers: int, sink: MindRecordSink, result: PreprocessResult, packer: Packer | None
+) -> None:
+    """Tokenize and write the conversation records (packed by `packer` when given); fill the
+    result's record counts."""
     sizes = [os.path.getsize(f) for f in job.files]
     total_bytes, done_bytes = sum(sizes), 0  # characters read approximate bytes: an ETA estimate
     progress = Progress("llama_preprocess qa", total=None, logger=log)
@@ -183,12 +203,17 @@ def _run_qa(job: QaJob, workers: int, sink: MindRecordSink, result: PreprocessRe
             for index, record in iter_records(name, on_read=read):
                 yield file_no, index, record
 
-    masked, truncated, long_labels = _Listed(), _Listed(), _Listed()
+    masked, truncated, long_labels, unsupervised = _Listed(), _Listed(), _Listed(), _Listed()
     reasons: collections.Counter[str] = collections.Counter()
     chunks = batched(records(), QA_CHUNK)
     for rows, stats in ordered_map(qa_chunk, chunks, workers, init_qa_worker, (job,)):
-        sink.write(rows)
-        for st in stats:
+        if packer is None:
+            sink.write(rows)
+        for row, st in zip(rows, stats, strict=True):
+            if packer is not None and st.supervised:
+                packer.add(row)
+            elif packer is not None:
+                unsupervised.add(st.rid)
             if st.masked:
                 masked.add(st.rid)
                 reasons[st.masked] += 1
@@ -205,6 +230,16 @@ def _run_qa(job: QaJob, workers: int, sink: MindRecordSink, result: PreprocessRe
             progress.total = max(done, round(done * total_bytes / done_bytes))
         progress.update(len(stats))
     progress.close()
+    if packer is not None:
+        packer.flush()
+        packer.stats.skipped_unsupervised = unsupervised.doc()
+        result.packing = packer.stats.doc()
+        log.info(
+            "packed %d conversations into %d rows of %d tokens (%.2f per row, fill %.1f%%); %d without a "
+            "supervised token left out",
+            packer.stats.documents, packer.stats.rows, job.seq_length + 1,
+            result.packing["documents_per_row_mean"], 100 * result.packing["fill_ratio"], unsupervised.count,
+        )  # fmt: skip
     if masked.count > MAX_LISTED:
         log.warning("%d records fully masked in all (the first %d are named above)", masked.count, MAX_LISTED)
     if truncated.count:
@@ -267,6 +302,12 @@ def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> ar
     parser.add_argument("--repeat", type=int, default=1, help="wiki: repeat the token stream R times")
     parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     parser.add_argument(
+        "--packing",
+        choices=MODES,
+        default="none",
+        help="qa: none (one padded record per conversation, as the reference) or pack (several per row)",
+    )
+    parser.add_argument(
         "--masking",
         choices=sorted(MASKING_OFFSET),
         default="mindformers",
@@ -280,6 +321,7 @@ def stage_from_args(args: argparse.Namespace) -> PreprocessResult:
     return preprocess(
         args.dataset_type, args.input_glob, args.model_file, args.output_file, seq_length=args.seq_length,
         file_partition=args.file_partition, repeat=args.repeat, workers=args.workers, masking=args.masking,
+        packing=args.packing,
     )  # fmt: skip
 
 

@@ -9,6 +9,12 @@ Precision: parameters are stored in `param_init_type`; matmuls run in `compute_d
 `layernorm_compute_type`, softmax in `softmax_compute_type`, RoPE in `rotary_dtype`; logits are fp32.
 On Ascend `use_flash_attention` switches attention to MindSpore's fused `flash_attention_score`.
 The sizes and settings come from `LlamaConfig` (`llama_core.model.config`).
+
+Packed rows: `doc_ends` [batch, K] gives the cumulative end of each document of a row (the
+`actual_seq_len` column of a packed MindRecord; entries >= the row's input length are ignored, so a
+batch pads its rows' lists with the row length). Each document then attends only to itself and its
+positions restart at 0: its logits are those of the document run alone. Without `doc_ends` a row
+is one sequence (the reference layout).
 """
 
 from __future__ import annotations
@@ -104,10 +110,15 @@ class RotaryEmbedding(nn.Cell):
         self.rotate_half = Tensor(rotate, self.rotary_dtype)
         self.matmul = ops.MatMul()
 
-    def construct(self, x: Tensor) -> Tensor:
-        """x [batch, heads, seq, head_dim] -> same shape and dtype."""
+    def construct(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x [batch, heads, seq, head_dim] -> same shape and dtype; `positions` [batch, seq] (default
+        0..seq-1 in every row)."""
         batch, heads, seq, dim = x.shape
-        cos, sin = self.cos[:seq], self.sin[:seq]
+        if positions is None:
+            cos, sin = self.cos[:seq], self.sin[:seq]
+        else:  # [batch, 1, seq, dim]: one table row per token, shared by the heads
+            cos = ops.gather(self.cos, positions, 0).expand_dims(1)
+            sin = ops.gather(self.sin, positions, 0).expand_dims(1)
         xr = x.astype(self.rotary_dtype)
         rotated = self.matmul(xr.reshape(-1, dim), self.rotate_half).reshape(batch, heads, seq, dim)
         return (xr * cos + rotated * sin).astype(x.dtype)
@@ -144,15 +155,18 @@ class Attention(nn.Cell):
         batch, seq = x.shape[0], x.shape[1]
         return x.reshape(batch, seq, heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x: Tensor) -> Tensor:
+    def construct(self, x: Tensor, docs: Documents | None = None) -> Tensor:
         batch, seq = x.shape[0], x.shape[1]
-        q = self.rotary(self.split_heads(self.wq(x), self.num_heads))
-        k = self.rotary(self.split_heads(self.wk(x), self.num_kv_heads))
+        positions, blocked, cumulative_lengths = (None, None, None) if docs is None else docs
+        q = self.rotary(self.split_heads(self.wq(x), self.num_heads), positions)
+        k = self.rotary(self.split_heads(self.wk(x), self.num_kv_heads), positions)
         v = self.split_heads(self.wv(x), self.num_kv_heads)
-        if self.use_flash_attention:
+        if self.use_flash_attention and docs is not None:
+            out = self.flash_attention_packed(q, k, v, cumulative_lengths)
+        elif self.use_flash_attention:
             out = self.flash_attention(q, k, v)
         else:
-            out = self.dot_product_attention(q, k, v)
+            out = self.dot_product_attention(q, k, v, blocked)
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.wo(out)
 
@@ -169,8 +183,28 @@ class Attention(nn.Cell):
             sparse_mode=2,
         )
 
-    def dot_product_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(d) + causal mask) v, with the softmax in softmax_compute_type."""
+    def flash_attention_packed(self, q: Tensor, k: Tensor, v: Tensor, cumulative_lengths: Tensor) -> Tensor:
+        """Ascend fused kernel over documents: the batch flattened to tokens (TND layout), each
+        document a sequence of its own given by the cumulative lengths, causal inside it."""
+        batch, heads, seq, dim = q.shape
+        tokens = [t.transpose(0, 2, 1, 3).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v)]
+        out = ops.flash_attention_score(
+            tokens[0],
+            tokens[1],
+            tokens[2],
+            self.num_heads,
+            attn_mask=self.flash_mask,
+            scalar_value=self.scale,
+            input_layout="TND",
+            actual_seq_qlen=cumulative_lengths,
+            actual_seq_kvlen=cumulative_lengths,
+            sparse_mode=3,
+        )
+        return out.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3)
+
+    def dot_product_attention(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None = None) -> Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v, with the softmax in softmax_compute_type. The mask
+        blocks future positions, or `blocked` [batch, 1, seq, seq] (1 = may not attend) when given."""
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             # query head j reads KV head j // groups
@@ -178,9 +212,10 @@ class Attention(nn.Cell):
             v = ops.repeat_interleave(v, groups, 1)
         seq = q.shape[2]
         scores = self.scores_matmul(q * self.scale, k).astype(self.softmax_dtype)
-        # additive [seq, seq] bias broadcast over batch and heads: 0 on and below the diagonal
-        future = ops.triu(ops.ones((seq, seq), self.softmax_dtype), 1)
-        scores = scores + future * self.mask_value
+        if blocked is None:
+            # additive [seq, seq] bias broadcast over batch and heads: 0 on and below the diagonal
+            blocked = ops.triu(ops.ones((seq, seq), self.softmax_dtype), 1)
+        scores = scores + blocked.astype(self.softmax_dtype) * self.mask_value
         # softmax as exp(log_softmax): the same values, but MindSpore's LogSoftmaxGrad is one fused
         # kernel where Softmax's gradient runs as four unfused passes over the [S, S] scores
         probs = ops.exp(ops.log_softmax(scores, axis=-1)).astype(self.compute_dtype)
@@ -211,8 +246,8 @@ class DecoderLayer(nn.Cell):
         self.ffn_norm = RMSNorm(config.hidden_size, config)
         self.feed_forward = FeedForward(config)
 
-    def construct(self, x: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def construct(self, x: Tensor, docs: Documents | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), docs)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -233,6 +268,34 @@ class Embedding(nn.Cell):
         return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
 
 
+# Where the documents of packed rows lie (see `documents`): positions [batch, seq], blocked
+# [batch, 1, seq, seq], cumulative lengths [batch * (K + 1)].
+Documents = tuple[Tensor, Tensor, Tensor]
+
+
+def documents(doc_ends: Tensor, seq: int) -> Documents:
+    """From the rows' cumulative document ends [batch, K], computed once per batch for every layer:
+
+    - positions: each token's position inside its document (RoPE restarts at 0);
+    - blocked: 1 where a query may not attend a key (another document, or the future);
+    - cumulative lengths: the flattened batch's document ends (the fused kernel's TND layout); the
+      padding after a row's last document is a sequence of its own, unused entries are empty ones.
+    """
+    batch = doc_ends.shape[0]
+    ends = ops.minimum(doc_ends.astype(mstype.int32), seq)
+    index = ops.arange(seq, dtype=mstype.int32)
+    # document number of each position: how many ends lie at or before it
+    document = (ends.expand_dims(1) <= index.reshape(1, seq, 1)).astype(mstype.int32).sum(-1)
+    starts = ops.concat((ops.zeros((batch, 1), mstype.int32), ends), 1)
+    positions = index.reshape(1, seq) - ops.gather_elements(starts, 1, document)
+    same = document.expand_dims(2) == document.expand_dims(1)
+    causal = index.reshape(seq, 1) >= index.reshape(1, seq)
+    blocked = ops.logical_not(ops.logical_and(same, causal)).expand_dims(1)
+    row_ends = ops.concat((ends, ops.fill(mstype.int32, (batch, 1), seq)), 1)
+    offsets = (ops.arange(batch, dtype=mstype.int32) * seq).reshape(batch, 1)
+    return positions, blocked, (row_ends + offsets).reshape(-1).astype(mstype.int64)
+
+
 class LlamaModel(nn.Cell):
     """Embedding, decoder layers and the final norm: token ids [batch, seq] -> hidden states."""
 
@@ -242,10 +305,11 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config)
 
-    def construct(self, input_ids: Tensor) -> Tensor:
+    def construct(self, input_ids: Tensor, doc_ends: Tensor | None = None) -> Tensor:
+        docs = None if doc_ends is None else documents(doc_ends, input_ids.shape[1])
         h = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, docs)
         return self.norm_out(h)
 
 
@@ -256,6 +320,10 @@ class LlamaForCausalLM(nn.Cell):
     `construct(input_ids, labels)` takes stored records of length seq_length+1 and returns the scalar loss
     of docs/REFERENCE.md (model and loss): inputs ids[:, :-1], targets labels[:, 1:],
     mask = (input != pad) and (target != ignore), loss = sum(ce * mask) / (sum(mask) + 1e-8).
+    `doc_ends` (either way) marks packed rows' documents. A packed batch's loss is then the mean over
+    every supervised token of the batch, as for padded rows: the mean of its documents' own losses
+    weighted by their supervised token counts (a document's first label is always ignored, so no
+    target crosses a boundary).
     """
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -266,15 +334,17 @@ class LlamaForCausalLM(nn.Cell):
         self.pad_token_id = config.pad_token_id
         self.ignore_token_id = config.ignore_token_id
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        return self.lm_head(self.model(input_ids)).astype(mstype.float32)
+    def logits(self, input_ids: Tensor, doc_ends: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.model(input_ids, doc_ends)).astype(mstype.float32)
 
-    def construct(self, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+    def construct(
+        self, input_ids: Tensor, labels: Tensor | None = None, doc_ends: Tensor | None = None
+    ) -> Tensor:
         if labels is None:
-            return self.logits(input_ids)
+            return self.logits(input_ids, doc_ends)
         tokens = input_ids[:, :-1]
         targets = labels[:, 1:]
-        logits = self.logits(tokens)
+        logits = self.logits(tokens, doc_ends)
         mask = ops.logical_and(tokens != self.pad_token_id, targets != self.ignore_token_id)
         mask = mask.astype(mstype.float32)
         # ignored targets (-100) are out of range for the gather; they are masked out afterwards

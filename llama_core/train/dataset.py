@@ -5,6 +5,10 @@ batch g holds positions [g*B, (g+1)*B) of that order, B = batch_size x num_shard
 r-th block of batch_size inside it. So a 2-rank run sees exactly the samples a 1-process run with
 batch 2 x batch_size sees, in the same order, and a resumed run can skip consumed batches exactly.
 The tail that does not fill a global batch is dropped (drop_remainder) and the count is logged.
+
+A packed dataset (`llama_preprocess --packing pack`) has a third column, the rows' document ends;
+batches then carry them as [batch, max documents per row of the dataset], padded with the row
+length (a value the model ignores), so every batch has one shape.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_core.data.packing import DOC_ENDS
 from llama_core.errors import InputError
 
 logger = logging.getLogger("llama_core.train")
@@ -37,11 +42,56 @@ def mindrecord_files(path: str | Path) -> str | list[str]:
     raise InputError(f"dataset not found: {path}")
 
 
-def count_records(path: str | Path) -> int:
-    """Number of records in a MindRecord dataset."""
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the trainer needs to know of a MindRecord dataset before reading it."""
+
+    path: str
+    num_records: int
+    max_documents: int  # the most documents in a packed row; 0: not packed (one record per row)
+
+    @property
+    def packed(self) -> bool:
+        return self.max_documents > 0
+
+    @property
+    def columns(self) -> list[str]:
+        return [*COLUMNS, DOC_ENDS] if self.packed else COLUMNS
+
+
+def inspect_dataset(path: str | Path) -> DatasetInfo:
+    """Record count and packing of a MindRecord dataset (reads the document-ends column only)."""
     import mindspore.dataset as ds
 
-    return ds.MindDataset(mindrecord_files(path), columns_list=COLUMNS, shuffle=False).get_dataset_size()
+    files = mindrecord_files(path)
+    data = ds.MindDataset(files, shuffle=False)
+    names = data.get_col_names()
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise InputError(f"{path}: no column {missing[0]!r} (columns: {names}); is it a qa MindRecord?")
+    max_documents = 0
+    if DOC_ENDS in names:
+        ends = ds.MindDataset(files, columns_list=[DOC_ENDS], shuffle=False)
+        for (row,) in ends.create_tuple_iterator(output_numpy=True, num_epochs=1):
+            max_documents = max(max_documents, len(row))
+    return DatasetInfo(str(path), data.get_dataset_size(), max_documents)
+
+
+def read_batches(info: DatasetInfo, batch_size: int, indices: list[int] | None, drop_remainder: bool):
+    """Iterate numpy batches (input_ids, labels) or, packed, (input_ids, labels, doc_ends) of the
+    records at `indices` in that order (None: all, in file order)."""
+    import mindspore.dataset as ds
+
+    order = {"shuffle": False} if indices is None else {"sampler": ds.SubsetSampler(indices)}
+    data = ds.MindDataset(mindrecord_files(info.path), columns_list=info.columns, **order)
+    if info.packed:
+        row_length = np.iinfo(np.int32).max  # past every row: the model ignores these entries
+        data = data.padded_batch(
+            batch_size, drop_remainder, pad_info={DOC_ENDS: ([info.max_documents], row_length)}
+        )
+    else:
+        data = data.batch(batch_size, drop_remainder=drop_remainder)
+    return data.create_tuple_iterator(output_numpy=True, num_epochs=1)
 
 
 @dataclass(frozen=True)
@@ -76,16 +126,12 @@ class ShardPlan:
         return out
 
 
-def epoch_batches(path: str | Path, plan: ShardPlan, epoch: int, skip_batches: int = 0):
-    """Iterate (input_ids, labels) int32 numpy batches of this rank for one epoch."""
-    import mindspore.dataset as ds
-
+def epoch_batches(info: DatasetInfo, plan: ShardPlan, epoch: int, skip_batches: int = 0):
+    """Iterate this rank's numpy batches for one epoch (see `read_batches`)."""
     indices = plan.indices(epoch, skip_batches)
     if not indices:
         return iter(())
-    data = ds.MindDataset(mindrecord_files(path), columns_list=COLUMNS, sampler=ds.SubsetSampler(indices))
-    data = data.batch(plan.batch_size, drop_remainder=True)
-    return data.create_tuple_iterator(output_numpy=True, num_epochs=1)
+    return read_batches(info, plan.batch_size, indices, drop_remainder=True)
 
 
 def supervised_tokens(ids: np.ndarray, labels: np.ndarray, pad_id: int = 0, ignore_id: int = -100) -> int:

@@ -34,12 +34,13 @@ class _ScaledLoss(nn.Cell):
         self.network = network
         self.scale = ms.Tensor(scale, ms.float32)
 
-    def construct(self, input_ids: ms.Tensor, labels: ms.Tensor) -> ms.Tensor:
-        return self.network(input_ids, labels) * self.scale
+    def construct(self, input_ids: ms.Tensor, labels: ms.Tensor, doc_ends: ms.Tensor | None) -> ms.Tensor:
+        return self.network(input_ids, labels, doc_ends) * self.scale
 
 
 class TrainStep(nn.Cell):
     """One micro-batch; with `apply_update` also one optimizer step. Returns (loss, grad_norm).
+    `doc_ends`: the packed rows' document ends (see `LlamaForCausalLM`), or None.
 
     Gradients of `accumulation_steps` micro-batches are averaged, then reduced over data-parallel
     ranks (`reducer`: sum or mean as `parallel.gradients_mean` says), then clipped to `clip_norm`
@@ -75,8 +76,14 @@ class TrainStep(nn.Cell):
         if group_size > 1:
             self.allreduce = ops.AllReduce()
 
-    def construct(self, input_ids: ms.Tensor, labels: ms.Tensor, apply_update: bool = True):
-        loss, grads = self.grad_fn(input_ids, labels)
+    def construct(
+        self,
+        input_ids: ms.Tensor,
+        labels: ms.Tensor,
+        apply_update: bool = True,
+        doc_ends: ms.Tensor | None = None,
+    ):
+        loss, grads = self.grad_fn(input_ids, labels, doc_ends)
         loss = loss * self.inv_scale
         if self.group_size > 1:
             loss = self.allreduce(loss) / self.group_size

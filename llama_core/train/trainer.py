@@ -35,15 +35,15 @@ from llama_core.errors import ConfigError, InputError
 from llama_core.progress import human_seconds
 from llama_core.train import state as train_state
 from llama_core.train.dataset import (
-    COLUMNS,
+    DatasetInfo,
     ShardPlan,
     bucket_sizes,
     check_batch,
     choose_bucket,
     content_length,
-    count_records,
     epoch_batches,
-    mindrecord_files,
+    inspect_dataset,
+    read_batches,
     supervised_tokens,
     trim_to_bucket,
 )
@@ -140,18 +140,21 @@ def load_base(model: nn.Cell, tc: TrainConfig, rank: int) -> None:
         logger.warning("run_mode finetune without load_checkpoint: starting from random weights")
 
 
+def model_inputs(batch: tuple[np.ndarray, ...]) -> tuple[ms.Tensor | None, ...]:
+    """A batch from `read_batches` as the model's (input_ids, labels, doc_ends) tensors."""
+    doc_ends = ms.Tensor(batch[2]) if len(batch) > 2 else None
+    return ms.Tensor(batch[0]), ms.Tensor(batch[1]), doc_ends
+
+
 def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int) -> tuple[float, float]:
     """Mean loss over the eval batches (docs/REFERENCE.md's loss, per batch) and its perplexity exp(loss)."""
-    import mindspore.dataset as ds
-
-    data = ds.MindDataset(mindrecord_files(dataset_dir), columns_list=COLUMNS, shuffle=False)
-    data = data.batch(batch_size, drop_remainder=False)
+    info = inspect_dataset(dataset_dir)
     model.set_train(False)
     losses = []
     try:
-        for i, (ids, labels) in enumerate(data.create_tuple_iterator(output_numpy=True, num_epochs=1)):
-            check_batch(ids, labels, seq_length, f"{dataset_dir} (eval batch {i})")
-            losses.append(float(model(ms.Tensor(ids), ms.Tensor(labels)).asnumpy()))
+        for i, batch in enumerate(read_batches(info, batch_size, None, drop_remainder=False)):
+            check_batch(batch[0], batch[1], seq_length, f"{dataset_dir} (eval batch {i})")
+            losses.append(float(model(*model_inputs(batch)).asnumpy()))
     finally:
         model.set_train(True)
     if not losses:
@@ -212,6 +215,7 @@ class TrainRecipe:
 
     rt: Runtime
     model: nn.Cell
+    data: DatasetInfo
     plan: ShardPlan
     steps_per_epoch: int
     total: int
@@ -275,8 +279,15 @@ class TrainRecipe:
 
     def setup_data(self) -> None:
         tc, accum = self.tc, self.tc.gradient_accumulation_steps
+        self.data = inspect_dataset(tc.train_dataset_dir)
+        if self.data.packed:
+            logger.info(
+                "%s is packed: up to %d documents per row, each attending only to itself",
+                tc.train_dataset_dir,
+                self.data.max_documents,
+            )
         plan = ShardPlan(
-            num_records=count_records(tc.train_dataset_dir),
+            num_records=self.data.num_records,
             batch_size=tc.batch_size,
             num_shards=self.rt.world_size,
             shard_id=self.rt.rank,
@@ -396,18 +407,18 @@ class TrainRecipe:
         micro_losses: list[float] = []
         micro_seqs: list[int] = []
         t0 = time.perf_counter()
-        for micro, (ids, labels) in enumerate(
-            epoch_batches(tc.train_dataset_dir, self.plan, epoch - 1, skip * accum)
-        ):
+        for micro, batch in enumerate(epoch_batches(self.data, self.plan, epoch - 1, skip * accum)):
             if in_epoch >= self.steps_per_epoch:
                 break
+            ids, labels = batch[0], batch[1]
             self.check_micro_batch(
                 ids, labels, f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
             )
             apply = (micro + 1) % accum == 0
             ids, labels = self.to_bucket(ids, labels)
+            ids_t, labels_t, doc_ends = model_inputs((ids, labels, *batch[2:]))
             t_call = time.perf_counter()
-            loss_t, norm_t = self.step_cell(ms.Tensor(ids), ms.Tensor(labels), apply)
+            loss_t, norm_t = self.step_cell(ids_t, labels_t, apply, doc_ends)
             micro_losses.append(float(loss_t.asnumpy()))
             micro_seqs.append(ids.shape[1] - 1)
             self.count_graph(ids.shape[1] - 1, apply, time.perf_counter() - t_call)
