@@ -36,7 +36,7 @@ from bench.report import REPO_ROOT, SHARED_DIR, WORK_DIR, update_section
 COMMAND = "python -m bench.layouts"
 SEQ, BATCH = 4096, 2
 MODEL = {
-    "hidden_size": 256, "num_layers": 2, "num_heads": 4, "n_kv_heads": 4, "vocab_size": 32000,
+    "hidden_size": 256, "num_layers": 2, "num_heads": 4, "vocab_size": 32000,
     "multiple_of": 256, "seq_length": SEQ, "max_position_embedding": SEQ,
 }  # fmt: skip
 ALPACA_RECORDS, NPUS, TOKENS_PER_S_NPU, GLOBAL_BATCH_7B = 52002, 8, 5217, 16  # docs/REFERENCE.md

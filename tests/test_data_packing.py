@@ -115,3 +115,24 @@ def test_packing_is_part_of_the_cache_key_and_refused_for_wiki(
         preprocess("wiki", str(conversations), tokenizer_path, tmp_path / "w.mindrecord", packing="pack")
     with pytest.raises(InputError, match="packing must be one of"):
         preprocess("qa", str(conversations), tokenizer_path, tmp_path / "w.mindrecord", packing="ffd")
+
+
+def test_training_batches_carry_each_rows_document_ends_padded_past_the_row(
+    tmp_path: Path, conversations: Path, tokenizer_path: Path
+) -> None:
+    from llama_core.train.dataset import NO_DOCUMENT, inspect_dataset, read_batches
+
+    out = tmp_path / "p.mindrecord"
+    preprocess("qa", str(conversations), tokenizer_path, out, seq_length=1024, packing="pack")
+    rows = read(out, ["actual_seq_len"])
+    info = inspect_dataset(out)
+    assert info.packed and info.max_documents == max(len(r[0]) for r in rows) > 1
+    assert info.num_records == len(rows)
+    batches = list(read_batches(info, 4, list(range(8)), drop_remainder=True))
+    assert len(batches) == 2
+    for b, (ids, labels, ends) in enumerate(batches):
+        assert ids.shape == labels.shape == (4, 1025) and ends.shape == (4, info.max_documents)
+        for i in range(4):
+            own = rows[4 * b + i][0]
+            assert ends[i, : len(own)].tolist() == own.tolist()
+            assert np.all(ends[i, len(own) :] == NO_DOCUMENT) and NO_DOCUMENT > 1025

@@ -25,6 +25,9 @@ from llama_core.errors import InputError
 logger = logging.getLogger("llama_core.train")
 
 COLUMNS = ["input_ids", "labels"]
+# pads the document-ends lists: past any row, so the model ignores it; exact in float32, which
+# padded_batch passes the value through (int32's max would come back as its min)
+NO_DOCUMENT = 1 << 30
 
 
 def mindrecord_files(path: str | Path) -> str | list[str]:
@@ -85,9 +88,8 @@ def read_batches(info: DatasetInfo, batch_size: int, indices: list[int] | None, 
     order = {"shuffle": False} if indices is None else {"sampler": ds.SubsetSampler(indices)}
     data = ds.MindDataset(mindrecord_files(info.path), columns_list=info.columns, **order)
     if info.packed:
-        row_length = np.iinfo(np.int32).max  # past every row: the model ignores these entries
         data = data.padded_batch(
-            batch_size, drop_remainder, pad_info={DOC_ENDS: ([info.max_documents], row_length)}
+            batch_size, drop_remainder, pad_info={DOC_ENDS: ([info.max_documents], NO_DOCUMENT)}
         )
     else:
         data = data.batch(batch_size, drop_remainder=drop_remainder)
