@@ -2,7 +2,9 @@
 
 - padded: the reference layout, every record padded to 4096 (`runner_config.length_buckets False`);
 - buckets: the same records, each global batch trimmed to its length bucket (the default);
-- packed: `llama_preprocess --packing pack`, conversations packed whole into rows of 4097.
+- packed: `llama_preprocess --packing pack`, conversations packed whole into rows of 4097;
+- packed-1024: the same into rows of 1025 (the longest conversation, 836 tokens, still fits): on CPU
+  each row computes its whole rows x rows attention, so shorter rows compute less.
 
 The model is the bench model shrunk to keep the bench near 10 minutes on 2 cores (hidden 256, 2
 layers, the Llama 2 vocabulary of 32000 and its lm_head), LoRA on wq/wk/wv/wo, batch 2 per step like
@@ -54,22 +56,24 @@ def prepare(work: Path) -> dict[str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     convert_alpaca(alpaca, work / "conversations.json")
     out = {}
-    for packing in ("none", "pack"):
-        out[packing] = work / f"alpaca-{packing}.mindrecord"
-        preprocess("qa", str(work / "conversations.json"), tokenizer, out[packing], SEQ, packing=packing)
+    for name, packing, seq in (("none", "none", SEQ), ("pack", "pack", SEQ), ("pack1024", "pack", 1024)):
+        out[name] = work / f"alpaca-{name}.mindrecord"
+        preprocess("qa", str(work / "conversations.json"), tokenizer, out[name], seq, packing=packing)
     return out
 
 
 def train(name: str, data: Path, work: Path, extra: list[str]) -> dict[str, Any]:
     """One `llama_core.run` process; its summary, per-step times and wall time."""
     overrides = [arg for key, value in MODEL.items() for arg in (f"--model.model_config.{key}", str(value))]
+    pet = "--model.model_config.pet_config."
+    config = REPO_ROOT / "configs" / "lora_llama2_tiny.yaml"
     # fmt: off
-    cmd = [sys.executable, "-m", "llama_core.run", "--config", str(REPO_ROOT / "configs" / "lora_llama2_tiny.yaml"),
+    cmd = [sys.executable, "-m", "llama_core.run", "--config", str(config),
            "--run_mode", "train", "--train_dataset_dir", str(data), "--batch_size", str(BATCH),
            "--output_dir", str(work / name), "--train_dataset.data_loader.shuffle", "False",
-           "--model.model_config.pet_config.lora_dropout", "0", "--lr_schedule.learning_rate", "1e-3",
-           "--model.model_config.pet_config.lora_rank", "16", "--model.model_config.pet_config.lora_alpha", "16",
-           "--callbacks.1.save_checkpoint_steps", "100000", *overrides, *extra]
+           f"{pet}lora_dropout", "0", f"{pet}lora_rank", "16", f"{pet}lora_alpha", "16",
+           "--lr_schedule.learning_rate", "1e-3", "--callbacks.1.save_checkpoint_steps", "100000",
+           *overrides, *extra]
     # fmt: on
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(work)
     unpacked_rows = json.loads((work / "alpaca-none.mindrecord.report.json").read_text())["result"]
     packing = json.loads((work / "alpaca-pack.mindrecord.report.json").read_text())["result"]["packing"]
+    packing["rows_1024"] = json.loads((work / "alpaca-pack1024.mindrecord.report.json").read_text())[
+        "result"
+    ]["records_written"]
     epoch_steps = unpacked_rows["records_written"] // BATCH
 
     # padded on its first steps: a copy of those records, with the epoch's learning rates
@@ -147,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "padded": train("padded", first, work, ["--runner_config.length_buckets", "False", *schedule]),
         "buckets": train("buckets", data["none"], work, []),
         "packed": train("packed", data["pack"], work, []),
+        "packed-1024": train(
+            "packed-1024", data["pack1024"], work, ["--model.model_config.seq_length", "1024"]
+        ),
     }
     padded_losses = [r["loss"] for r in runs["padded"]["summary"]["loss_series"]]
     bucket_losses = [r["loss"] for r in runs["buckets"]["summary"]["loss_series"][: len(padded_losses)]]
@@ -161,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             wall = sum(run["step_times"])
             computed = sum(BATCH * s for s in run["seqs"])
-        data_rows = steps * BATCH
-        sup = supervised(data["pack" if name == "packed" else "none"], data_rows)
+        source = {"packed": "pack", "packed-1024": "pack1024"}.get(name, "none")
+        sup = supervised(data[source], steps * BATCH)
+        final = run["summary"]["final_loss"] if name != "padded" else None  # padded ran a few steps only
         rows.append({"layout": name, "steps": steps, "computed": computed, "supervised": sup, "wall": wall,
-                     "final_loss": run["summary"]["final_loss"]})  # fmt: skip
+                     "final_loss": final})  # fmt: skip
     base = rows[0]
     for row in rows:
         row["speedup"] = base["wall"] / row["wall"]
@@ -200,7 +211,15 @@ def write_first_records(src: Path, dest: Path, n: int) -> None:
 TITLE = "Data layouts: padded vs length buckets vs packing (one epoch, seq 4096)"
 
 
-def render(rows, runs, loss_diff, compared, packing, paper) -> str:
+def render(
+    rows: list[dict[str, Any]],
+    runs: dict[str, dict[str, Any]],
+    loss_diff: float,
+    compared: int,
+    packing: dict[str, Any],
+    paper: list[dict[str, Any]],
+) -> str:
+    """The section's markdown: the three runs side by side, then the 7B arithmetic."""
     lines = [
         "999 Alpaca records (shared sample, Llama 2 tokenizer), seq 4096, batch 2, 1 process, graph mode. "
         "Model: hidden 256, 2 layers, 4 heads, vocab 32000, LoRA r 16 on wq/wk/wv/wo, random base. "
@@ -212,8 +231,9 @@ def render(rows, runs, loss_diff, compared, packing, paper) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['layout']} | {r['steps']} | {r['computed']:,} | {r['supervised']:,} | {r['wall']:.0f} s | "
-            f"{r['sup_per_s']:,.0f} | {r['speedup']:.1f}x | {r['computed_ratio']:.1f}x | {r['final_loss']:.4f} |"
+            f"| {r['layout']} | {r['steps']} | {r['computed']:,} | {r['supervised']:,} | {r['wall']:.0f} s "
+            f"| {r['sup_per_s']:,.0f} | {r['speedup']:.1f}x | {r['computed_ratio']:.1f}x "
+            f"| {'-' if r['final_loss'] is None else format(r['final_loss'], '.4f')} |"
         )
     buckets = runs["buckets"]["summary"]["length_buckets"]
     packed_buckets = runs["packed"]["summary"]["length_buckets"]
@@ -226,13 +246,16 @@ def render(rows, runs, loss_diff, compared, packing, paper) -> str:
         f"- Packing: {packing['documents']} conversations in {packing['rows']} rows "
         f"({packing['documents_per_row_mean']} per row, at most {packing['documents_per_row_max']}), "
         f"fill {100 * packing['fill_ratio']:.1f}%; packed rows still trimmed by the buckets "
-        f"({packed_buckets['micro_batches_per_bucket']}). The epoch drops what does not fill a last "
-        "batch (1 record unpacked, 1 row packed), so the supervised counts differ by that.",
-        "- On CPU the packed rows still compute each row's full 4096 x 4096 attention scores (masked across "
-        "documents); on Ascend the fused kernel's TND layout skips them.",
+        f"({packed_buckets['micro_batches_per_bucket']}); into rows of 1025: {packing['rows_1024']} rows. "
+        "An epoch drops the rows that do not fill a last batch of 2 (at most 1), so the supervised counts "
+        "differ by those.",
+        "- On CPU a packed row still computes its full rows x rows attention scores (masked across "
+        "documents), hence packed-1024; on Ascend the fused kernel's TND layout skips the masked blocks. "
+        "Final losses differ between layouts because the steps hold different documents (buckets keep the "
+        "padded run's steps; packing regroups them).",
         "",
-        "7B quick start on paper (52,002 records, global batch 16, 8 NPUs at the published 5,217 tokens/s/NPU, "
-        "assumed the same at every length, which undercounts the gain of the shorter buckets):",
+        "7B quick start on paper (52,002 records, global batch 16, 8 NPUs at the published 5,217 "
+        "tokens/s/NPU, assumed the same at every length, which undercounts the gain of the shorter buckets):",
         "",
         "| layout | tokens computed per epoch | NPU wall per epoch |",
         "|---|---:|---:|",
