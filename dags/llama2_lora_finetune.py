@@ -1,8 +1,8 @@
 """Llama 2 LoRA fine-tune: the MindFormers quick start as one Airflow DAG.
 
     validate ─▶ fetch_alpaca ─▶ alpaca_to_conversations ─▶ tokenize_to_mindrecord ─┐
-             ─▶ fetch_tokenizer ───────────────────────────────┘                    ├─▶ finetune
-             ─▶ fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ─────────────┘   (msrun, N ranks)
+             ─▶ fetch_tokenizer ───────────────────────────────┘                    ├─▶ finetune [node k]
+             ─▶ fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ─────────────┘   (msrun per node)
 
 `validate` checks every param in a second, so a mistake fails the run before any work. Every stage
 skips work an earlier run already did with the same inputs and settings, so a re-run or a backfill
@@ -18,6 +18,8 @@ Deployment settings (environment of the dag-processor and the workers):
   internet sources); without it the DAG runs only when triggered. Runs fall on cron ticks from now
   on: unpausing or a backfill never starts a run for a tick already past.
 - `LLAMA_LORA_NPU_POOL` / `LLAMA_LORA_NPU_QUEUE`: pool (one slot per NPU node) and queue of finetune.
+- `LLAMA_LORA_NPU_NODES`: how many NPU nodes the queue has (default 1): at most that many fine-tune
+  node tasks of this DAG run at once, over all runs and backfills.
 - `LLAMA_LORA_RANK_CHATTER_LEVEL`: the level MindSpore's distributed start-up chatter is logged at in
   the task log (default DEBUG: hidden at Airflow's default INFO; always in the rank's own file).
 
@@ -144,6 +146,24 @@ PARAMS = {
         description="msrun's master port; empty: a free port per run, so fine-tunes never share one. "
         "Ranks: parallel_config data_parallel x model_parallel x pipeline_stage of the config",
     ),
+    "nodes": Param(
+        1,
+        type="integer",
+        minimum=1,
+        maximum=256,
+        section="Cluster",
+        description="NPU nodes the fine-tune spans: one finetune task per node on the Ascend queue, the "
+        "config's ranks split evenly over them; work_dir must be on storage every node shares",
+    ),
+    "node_start_timeout": Param(
+        600,
+        type="integer",
+        minimum=10,
+        maximum=86400,
+        section="Cluster",
+        description="seconds the node tasks wait for each other to start before failing (fewer free "
+        "nodes than asked for); a started node that fails stops the others at once",
+    ),
 }
 SOURCE_PARAMS = ("alpaca_url", "tokenizer_url", "weights_url", "work_dir")
 
@@ -177,6 +197,11 @@ def _level(name: str) -> int:
     if not isinstance(level, int):
         raise ValueError(f"LLAMA_LORA_RANK_CHATTER_LEVEL={name!r} is not a logging level (DEBUG, INFO, ...)")
     return level
+
+
+def node_rank_of(plan: dict) -> int:
+    """The node rank of one of validate's per-node plans (the fine-tune is mapped over them)."""
+    return plan["node_rank"]
 
 
 DEFAULTS = _defaults_from(os.environ.get("LLAMA_LORA_DEFAULTS"))
@@ -242,8 +267,9 @@ with DAG(
         overrides="{{ params.overrides }}",
         output_dir=f"{WORK}/checkpoint/transformed",
     )
-    finetune = MsrunFinetuneOperator(
+    finetune = MsrunFinetuneOperator.partial(
         task_id="finetune",
+        map_index_template="node {{ task.node_rank }}",
         config="{{ params.config }}",
         overrides="{{ params.overrides }}",
         train_dataset_dir="{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['output_file'] }}",
@@ -253,14 +279,16 @@ with DAG(
         device_target="{{ params.device_target }}",
         master_port="{{ params.master_port }}",
         length_buckets="{{ params.layout != 'padded' }}",
+        nodes="{{ params.nodes }}",
+        node_start_timeout="{{ params.node_start_timeout }}",
         # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
         # max_active_tis_per_dag does so for this DAG even in the default pool.
         pool=os.environ.get("LLAMA_LORA_NPU_POOL", "default_pool"),
-        max_active_tis_per_dag=1,
+        max_active_tis_per_dag=int(os.environ.get("LLAMA_LORA_NPU_NODES", "1")),
         queue=os.environ.get("LLAMA_LORA_NPU_QUEUE", "ascend"),
         retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
         rank_chatter_level=CHATTER_LEVEL,
-    )
+    ).expand(node_rank=validate.output.map(node_rank_of))
 
     validate >> list(fetch.values())
     fetch["alpaca"] >> conversations >> mindrecord

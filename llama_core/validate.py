@@ -30,7 +30,9 @@ DEVICE_TARGETS = ("Ascend", "CPU")
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 SEQ_LENGTH_RANGE = (8, 131072)
 PORT_RANGE = (1024, 65535)
-# Ranks one launch starts on this node: an Ascend node has 8 NPUs; CPU ranks are processes.
+NODES_RANGE = (1, 256)
+NODE_START_TIMEOUT_RANGE = (10, 86400)
+# Ranks one launch starts on one node: an Ascend node has 8 NPUs; CPU ranks are processes.
 MAX_RANKS = {"Ascend": 8, "CPU": 64}
 
 
@@ -45,6 +47,9 @@ class ValidatedRun:
     seq_length: int
     device_target: str
     master_port: int | None
+    nodes: int = 1
+    ranks_per_node: int = 0  # world_size // nodes
+    node_ranks: tuple[int, ...] = (0,)  # what the fine-tune is mapped over: one task per node
 
 
 def _param_error(name: str, problem: str) -> ConfigError:
@@ -112,9 +117,10 @@ def overrides_dict(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
 
 
 def check_config(
-    config: Any, overrides: Mapping[str, Any], seq_length: int, device_target: str
+    config: Any, overrides: Mapping[str, Any], seq_length: int, device_target: str, nodes: int = 1
 ) -> tuple[dict[str, Any], int]:
-    """The run config with overrides applied, and its world size; every key and size checked."""
+    """The run config with overrides applied, and its world size (split evenly over `nodes`); every
+    key and size checked."""
     if not isinstance(config, str) or not os.path.isabs(config):
         raise _param_error("config", f"must be an absolute path to a training YAML, got {config!r}")
     try:
@@ -136,11 +142,15 @@ def check_config(
         LlamaConfig.from_run_config(cfg).validate()
     except ConfigError as exc:
         raise _param_error("config", f"{config} with the overrides: {exc}") from exc
-    if not 1 <= layout.world_size <= MAX_RANKS[device_target]:
+    if layout.world_size % nodes:
+        raise _param_error(
+            "nodes", f"{nodes} nodes cannot share the {layout.world_size} ranks of parallel_config evenly"
+        )
+    if not 1 <= layout.world_size // nodes <= MAX_RANKS[device_target]:
         raise _param_error(
             "config",
-            f"parallel_config asks for {layout.world_size} ranks; one {device_target} node runs "
-            f"1..{MAX_RANKS[device_target]}",
+            f"parallel_config asks for {layout.world_size} ranks, {layout.world_size // nodes} per node on "
+            f"{nodes} node(s); one {device_target} node runs 1..{MAX_RANKS[device_target]}",
         )
     return cfg, layout.world_size
 
@@ -158,8 +168,14 @@ def validate_run(params: Mapping[str, Any], work_root: str | os.PathLike[str]) -
     seq_length = _int_in(params, "seq_length", SEQ_LENGTH_RANGE)
     port = None if params.get("master_port") in (None, "") else _int_in(params, "master_port", PORT_RANGE)
     overrides = overrides_dict(params.get("overrides"))
-    _cfg, world_size = check_config(params.get("config"), overrides, seq_length, device_target)
-    return ValidatedRun(work_dir, params["config"], overrides, world_size, seq_length, device_target, port)
+    nodes = _int_in({"nodes": params.get("nodes", 1)}, "nodes", NODES_RANGE)
+    _int_in({"node_start_timeout": params.get("node_start_timeout", 600)}, "node_start_timeout",
+            NODE_START_TIMEOUT_RANGE)  # fmt: skip
+    _cfg, world_size = check_config(params.get("config"), overrides, seq_length, device_target, nodes)
+    return ValidatedRun(
+        work_dir, params["config"], overrides, world_size, seq_length, device_target, port,
+        nodes=nodes, ranks_per_node=world_size // nodes, node_ranks=tuple(range(nodes)),
+    )  # fmt: skip
 
 
 def build_parser(prog: str = "python -m llama_core.validate") -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ class ValidateParamsOperator(StageOperator):
     `work_dir` must resolve inside the worker's `LLAMA_LORA_WORK_ROOT` (else `default_work_root`), so a
     typo or a `../..` cannot make the pipeline write elsewhere; `storage_conn_id`, when set, must name
     an existing Airflow connection. A violation fails the run at once, naming the param, without
-    retries. Returns what was established (resolved work_dir, world size) as the XCom.
+    retries. Returns what was established (resolved work_dir, world size, nodes) once per node with
+    its `node_rank`: the list the fine-tune is mapped over.
     """
 
     ui_color = "#e8f8e0"
@@ -35,7 +36,8 @@ class ValidateParamsOperator(StageOperator):
 
         params = dict(context["params"])
         root = os.environ.get(WORK_ROOT_ENV) or self.default_work_root
-        validated = to_jsonable(validate_run(params, root))
+        run = validate_run(params, root)
+        validated = to_jsonable(run)
         conn_id = params.get("storage_conn_id")
         if conn_id:
             try:
@@ -43,4 +45,5 @@ class ValidateParamsOperator(StageOperator):
             except AirflowNotFoundException as exc:  # only "no such connection" is the param's fault
                 raise AirflowFailException(f"param 'storage_conn_id': {exc}") from exc
         self.log.info("params checked: %s (work root %s)", validated, root)
-        return validated
+        # one plan per node: the fine-tune is mapped over this list (a task per node)
+        return [{**validated, "node_rank": node} for node in run.node_ranks]

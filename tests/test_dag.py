@@ -31,7 +31,9 @@ print(json.dumps({
     "finetune": {
         "pool": dag.get_task("finetune").pool,
         "max_active_tis_per_dag": dag.get_task("finetune").max_active_tis_per_dag,
-        "rank_chatter_level": dag.get_task("finetune").rank_chatter_level,
+        "rank_chatter_level": dag.get_task("finetune").partial_kwargs["rank_chatter_level"],
+        "map_index_template": dag.get_task("finetune").partial_kwargs.get("map_index_template"),
+        "mapped_over": sorted(dag.get_task("finetune").expand_input.value),
     },
     "validate_retries": dag.get_task("validate").retries,
 }, default=str))
@@ -63,8 +65,10 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         "tokenize_to_mindrecord": ["alpaca_to_conversations", "fetch_tokenizer"],
         "import_checkpoint": ["fetch_weights"],
         "shard_checkpoint": ["import_checkpoint"],
-        "finetune": ["shard_checkpoint", "tokenize_to_mindrecord"],
+        "finetune": ["shard_checkpoint", "tokenize_to_mindrecord", "validate"],  # mapped over its plans
     }
+    assert parsed["finetune"]["mapped_over"] == ["node_rank"]
+    assert parsed["finetune"]["map_index_template"] == "node {{ task.node_rank }}"
     assert parsed["native"] is True
     for name in (
         "alpaca_url",
@@ -73,6 +77,9 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         "config",
         "overrides",
         "work_dir",
+        "layout",
+        "nodes",
+        "node_start_timeout",
     ):
         assert name in parsed["params"]
 

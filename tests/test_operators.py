@@ -131,7 +131,10 @@ def test_validate_fails_fast_naming_the_param(tmp_path: Path, monkeypatch: pytes
     }
     op = ValidateParamsOperator(task_id="validate", default_work_root="/nonexistent")
     assert op.retries == 0
-    assert op.execute({"params": params})["world_size"] == 2
+    (plan,) = op.execute({"params": params})
+    assert plan["world_size"] == 2 and plan["node_rank"] == 0 and plan["ranks_per_node"] == 2
+    plans = op.execute({"params": {**params, "nodes": 2}})
+    assert [(p["node_rank"], p["nodes"], p["ranks_per_node"]) for p in plans] == [(0, 2, 1), (1, 2, 1)]
     with pytest.raises(AirflowFailException, match=r"param 'work_dir'.*outside the allowed work root"):
         op.execute({"params": {**params, "work_dir": str(tmp_path / "elsewhere")}})
     with pytest.raises(AirflowFailException, match=r"param 'storage_conn_id'.*no_such_conn"):

@@ -44,7 +44,14 @@ def test_a_good_request_passes_and_reports_the_launch(params: dict[str, Any], tm
     assert run.work_dir == str((tmp_path / "root" / "work").resolve())
     assert run.world_size == 2 and run.seq_length == 32 and run.master_port is None
     assert run.overrides == {"runner_config.epochs": 2}
+    assert (run.nodes, run.ranks_per_node, run.node_ranks) == (1, 2, (0,))
     assert not (tmp_path / "root").exists()  # validation writes nothing
+
+
+def test_a_multi_node_request_splits_the_ranks_over_the_nodes(params: dict[str, Any], tmp_path: Path) -> None:
+    overrides = {"parallel_config.data_parallel": 16}
+    run = validate_run({**params, "nodes": 4, "device_target": "Ascend", "overrides": overrides}, tmp_path)
+    assert (run.world_size, run.nodes, run.ranks_per_node, run.node_ranks) == (16, 4, 4, (0, 1, 2, 3))
 
 
 @pytest.mark.parametrize(
@@ -60,8 +67,16 @@ def test_a_good_request_passes_and_reports_the_launch(params: dict[str, Any], tm
         (
             {"device_target": "Ascend", "overrides": {"parallel_config.data_parallel": 9}},
             "config",
-            "asks for 9 ranks; one Ascend node runs 1..8",
+            "asks for 9 ranks, 9 per node on 1 node(s); one Ascend node runs 1..8",
         ),
+        (
+            {"device_target": "Ascend", "overrides": {"parallel_config.data_parallel": 18}, "nodes": 2},
+            "config",
+            "asks for 18 ranks, 9 per node on 2 node(s)",
+        ),
+        ({"nodes": 3}, "nodes", "3 nodes cannot share the 2 ranks of parallel_config evenly"),
+        ({"nodes": 0}, "nodes", "integer in 1..256"),
+        ({"node_start_timeout": 1}, "node_start_timeout", "integer in 10..86400"),
         ({"overrides": {"parallel_config.model_parallel": 2}}, "config", "only data parallelism"),
         ({"seq_length": 4}, "seq_length", "integer in 8..131072"),
         ({"seq_length": 512}, "seq_length", "exceeds model.model_config.max_position_embedding 256"),
