@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean airflow airflow-stop
 
 $(VENV)/.installed-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-runtime
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-deploy: pyproject.toml $(VENV)/.installed-runtime
+	$(PY) -m pip install -q -e '.[deploy]'
+	touch $@
+
+# A real local deployment (PostgreSQL, Redis, CeleryExecutor, Ascend-queue workers) in .airflow/:
+# `make airflow ARGS="--netns-hosts 2"` adds namespace hosts (root). See README, "Run it on Airflow".
+airflow: $(VENV)/.installed-deploy
+	$(PY) -m deploy.stack start $(ARGS)
+
+airflow-stop: $(VENV)/.installed-deploy
+	$(PY) -m deploy.stack stop
 demo: $(VENV)/.installed-runtime
 	scripts/demo.sh demo_output
 

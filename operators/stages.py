@@ -25,6 +25,25 @@ def resolved_config(config: str, overrides: Mapping[str, Any] | str | None) -> d
     return apply_overrides(load_config(config), overrides_dict(overrides).items())
 
 
+def allow_child_processes() -> None:
+    """Let this task process start multiprocessing workers (the tokenizer's) under Celery.
+
+    A task process forked from a worker of Celery's prefork pool (billiard) inherits that process's
+    multiprocessing identity: the daemon mark, so multiprocessing refuses to start children
+    ("daemonic processes are not allowed to have children"), and billiard's authkey, which refuses
+    to be pickled for a spawned child. A stage waits for every worker it starts (what the daemon rule
+    protects), so both are reset to plain values; elsewhere nothing changes."""
+    import multiprocessing
+
+    me = multiprocessing.current_process()
+    if me.daemon:
+        me.daemon = False
+    plain = multiprocessing.process.AuthenticationString
+    config = getattr(me, "_config", None)  # billiard's setter would wrap the key in its own type again
+    if type(me.authkey) is not plain and isinstance(config, dict) and "authkey" in config:
+        config["authkey"] = plain(bytes(me.authkey))
+
+
 class StageOperator(BaseOperator):
     """An operator over one `llama_core` stage: `run_stage` does the work.
 
@@ -44,6 +63,7 @@ class StageOperator(BaseOperator):
 
         from llama_core.errors import LlamaCoreError
 
+        allow_child_processes()
         lock = contextlib.nullcontext()
         if self.output_field:
             output = Path(getattr(self, self.output_field))

@@ -181,6 +181,10 @@ class ApiError(AssertionError):
         self.response = response
 
 
+# Tasks of the DAG mapped over node ranks: named alone, they mean their instance 0.
+MAPPED_TASKS = {"finetune": 0}
+
+
 @dataclass
 class AirflowLive:
     """One Airflow deployment on loopback, in `home` (see the module docstring)."""
@@ -473,28 +477,33 @@ class AirflowLive:
     def dag_runs(self, dag_id: str | None = None, **params: Any) -> list[dict[str, Any]]:
         return self.get(f"/dags/{self._dag(dag_id)}/dagRuns", params={"limit": 100, **params})["dag_runs"]
 
+    def _ti_path(self, run_id: str, task_id: str, dag_id: str | None = None) -> tuple[str, int | None]:
+        """The REST path of a task instance and its map index: `task[k]` names mapped instance k, and
+        a mapped task named alone (`finetune`, mapped over the nodes) means its instance 0."""
+        name, _, index = task_id.partition("[")
+        map_index = int(index.rstrip("]")) if index else MAPPED_TASKS.get(name)
+        path = f"/dags/{self._dag(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/{name}"
+        return (path if map_index is None else f"{path}/{map_index}"), map_index
+
     def task_instances(self, run_id: str, dag_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """By task id; a mapped task's instance k > 0 as `task[k]`."""
         tis = self.get(
             f"/dags/{self._dag(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances", params={"limit": 100}
         )["task_instances"]
-        return {ti["task_id"]: ti for ti in tis}
+        return {ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] > 0 else ""): ti for ti in tis}
 
     def task_instance(self, run_id: str, task_id: str, dag_id: str | None = None) -> dict[str, Any]:
-        return self.get(f"/dags/{self._dag(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}")
+        return self.get(self._ti_path(run_id, task_id, dag_id)[0])
 
     def ti_state(self, run_id: str, task_id: str) -> str | None:
         return self.task_instance(run_id, task_id)["state"]
 
     def ti_tries(self, run_id: str, task_id: str, dag_id: str | None = None) -> list[dict[str, Any]]:
         """Every try of a task instance (the history plus the current one)."""
-        path = f"/dags/{self._dag(dag_id)}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/tries"
-        return self.get(path)["task_instances"]
+        return self.get(self._ti_path(run_id, task_id, dag_id)[0] + "/tries")["task_instances"]
 
     def set_ti_state(self, run_id: str, task_id: str, state: str) -> requests.Response:
-        return self.patch(
-            f"/dags/{self._dag(None)}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}",
-            {"new_state": state},
-        )
+        return self.patch(self._ti_path(run_id, task_id)[0], {"new_state": state})
 
     def clear_tasks(self, run_id: str, task_ids: list[str], only_failed: bool = False) -> requests.Response:
         return self.post(
@@ -527,7 +536,12 @@ class AirflowLive:
         states = set(states)
 
         def reached() -> dict[str, Any] | None:
-            ti = self.task_instance(run_id, task_id)
+            try:
+                ti = self.task_instance(run_id, task_id)
+            except ApiError as exc:  # a mapped task has no instance until its upstream ran
+                if exc.status_code == 404:
+                    return None
+                raise
             return ti if ti["state"] in states else None
 
         return wait_for(
@@ -542,9 +556,11 @@ class AirflowLive:
         self, run_id: str, task_id: str, try_number: int = 1, dag_id: str | None = None
     ) -> dict[str, Any]:
         """The task log as the REST API returns it with `Accept: application/json` (`full_content`)."""
-        run = quote(run_id, safe="")
-        path = f"/dags/{self._dag(dag_id)}/dagRuns/{run}/taskInstances/{task_id}/logs/{try_number}"
-        return self.get(path, params={"full_content": "true"}, headers={"Accept": "application/json"})
+        path, map_index = self._ti_path(run_id, task_id, dag_id)
+        if map_index is not None:  # logs take the map index as a query parameter
+            path = path.rsplit("/", 1)[0]
+        params = {"full_content": "true", **({"map_index": map_index} if map_index is not None else {})}
+        return self.get(f"{path}/logs/{try_number}", params=params, headers={"Accept": "application/json"})
 
     def log_lines(self, run_id: str, task_id: str, try_number: int = 1) -> list[dict[str, Any]]:
         """The structured log lines (dicts with event, level, logger, timestamp, ...) of one try."""
@@ -602,9 +618,12 @@ def ui_login(page: Any, airflow: AirflowLive, timeout_ms: int = 60_000) -> None:
 
 
 def ui_task_log_url(airflow: AirflowLive, run_id: str, task_id: str, try_number: int) -> str:
+    name, _, index = task_id.partition("[")
+    map_index = int(index.rstrip("]")) if index else MAPPED_TASKS.get(name)
+    mapped = "" if map_index is None else f"/mapped/{map_index}"
     return (
         f"{airflow.base_url}/dags/{quote(airflow.dag_id, safe='')}/runs/{quote(run_id, safe='')}"
-        f"/tasks/{quote(task_id, safe='')}?try_number={try_number}"
+        f"/tasks/{quote(name, safe='')}{mapped}?try_number={try_number}"
     )
 
 

@@ -144,7 +144,8 @@ class Member:
             session = self._read_session()
             if session is not None and session.nodes != self.nodes:
                 raise ClusterError(
-                    f"node 0's session {session.id} has {session.nodes} nodes, this node was told {self.nodes}"
+                    f"node 0's session {session.id} has {session.nodes} nodes; node {self.node_rank} was "
+                    f"told {self.nodes}"
                 )
             if session is not None:
                 failure = self._failure(session)
