@@ -83,7 +83,7 @@ def test_every_airflow_service_has_the_stacks_settings(compose: dict[str, Any]) 
     on_host_network = expected_settings(
         env, f"{addr}:{env['POSTGRES_PORT']}", f"{addr}:{env['REDIS_PORT']}", f"http://{addr}:8080"
     )
-    for name, compose_names in COMPOSE_NAMES.items():
+    for compose_names in COMPOSE_NAMES.values():
         for compose_name in compose_names:
             got = {k: str(v) for k, v in compose["services"][compose_name]["environment"].items()}
             want = on_host_network if compose_name == "airflow-ascend-worker" else control_plane
