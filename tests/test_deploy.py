@@ -61,7 +61,7 @@ def expected_settings(env: dict[str, str], db: str, redis: str, api: str) -> dic
             "fernet_key": env["FERNET_KEY"],
             "api_secret_key": env["API_SECRET_KEY"],
             "jwt_secret": env["JWT_SECRET"],
-        },  # fmt: skip
+        },
         dags_folder="/opt/llama-lora-flow/dags",
         work_root="/data",
         ascend_nodes=int(env["ASCEND_NODES"]),
