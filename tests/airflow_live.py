@@ -499,8 +499,14 @@ class AirflowLive:
         return self.task_instance(run_id, task_id)["state"]
 
     def ti_tries(self, run_id: str, task_id: str, dag_id: str | None = None) -> list[dict[str, Any]]:
-        """Every try of a task instance (the history plus the current one)."""
-        return self.get(self._ti_path(run_id, task_id, dag_id)[0] + "/tries")["task_instances"]
+        """Every try of a task instance (the history plus the current one); none for a mapped task
+        that was never expanded (its upstream failed)."""
+        try:
+            return self.get(self._ti_path(run_id, task_id, dag_id)[0] + "/tries")["task_instances"]
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return []
+            raise
 
     def set_ti_state(self, run_id: str, task_id: str, state: str) -> requests.Response:
         return self.patch(self._ti_path(run_id, task_id)[0], {"new_state": state})

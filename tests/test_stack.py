@@ -243,7 +243,7 @@ def test_a_fine_tune_longer_than_many_token_lifetimes_succeeds(
     stack: Stack, client: AirflowLive, inputs: Path
 ) -> None:
     assert stack.env()["AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME"] == str(TOKEN_LIFETIME_S)
-    long = {"runner_config.epochs": 40, "callbacks.1.save_checkpoint_steps": 1000}
+    long = {"runner_config.epochs": 60, "callbacks.1.save_checkpoint_steps": 1000}
     result = run(client, conf(stack, inputs, overrides=long), timeout=1200)
     run_id = result["run_id"]
     assert result["run"]["state"] == "success", client.failure_report(run_id)
