@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format bench clean airflow airflow-stop
+.PHONY: demo test lint format bench clean airflow airflow-stop airflow-demo
 
 $(VENV)/.installed-runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ airflow: $(VENV)/.installed-deploy
 
 airflow-stop: $(VENV)/.installed-deploy
 	$(PY) -m deploy.stack stop
+
+# the demo's fine-tune on that deployment, through its REST API (ARGS="--nodes 2" with netns hosts)
+airflow-demo: $(VENV)/.installed-deploy
+	$(PY) -m deploy.stack demo $(ARGS)
 demo: $(VENV)/.installed-runtime
 	scripts/demo.sh demo_output
 

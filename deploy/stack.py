@@ -1,6 +1,7 @@
 """A real Airflow deployment on this machine, as the official docker-compose runs one: `make airflow`.
 
-`python -m deploy.stack start|stop|status [--root .airflow] [--ascend-workers N] [--netns-hosts N]`
+`python -m deploy.stack start|stop|status|demo [--root .airflow] [--ascend-workers N] [--netns-hosts N]
+[--nodes N]` (`demo`: the demo's fine-tune triggered through the REST API and waited for)
 
 - PostgreSQL (Debian's server: `initdb` + `pg_ctl`, as the `postgres` user when run as root) is the
   metadata DB, Redis the Celery broker;
@@ -247,6 +248,7 @@ class Stack:
         log: Callable[[str], None] = print,
     ) -> StackState:
         """Start everything not running yet (the DB is created once and reused)."""
+        check_tools(netns_hosts)
         self.root.mkdir(parents=True, exist_ok=True)
         state = self.load()
         if state is None:
@@ -350,7 +352,12 @@ class Stack:
     # ------------------------------------------------------------ PostgreSQL and Redis
 
     def _as_postgres(self, argv: list[str]) -> list[str]:
-        """Run a PostgreSQL tool as `postgres` when we are root (the server refuses root)."""
+        """Run a PostgreSQL tool (found by `pg_tool`) as `postgres` when we are root (the server
+        refuses root)."""
+        return self._as_postgres_cmd([pg_tool(argv[0]), *argv[1:]])
+
+    @staticmethod
+    def _as_postgres_cmd(argv: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
     def start_postgres(self, log: Callable[[str], None]) -> None:
@@ -358,6 +365,14 @@ class Stack:
         assert st is not None
         data = self.root / "pg"
         owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        if (
+            owner is not None
+            and subprocess.run(self._as_postgres_cmd(["test", "-x", str(self.root)])).returncode
+        ):
+            raise RuntimeError(
+                f"the postgres user cannot reach {self.root}: make its parent folders traversable "
+                "(chmod o+x) or choose another --root"
+            )
         if not (data / "PG_VERSION").exists():
             log(f"creating the PostgreSQL cluster in {data}")
             data.mkdir(mode=0o700, exist_ok=True)
@@ -574,9 +589,80 @@ class Stack:
         )
         return killed
 
+    def run_demo(
+        self, nodes: int = 1, timeout: float = 900, log: Callable[[str], None] = print
+    ) -> dict[str, Any]:
+        """The demo's fine-tune (generated inputs, 2 CPU ranks over `nodes` nodes) triggered through the
+        REST API and waited for; returns the run as the API reports it."""
+        import requests
+
+        from llama_core.demo import DEMO_SEQ_LENGTH
+
+        state = self.load()
+        if state is None:
+            raise RuntimeError(f"no stack in {self.root}: make airflow first")
+        inputs = self.root / "work" / "inputs"
+        if not (inputs / "alpaca.json").exists():
+            subprocess.run(
+                [sys.executable, "-m", "llama_core.demo", str(inputs)], check=True, capture_output=True
+            )
+        api = f"http://127.0.0.1:{state.api_port}"
+        http = requests.Session()
+        http.trust_env = False
+        login = {"username": "admin", "password": state.secrets["admin_password"]}
+        http.headers["Authorization"] = (
+            "Bearer " + http.post(f"{api}/auth/token", json=login).json()["access_token"]
+        )
+        dag = f"{api}/api/v2/dags/llama2_lora_finetune"
+        http.patch(dag, json={"is_paused": False}).raise_for_status()
+        conf = {
+            "alpaca_url": str(inputs / "alpaca.json"),
+            "tokenizer_url": str(inputs / "tokenizer.model"),
+            "weights_url": str(inputs / "hf_model"),
+            "work_dir": str(self.root / "work" / "demo"),
+            "config": str(self.repo / "configs" / "lora_llama2_tiny.yaml"),
+            "seq_length": DEMO_SEQ_LENGTH,
+            "device_target": "CPU",
+            "overrides": {"parallel_config.data_parallel": 2},
+            "nodes": nodes,
+        }
+        created = http.post(f"{dag}/dagRuns", json={"logical_date": None, "conf": conf})
+        created.raise_for_status()
+        run_id = created.json()["dag_run_id"]
+        log(f"triggered {run_id}: {api}/dags/llama2_lora_finetune/runs/{run_id}")
+        deadline = time.monotonic() + timeout
+        while (run := http.get(f"{dag}/dagRuns/{run_id}").json())["state"] not in ("success", "failed"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{run_id} still {run['state']} after {timeout:.0f} s")
+            time.sleep(3)
+        log(f"{run_id}: {run['state']}")
+        return run
+
     def status(self) -> dict[str, bool]:
         state = self.load()
         return {n: self._alive(i) for n, i in (state.procs.items() if state else [])}
+
+
+def pg_tool(name: str) -> str:
+    """A PostgreSQL program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin (newest)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name, reverse=True
+    ):
+        if (folder / name).exists():
+            return str(folder / name)
+    raise RuntimeError(f"{name} not found: install PostgreSQL's server (Debian: apt-get install postgresql)")
+
+
+def check_tools(netns_hosts: int) -> None:
+    """Fail before starting anything when a program the stack needs is missing, saying what to install."""
+    pg_tool("initdb")
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("redis-server not found: install Redis (Debian: apt-get install redis-server)")
+    if netns_hosts and (os.geteuid() != 0 or shutil.which("ip") is None):
+        raise RuntimeError("--netns-hosts needs root and iproute2's `ip` (network namespaces)")
 
 
 def _run_quiet(argv: list[str]) -> None:
@@ -602,7 +688,7 @@ def _shell_quote(value: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("action", choices=["start", "stop", "status", "demo"])
     parser.add_argument("--root", default=str(REPO / ".airflow"), help="state folder (default .airflow/)")
     parser.add_argument("--ascend-workers", type=int, default=1, help="Ascend workers on this host")
     parser.add_argument(
@@ -617,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.start(args.ascend_workers, args.netns_hosts, args.api_port)
     elif args.action == "stop":
         stack.stop()
+    elif args.action == "demo":
+        return 0 if stack.run_demo(args.nodes)["state"] == "success" else 1
     else:
         for name, alive in stack.status().items():
             print(f"{name:20s} {'running' if alive else 'not running'}")
