@@ -697,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--api-port", type=int, default=None, help="UI port at the first start (default 8080)"
     )
+    parser.add_argument("--nodes", type=int, default=1, help="demo: nodes the fine-tune spans")
     args = parser.parse_args(argv)
     stack = Stack(args.root)
     if args.action == "start":

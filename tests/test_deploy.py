@@ -120,3 +120,12 @@ def test_images_are_pinned_and_fetch_nothing_at_run_time(compose: dict[str, Any]
                 assert (REPO / path).exists(), f"{dockerfile.name}: COPY {path}: not in the repository"
     entrypoint = (DOCKER / "entrypoint-worker.sh").read_text()
     assert not re.search(r"\b(pip|curl|wget|apt-get)\b", entrypoint)
+
+
+def test_the_stack_cli_parses_every_action_and_says_when_there_is_no_stack(tmp_path: Path) -> None:
+    from deploy.stack import main
+
+    with pytest.raises(RuntimeError, match=f"no stack in {tmp_path}: make airflow first"):
+        main(["demo", "--root", str(tmp_path), "--nodes", "2"])
+    assert main(["status", "--root", str(tmp_path)]) == 0
+    assert main(["stop", "--root", str(tmp_path)]) == 0  # nothing to stop is not an error
