@@ -16,6 +16,7 @@ from operators.stages import StageOperator, resolved_config
 
 if TYPE_CHECKING:
     from llama_core.launch import MsrunJob
+    from llama_core.launch.cluster import Member
 
 
 def api_server_host() -> str | None:
@@ -197,7 +198,9 @@ class MsrunFinetuneOperator(StageOperator):
             out.update(summary)
         return out
 
-    def rendezvous(self, output_dir: Path, nodes: int, node: int, port: int | None) -> tuple[Any, str, int]:
+    def rendezvous(
+        self, output_dir: Path, nodes: int, node: int, port: int | None
+    ) -> tuple[Member, str, int]:
         """Node 0 publishes msrun's master address and port in the run folder, the others wait for it
         (`node_start_timeout`); returns this node's cluster membership, the address and the port."""
         from llama_core.launch.cluster import Member, node_address
