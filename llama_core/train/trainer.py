@@ -3,7 +3,8 @@
   check config  what would fail later fails before any work
   setup         MindSpore context, data parallel over the msrun ranks, seed
   model         Llama (+ LoRA, base frozen), base weights from `load_checkpoint`
-  data          this rank's share of every global batch, steps per epoch
+  data          this rank's share of every global batch, steps per epoch; packed rows carry
+                their document ends to the model
   optimizer     lr schedule, AdamW, gradient reduction over ranks, the step cell
   resume        the newest checkpoint every rank can read
   loop          epochs of steps: a log line per step, checkpoints and evals when due; each global
