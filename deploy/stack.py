@@ -29,6 +29,7 @@ import json
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -41,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from llama_core.launch.preflight import free_port as any_free_port
+from llama_core.launch.watch import last_lines
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "ascend_nodes"
@@ -105,14 +109,11 @@ def airflow_settings(
 
 def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
     """`preferred` when it is free on `host`, else any free port."""
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port on {host}")
+    if preferred:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind((host, preferred))
+            return preferred
+    return any_free_port(host)
 
 
 @dataclass
@@ -123,6 +124,7 @@ class StackState:
     pg_port: int
     redis_port: int
     log_port: int
+    trigger_log_port: int
     secrets: dict[str, str]
     ascend_workers: int = 1
     netns_hosts: int = 0
@@ -165,6 +167,7 @@ class Stack:
             pg_port=free_port(preferred=5432),
             redis_port=free_port(preferred=6379),
             log_port=free_port(preferred=8793),
+            trigger_log_port=free_port(preferred=8794),
             secrets={
                 "fernet_key": Fernet.generate_key().decode(),
                 "api_secret_key": secrets.token_urlsafe(48),
@@ -216,7 +219,7 @@ class Stack:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.root / "passwords.json"),
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.root / "logs" / "tasks"),
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(st.log_port),
-            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(st.trigger_log_port),
             # where this host's workers are reached (their logs, msrun's master): the bridge once
             # namespace hosts exist, as they cannot reach this host's loopback
             "LLAMA_LORA_NODE_ADDR": self.bridge_ip
@@ -235,7 +238,7 @@ class Stack:
         """`source ROOT/env` gives a shell the airflow CLI of this deployment."""
         env = self.env()
         keys = sorted(k for k in env if k.startswith(("AIRFLOW", "LLAMA_LORA")))
-        return "".join(f"export {k}={_shell_quote(env[k])}\n" for k in keys)
+        return "".join(f"export {k}={shlex.quote(env[k])}\n" for k in keys)
 
     # ------------------------------------------------------------ start
 
@@ -293,9 +296,10 @@ class Stack:
         return state
 
     def airflow(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        env = self.env()
         proc = subprocess.run(
-            [shutil.which("airflow", path=self.env()["PATH"]) or "airflow", *args],
-            env=self.env(),
+            [shutil.which("airflow", path=env["PATH"]) or "airflow", *args],
+            env=env,
             cwd=self.root / "run",
             capture_output=True,
             text=True,
@@ -550,7 +554,7 @@ class Stack:
         assert self.state is not None
         for name, info in self.state.procs.items():
             if not self._alive(info):
-                tail = _tail(self.root / "logs" / f"{name}.log")
+                tail = last_lines(self.root / "logs" / f"{name}.log", 30)
                 raise RuntimeError(f"{name} is not running; the end of its log:\n{tail}")
 
     # ------------------------------------------------------------ stop
@@ -673,17 +677,6 @@ def _run_quiet(argv: list[str]) -> None:
 
 def _exists(argv: list[str]) -> bool:
     return subprocess.run(argv, capture_output=True).returncode == 0
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _shell_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\\''") + "'"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
