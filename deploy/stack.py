@@ -600,7 +600,7 @@ class Stack:
         REST API and waited for; returns the run as the API reports it."""
         import requests
 
-        from llama_core.demo import DEMO_SEQ_LENGTH
+        from llama_core.demo import demo_params
 
         state = self.load()
         if state is None:
@@ -620,14 +620,9 @@ class Stack:
         dag = f"{api}/api/v2/dags/llama2_lora_finetune"
         http.patch(dag, json={"is_paused": False}).raise_for_status()
         conf = {
-            "alpaca_url": str(inputs / "alpaca.json"),
-            "tokenizer_url": str(inputs / "tokenizer.model"),
-            "weights_url": str(inputs / "hf_model"),
-            "work_dir": str(self.root / "work" / "demo"),
-            "config": str(self.repo / "configs" / "lora_llama2_tiny.yaml"),
-            "seq_length": DEMO_SEQ_LENGTH,
-            "device_target": "CPU",
-            "overrides": {"parallel_config.data_parallel": 2},
+            **demo_params(
+                inputs, self.root / "work" / "demo", self.repo / "configs" / "lora_llama2_tiny.yaml"
+            ),
             "nodes": nodes,
         }
         created = http.post(f"{dag}/dagRuns", json={"logical_date": None, "conf": conf})

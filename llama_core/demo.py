@@ -155,6 +155,22 @@ def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
     return DemoInputs(alpaca=alpaca, tokenizer=tokenizer, hf_model=dest / "hf_model")
 
 
+def demo_params(inputs: str | Path, work_dir: str | Path, config: str | Path) -> dict[str, Any]:
+    """The DAG params of the demo fine-tune: the inputs `make_demo_inputs` wrote under `inputs`, the
+    tiny training config `config`, 2 CPU ranks, training in `work_dir`."""
+    inputs = Path(inputs)
+    return {
+        "alpaca_url": str(inputs / "alpaca.json"),
+        "tokenizer_url": str(inputs / "tokenizer.model"),
+        "weights_url": str(inputs / "hf_model"),
+        "work_dir": str(work_dir),
+        "config": str(config),
+        "seq_length": DEMO_SEQ_LENGTH,
+        "device_target": "CPU",
+        "overrides": {"parallel_config.data_parallel": 2},
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_core.demo", description=__doc__.splitlines()[0])
     parser.add_argument("dest", help="folder to write alpaca.json, tokenizer.model and hf_model/ into")

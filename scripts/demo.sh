@@ -22,18 +22,9 @@ airflow db migrate >"$out/airflow-db.log" 2>&1 || { cat "$out/airflow-db.log"; e
 
 conf=$(python - "$out" "$repo" <<'PY'
 import json, sys
-from llama_core.demo import DEMO_SEQ_LENGTH
+from llama_core.demo import demo_params
 out, repo = sys.argv[1:]
-print(json.dumps({
-    "alpaca_url": f"{out}/inputs/alpaca.json",
-    "tokenizer_url": f"{out}/inputs/tokenizer.model",
-    "weights_url": f"{out}/inputs/hf_model",
-    "work_dir": f"{out}/work",
-    "config": f"{repo}/configs/lora_llama2_tiny.yaml",
-    "seq_length": DEMO_SEQ_LENGTH,
-    "device_target": "CPU",
-    "overrides": {"parallel_config.data_parallel": 2},
-}))
+print(json.dumps(demo_params(f"{out}/inputs", f"{out}/work", f"{repo}/configs/lora_llama2_tiny.yaml")))
 PY
 )
 echo "== running DAG llama2_lora_finetune (log: $out/dag-run.log)"

@@ -118,20 +118,9 @@ def work_root(base: Path) -> Path:
 
 def demo_conf(inputs: Path, work_dir: Path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The conf scripts/demo.sh triggers (2 CPU ranks), with `changes` applied."""
-    from llama_core.demo import DEMO_SEQ_LENGTH
+    from llama_core.demo import demo_params
 
-    conf = {
-        "alpaca_url": str(inputs / "alpaca.json"),
-        "tokenizer_url": str(inputs / "tokenizer.model"),
-        "weights_url": str(inputs / "hf_model"),
-        "work_dir": str(work_dir),
-        "config": str(REPO / "configs" / "lora_llama2_tiny.yaml"),
-        "seq_length": DEMO_SEQ_LENGTH,
-        "device_target": "CPU",
-        "overrides": {"parallel_config.data_parallel": 2},
-    }
-    conf.update(changes or {})
-    return conf
+    return {**demo_params(inputs, work_dir, REPO / "configs" / "lora_llama2_tiny.yaml"), **(changes or {})}
 
 
 def quiet_daily_cron(now: datetime | None = None) -> str:

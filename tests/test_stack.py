@@ -94,20 +94,12 @@ def inputs(stack: Stack) -> Path:
 
 
 def conf(stack: Stack, inputs: Path, **changes: Any) -> dict[str, Any]:
-    from llama_core.demo import DEMO_SEQ_LENGTH
+    """The demo's params (without LoRA dropout: exact curves), with `changes` applied."""
+    from llama_core.demo import demo_params
 
-    overrides = {"parallel_config.data_parallel": 2, **NO_DROPOUT, **changes.pop("overrides", {})}
-    return {
-        "alpaca_url": str(inputs / "alpaca.json"),
-        "tokenizer_url": str(inputs / "tokenizer.model"),
-        "weights_url": str(inputs / "hf_model"),
-        "work_dir": str(stack.root / "work" / "demo"),
-        "config": str(REPO / "configs" / "lora_llama2_tiny.yaml"),
-        "seq_length": DEMO_SEQ_LENGTH,
-        "device_target": "CPU",
-        "overrides": overrides,
-        **changes,
-    }
+    params = demo_params(inputs, stack.root / "work" / "demo", REPO / "configs" / "lora_llama2_tiny.yaml")
+    overrides = {**params["overrides"], **NO_DROPOUT, **changes.pop("overrides", {})}
+    return {**params, **changes, "overrides": overrides}
 
 
 def run(client: AirflowLive, conf_: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
