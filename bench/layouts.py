@@ -91,12 +91,14 @@ def supervised(data: Path, rows: int) -> int:
     """Supervised targets (the loss mask of docs/REFERENCE.md) of the first `rows` rows."""
     import mindspore.dataset as ds
 
+    from llama_core.train.dataset import supervised_tokens
+
     reader = ds.MindDataset(str(data), columns_list=["input_ids", "labels"], shuffle=False)
     total = 0
     for i, (ids, labels) in enumerate(reader.create_tuple_iterator(output_numpy=True, num_epochs=1)):
         if i >= rows:
             break
-        total += int(((ids[:-1] != 0) & (labels[1:] != -100)).sum())
+        total += supervised_tokens(ids[None], labels[None])
     return total
 
 
