@@ -61,7 +61,8 @@ class PackingStats:
 
     def doc(self) -> dict[str, Any]:
         """The stats plus the derived figures: fill ratio, and the rows (and so the tokens computed)
-        saved against one row per conversation."""
+        saved against the unpacked output (one row per record, the left-out ones included)."""
+        unpacked = self.documents + int(self.skipped_unsupervised.get("count", 0))
         return {
             "mode": "pack",
             "documents": self.documents,
@@ -69,8 +70,8 @@ class PackingStats:
             "documents_per_row_mean": round(self.documents / self.rows, 3) if self.rows else 0.0,
             "documents_per_row_max": self.documents_per_row_max,
             "fill_ratio": round(self.tokens / (self.rows * self.row_length), 4) if self.rows else 0.0,
-            "unpacked_rows": self.documents,
-            "rows_saved_ratio": round(self.documents / self.rows, 3) if self.rows else 0.0,
+            "unpacked_rows": unpacked,
+            "rows_saved_ratio": round(unpacked / self.rows, 3) if self.rows else 0.0,
             "skipped_unsupervised": self.skipped_unsupervised,
         }
 
