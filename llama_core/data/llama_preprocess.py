@@ -209,11 +209,13 @@ def _run_qa(
     for rows, stats in ordered_map(qa_chunk, chunks, workers, init_qa_worker, (job,)):
         if packer is None:
             sink.write(rows)
-        for row, st in zip(rows, stats, strict=True):
-            if packer is not None and st.supervised:
-                packer.add(row)
-            elif packer is not None:
-                unsupervised.add(st.rid)
+        else:
+            for row, st in zip(rows, stats, strict=True):
+                if st.supervised:
+                    packer.add(row)
+                else:
+                    unsupervised.add(st.rid)
+        for st in stats:
             if st.masked:
                 masked.add(st.rid)
                 reasons[st.masked] += 1

@@ -84,7 +84,6 @@ class Packer:
         self.stats = PackingStats(row_length=row_length)
         self._docs: list[tuple[bytes, bytes]] = []  # (input_ids, labels) int32 bytes, equal lengths
         self._tokens = 0
-        self._per_row: list[int] = []
 
     def add(self, row: Row) -> None:
         """One conversation as the tokenizer step makes it (ids cut to the row length, labels as
@@ -113,11 +112,10 @@ class Packer:
                     DOC_ENDS: (ends.tobytes(), len(ends)),
                 }
             )
-            self._per_row.append(len(members))
         self.sink.write(rows)
         st = self.stats
         st.documents += len(self._docs)
         st.rows += len(rows)
         st.tokens += self._tokens
-        st.documents_per_row_max = max(st.documents_per_row_max, max(self._per_row))
-        self._docs, self._tokens, self._per_row = [], 0, []
+        st.documents_per_row_max = max(st.documents_per_row_max, *map(len, bins))
+        self._docs, self._tokens = [], 0
