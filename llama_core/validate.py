@@ -56,8 +56,9 @@ def _param_error(name: str, problem: str) -> ConfigError:
     return ConfigError(f"param {name!r}: {problem}")
 
 
-def _int_in(params: Mapping[str, Any], name: str, bounds: tuple[int, int]) -> int:
-    value = params.get(name)
+def _int_in(params: Mapping[str, Any], name: str, bounds: tuple[int, int], default: Any = None) -> int:
+    """Param `name` (`default` when absent) as an integer within `bounds`."""
+    value = params.get(name, default)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not bounds[0] <= value <= bounds[1]:
@@ -168,9 +169,8 @@ def validate_run(params: Mapping[str, Any], work_root: str | os.PathLike[str]) -
     seq_length = _int_in(params, "seq_length", SEQ_LENGTH_RANGE)
     port = None if params.get("master_port") in (None, "") else _int_in(params, "master_port", PORT_RANGE)
     overrides = overrides_dict(params.get("overrides"))
-    nodes = _int_in({"nodes": params.get("nodes", 1)}, "nodes", NODES_RANGE)
-    _int_in({"node_start_timeout": params.get("node_start_timeout", 600)}, "node_start_timeout",
-            NODE_START_TIMEOUT_RANGE)  # fmt: skip
+    nodes = _int_in(params, "nodes", NODES_RANGE, default=1)
+    _int_in(params, "node_start_timeout", NODE_START_TIMEOUT_RANGE, default=600)
     _cfg, world_size = check_config(params.get("config"), overrides, seq_length, device_target, nodes)
     return ValidatedRun(
         work_dir, params["config"], overrides, world_size, seq_length, device_target, port,
