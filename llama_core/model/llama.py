@@ -12,7 +12,7 @@ The sizes and settings come from `LlamaConfig` (`llama_core.model.config`).
 
 Packed rows: `doc_ends` [batch, K] gives the cumulative end of each document of a row (the
 `actual_seq_len` column of a packed MindRecord; entries >= the row's input length are ignored, so a
-batch pads its rows' lists with the row length). Each document then attends only to itself and its
+batch pads its rows' lists with any value past the row). Each document then attends only to itself and its
 positions restart at 0: its logits are those of the document run alone. Without `doc_ends` a row
 is one sequence (the reference layout).
 """

@@ -7,8 +7,8 @@ batch 2 x batch_size sees, in the same order, and a resumed run can skip consume
 The tail that does not fill a global batch is dropped (drop_remainder) and the count is logged.
 
 A packed dataset (`llama_preprocess --packing pack`) has a third column, the rows' document ends;
-batches then carry them as [batch, max documents per row of the dataset], padded with the row
-length (a value the model ignores), so every batch has one shape.
+batches then carry them as [batch, max documents per row of the dataset], padded with
+`NO_DOCUMENT` (past any row: the model ignores it), so every batch has one shape.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import numpy as np
 from llama_core.atomic import write_json_atomic
 from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
+from llama_core.train.dataset import inspect_dataset
 from llama_core.train.trainer import build_model, evaluate, load_base, setup_context
 
 logger = logging.getLogger("llama_core.train")
@@ -33,7 +34,7 @@ def evaluate_checkpoint(tc: TrainConfig) -> tuple[float, float]:
     if not tc.eval_dataset_dir:
         raise ConfigError("run_mode eval needs eval_dataset.data_loader.dataset_dir or --eval_dataset_dir")
     model = _model_for_inference(tc)
-    loss, ppl = evaluate(model, tc.eval_dataset_dir, tc.batch_size, tc.seq_length)
+    loss, ppl = evaluate(model, inspect_dataset(tc.eval_dataset_dir), tc.batch_size, tc.seq_length)
     logger.info("eval loss=%.6f perplexity=%.4f", loss, ppl)
     write_json_atomic(
         Path(tc.output_dir) / "eval_summary.json",

@@ -147,19 +147,18 @@ def model_inputs(batch: tuple[np.ndarray, ...]) -> tuple[ms.Tensor | None, ...]:
     return ms.Tensor(batch[0]), ms.Tensor(batch[1]), doc_ends
 
 
-def evaluate(model: nn.Cell, dataset_dir: str, batch_size: int, seq_length: int) -> tuple[float, float]:
+def evaluate(model: nn.Cell, data: DatasetInfo, batch_size: int, seq_length: int) -> tuple[float, float]:
     """Mean loss over the eval batches (docs/REFERENCE.md's loss, per batch) and its perplexity exp(loss)."""
-    info = inspect_dataset(dataset_dir)
     model.set_train(False)
     losses = []
     try:
-        for i, batch in enumerate(read_batches(info, batch_size, None, drop_remainder=False)):
-            check_batch(batch[0], batch[1], seq_length, f"{dataset_dir} (eval batch {i})")
+        for i, batch in enumerate(read_batches(data, batch_size, None, drop_remainder=False)):
+            check_batch(batch[0], batch[1], seq_length, f"{data.path} (eval batch {i})")
             losses.append(float(model(*model_inputs(batch)).asnumpy()))
     finally:
         model.set_train(True)
     if not losses:
-        raise InputError(f"{dataset_dir}: eval dataset is empty")
+        raise InputError(f"{data.path}: eval dataset is empty")
     loss = float(np.mean(losses))
     return loss, math.exp(min(loss, 700.0))
 
@@ -235,6 +234,7 @@ class TrainRecipe:
         self.step_times: list[float] = []
         self.last_checkpoint: str | None = None
         self.eval_loss: float | None = None
+        self.eval_data: DatasetInfo | None = None
         self.eval_ppl: float | None = None
         self.buckets: list[int] = []  # empty: length buckets off, every batch runs at seq_length
         self.bucket_counts: dict[int, int] = {}
@@ -517,9 +517,9 @@ class TrainRecipe:
     # -- evaluate and save
     def evaluate_and_record(self) -> None:
         tc = self.tc
-        self.eval_loss, self.eval_ppl = evaluate(
-            self.model, tc.eval_dataset_dir, tc.batch_size, tc.seq_length
-        )
+        if self.eval_data is None:  # looked at once: periodic evals read the same files
+            self.eval_data = inspect_dataset(tc.eval_dataset_dir)
+        self.eval_loss, self.eval_ppl = evaluate(self.model, self.eval_data, tc.batch_size, tc.seq_length)
         self.evals.append({"step": self.global_step, "loss": self.eval_loss, "perplexity": self.eval_ppl})
         logger.info(
             "eval step=%d/%d loss=%.6f perplexity=%.4f",
