@@ -1,12 +1,18 @@
 """Small, generated inputs for the end-to-end demo: no download, no data of the user's.
 
-`python -m llama_core.demo DEST` writes, deterministically:
+`python -m llama_core.demo DEST` writes, deterministically (files already there are kept):
 - `alpaca.json`: Alpaca-format records (instruction, input, output), some with an input;
 - `tokenizer.model`: a sentencepiece BPE model trained on those records' full chat prompts (the
   system prompt and Alpaca preamble included, so a prompt fits a short sequence), with Llama's special ids
   (`<unk>` 0, `<s>` 1, `</s>` 2) and byte fallback, so every later stage treats it like Llama's;
 - `hf_model/`: a tiny random Llama in Hugging Face layout (`config.json` + `model.safetensors`),
-  the same files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds.
+  the same files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds;
+- `llama2_tiny.ckpt`: the same model as one MindSpore checkpoint, as the quick start downloads
+  `llama2_7b.ckpt`.
+
+`python -m llama_core.demo DEST --serve [--port 8765]` then serves DEST over HTTP on 127.0.0.1 only,
+so the pipeline's download stage fetches the inputs as it would from a model zoo
+(configs/pipelines/llama2_tiny_lora_demo.yaml points there).
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ import argparse
 import io
 import json
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llama_core.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from llama_core.cache import manifest_path_for
 from llama_core.data.alpaca_converter import alpaca_to_conversation
 from llama_core.model.config import LlamaConfig
 
@@ -55,6 +64,7 @@ class DemoInputs:
     alpaca: Path
     tokenizer: Path
     hf_model: Path
+    checkpoint: Path
 
 
 def alpaca_records(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
@@ -137,37 +147,60 @@ def hf_llama_weights(shape: dict[str, Any], seed: int = 0) -> dict[str, np.ndarr
 
 
 def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
-    """Write the demo's Alpaca data, tokenizer and tiny HF Llama under `dest` (atomically)."""
+    """Write the demo's Alpaca data, tokenizer and tiny Llama (HF folder and MindSpore .ckpt) under
+    `dest` (each atomically). Files already there are kept: each was written whole, and keeping them
+    keeps a server's validators stable, so a second demo finds its downloads in the cache."""
     from safetensors.numpy import save_file
+
+    from llama_core.checkpoint.convert import convert_hf_to_ms
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     records = alpaca_records(seed=seed)
-    alpaca = write_json_atomic(dest / "alpaca.json", records)
-    texts = [chat_prompt(alpaca_to_conversation(r, i, alpaca)) for i, r in enumerate(records)]
-    tokenizer = write_bytes_atomic(dest / "tokenizer.model", train_tokenizer(texts, DEMO_MODEL["vocab_size"]))
-    with atomic_path(dest / "hf_model") as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(DEMO_MODEL, indent=2))
-        save_file(
-            hf_llama_weights(DEMO_MODEL, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
-        )
-    return DemoInputs(alpaca=alpaca, tokenizer=tokenizer, hf_model=dest / "hf_model")
+    alpaca, tokenizer, hf_model = dest / "alpaca.json", dest / "tokenizer.model", dest / "hf_model"
+    if not alpaca.exists():
+        write_json_atomic(alpaca, records)
+    if not tokenizer.exists():
+        texts = [chat_prompt(alpaca_to_conversation(r, i, alpaca)) for i, r in enumerate(records)]
+        write_bytes_atomic(tokenizer, train_tokenizer(texts, DEMO_MODEL["vocab_size"]))
+    if not hf_model.exists():
+        with atomic_path(hf_model) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(DEMO_MODEL, indent=2))
+            save_file(
+                hf_llama_weights(DEMO_MODEL, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+            )
+    checkpoint = dest / "llama2_tiny.ckpt"
+    if not checkpoint.exists():
+        convert_hf_to_ms(hf_model, checkpoint)
+        manifest_path_for(checkpoint).unlink(missing_ok=True)  # served as a plain download: no sidecar
+    return DemoInputs(alpaca=alpaca, tokenizer=tokenizer, hf_model=hf_model, checkpoint=checkpoint)
 
 
-def demo_params(inputs: str | Path, work_dir: str | Path, config: str | Path) -> dict[str, Any]:
-    """The DAG params of the demo fine-tune: the inputs `make_demo_inputs` wrote under `inputs`, the
-    tiny training config `config`, 2 CPU ranks, training in `work_dir`."""
-    inputs = Path(inputs)
+def serve(folder: str | Path, port: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server for `folder` on 127.0.0.1 (`port` 0: a free one), serving in a daemon thread."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True, name="demo-http").start()
+    return server
+
+
+def demo_params(base_url: str, work_dir: str | Path) -> dict[str, Any]:
+    """The params a demo run changes in pipeline llama2_tiny_lora_demo: the inputs served at
+    `base_url` (`serve`), training in `work_dir`; everything else is the pipeline file's."""
+    base_url = base_url.rstrip("/")
     return {
-        "alpaca_url": str(inputs / "alpaca.json"),
-        "tokenizer_url": str(inputs / "tokenizer.model"),
-        "weights_url": str(inputs / "hf_model"),
+        "alpaca_url": f"{base_url}/alpaca.json",
+        "tokenizer_url": f"{base_url}/tokenizer.model",
+        "weights_url": f"{base_url}/llama2_tiny.ckpt",
         "work_dir": str(work_dir),
-        "config": str(config),
-        "seq_length": DEMO_SEQ_LENGTH,
-        "device_target": "CPU",
-        "overrides": {"parallel_config.data_parallel": 2},
     }
 
 
@@ -175,9 +208,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_core.demo", description=__doc__.splitlines()[0])
     parser.add_argument("dest", help="folder to write alpaca.json, tokenizer.model and hf_model/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve", action="store_true", help="then serve DEST over HTTP on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="with --serve; 0: a free port")
     args = parser.parse_args(argv)
     inputs = make_demo_inputs(args.dest, args.seed)
-    print(json.dumps({k: str(v) for k, v in inputs.__dict__.items()}))
+    print(json.dumps({k: str(v) for k, v in inputs.__dict__.items()}), flush=True)
+    if args.serve:
+        server = serve(args.dest, args.port)
+        print(f"serving {args.dest} at http://127.0.0.1:{server.server_address[1]}/", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            server.shutdown()
     return 0
 
 

@@ -62,6 +62,7 @@ class MsrunFinetuneOperator(StageOperator):
         "config",
         "overrides",
         "train_dataset_dir",
+        "eval_dataset_dir",
         "load_checkpoint",
         "output_dir",
         "seq_length",
@@ -81,6 +82,7 @@ class MsrunFinetuneOperator(StageOperator):
         train_dataset_dir: str,
         output_dir: str,
         load_checkpoint: str | None = None,
+        eval_dataset_dir: str | None = None,
         seq_length: int | str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
         device_target: str = "Ascend",
@@ -96,7 +98,7 @@ class MsrunFinetuneOperator(StageOperator):
         super().__init__(**kwargs)
         self.config, self.train_dataset_dir, self.output_dir = config, train_dataset_dir, output_dir
         self.load_checkpoint, self.overrides, self.run_mode = load_checkpoint, overrides, run_mode
-        self.seq_length = seq_length
+        self.seq_length, self.eval_dataset_dir = seq_length, eval_dataset_dir
         self.device_target, self.master_port = device_target, master_port
         self.length_buckets = length_buckets  # None: the config's runner_config.length_buckets
         self.nodes, self.node_rank, self.node_start_timeout = nodes, node_rank, node_start_timeout
@@ -125,6 +127,8 @@ class MsrunFinetuneOperator(StageOperator):
             args += ["--load_checkpoint", self.load_checkpoint]
         if resume:
             args += ["--resume_training", "True"]
+        if self.eval_dataset_dir:  # held-out data: eval loss every eval_step_interval steps and at the end
+            args += ["--eval_dataset_dir", self.eval_dataset_dir, "--do_eval", "True"]
         if self.seq_length:  # the model trains on the records' length: one setting, not two
             args += ["--model.model_config.seq_length", str(int(self.seq_length))]
         if self.length_buckets not in (None, ""):

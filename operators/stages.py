@@ -7,6 +7,7 @@ arguments, calls it, and hands its result object on as the task's XCom.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def allow_child_processes() -> None:
         config["authkey"] = plain(bytes(me.authkey))
 
 
+def render_dated(task: BaseOperator, text: str, context: Context) -> str:
+    """A param value that is itself a template (a source URL with `{{ ds }}`) rendered with the run's
+    context, so each logical date (a backfill's runs) fetches its own snapshot."""
+    if "{{" not in text and "{%" not in text:
+        return text
+    from jinja2 import UndefinedError
+
+    try:
+        return task.render_template(text, context)
+    except UndefinedError as exc:
+        raise AirflowFailException(
+            f"{text!r} uses a template value this run does not have ({exc}): a source with the logical "
+            "date needs a run that has one (a scheduled run, a backfill, or a trigger with a logical date)"
+        ) from exc
+
+
 class StageOperator(BaseOperator):
     """An operator over one `llama_core` stage: `run_stage` does the work.
 
@@ -59,6 +76,14 @@ class StageOperator(BaseOperator):
     output_field: str | None = None
 
     def execute(self, context: Context) -> Any:
+        """Run the stage; a dict result gains `stage_seconds` (the run's report lists them)."""
+        t0 = time.monotonic()
+        result = self._run_locked(context)
+        if isinstance(result, dict):
+            result["stage_seconds"] = round(time.monotonic() - t0, 3)
+        return result
+
+    def _run_locked(self, context: Context) -> Any:
         from filelock import FileLock
 
         from llama_core.errors import LlamaCoreError
@@ -102,6 +127,7 @@ class FetchOperator(StageOperator):
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.fetch import Credentials, fetch
 
+        source = render_dated(self, self.source, context)
         credentials = None
         if self.conn_id:
             conn = BaseHook.get_connection(self.conn_id)
@@ -112,7 +138,7 @@ class FetchOperator(StageOperator):
                 token=extra.get("token") or conn.password or None,
                 endpoint_url=extra.get("endpoint_url") or conn.host or None,
             )
-        return to_jsonable(fetch(self.source, self.dest, sha256=self.sha256 or None, credentials=credentials))
+        return to_jsonable(fetch(source, self.dest, sha256=self.sha256 or None, credentials=credentials))
 
 
 class AlpacaToConversationsOperator(StageOperator):
@@ -133,9 +159,12 @@ class AlpacaToConversationsOperator(StageOperator):
 
 class TokenizeToMindRecordOperator(StageOperator):
     """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers; `packing`
-    "pack" packs several conversations per row instead."""
+    "pack" packs several conversations per row instead; `holdout_fraction` > 0 writes a held-out
+    evaluation split (chosen by record content) to a second file."""
 
-    template_fields: Sequence[str] = ("input_glob", "model_file", "seq_length", "output_file", "packing")
+    template_fields: Sequence[str] = (
+        "input_glob", "model_file", "seq_length", "output_file", "packing", "holdout_fraction",
+    )  # fmt: skip
     output_field = "output_file"
 
     def __init__(
@@ -147,6 +176,7 @@ class TokenizeToMindRecordOperator(StageOperator):
         seq_length: int | str = 4096,
         dataset_type: str = "qa",
         packing: str = "none",
+        holdout_fraction: float | str = 0.0,
         file_partition: int = 1,
         workers: int | None = None,
         **kwargs: Any,
@@ -155,6 +185,7 @@ class TokenizeToMindRecordOperator(StageOperator):
         self.input_glob, self.model_file, self.output_file = input_glob, model_file, output_file
         self.seq_length, self.dataset_type, self.packing = seq_length, dataset_type, packing
         self.file_partition, self.workers = file_partition, workers
+        self.holdout_fraction = holdout_fraction
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.llama_preprocess import preprocess
@@ -168,6 +199,7 @@ class TokenizeToMindRecordOperator(StageOperator):
             file_partition=self.file_partition,
             workers=self.workers,
             packing=self.packing,
+            holdout_fraction=float(self.holdout_fraction or 0),
         )
         return to_jsonable(result)
 

@@ -9,7 +9,7 @@ from airflow.sdk import BaseHook, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from llama_core.results import to_jsonable
-from operators.stages import StageOperator
+from operators.stages import StageOperator, render_dated
 
 WORK_ROOT_ENV = "LLAMA_LORA_WORK_ROOT"
 
@@ -35,6 +35,9 @@ class ValidateParamsOperator(StageOperator):
         from llama_core.validate import validate_run
 
         params = dict(context["params"])
+        for name in ("alpaca_url", "tokenizer_url", "weights_url"):  # as the fetch tasks will see them
+            if isinstance(params.get(name), str):
+                params[name] = render_dated(self, params[name], context)
         root = os.environ.get(WORK_ROOT_ENV) or self.default_work_root
         run = validate_run(params, root)
         validated = to_jsonable(run)

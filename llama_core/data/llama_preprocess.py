@@ -11,6 +11,13 @@ chunks of seq_length+1 (`input_ids` only, tail dropped).
 boundaries in an `actual_seq_len` column (`llama_core.data.packing`); the default `none` keeps the
 reference's one padded record per conversation.
 
+`--holdout_fraction F` (qa) sets aside an evaluation split the model never trains on: a record is
+held out when the hash of its conversation falls below F (`llama_core.data.holdout`), so the split
+depends on content alone (not on order, ids or the other records) and is the same on every run.
+Held-out records go to `--eval_output_file` (default: the output name with `-heldout` before its
+suffix), same schema and layout (packed by their own packer with `--packing pack`); the training
+output keeps the rest. Both are published together and the report, written last, lists both.
+
 Records are streamed, tokenized by `--workers` processes in bounded chunks
 (`llama_core.data.ordered_pool`) and written in input order (`llama_core.data.mindrecord_sink`),
 so memory does not grow with the record count. Records whose every label is masked are logged
@@ -32,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import clean_leftovers
-from llama_core.cache import StageKey, file_sha256, write_manifest
+from llama_core.atomic import clean_leftovers, remove_path
+from llama_core.cache import StageKey, file_sha256, read_manifest, write_manifest
 from llama_core.cli import exit_code, exit_without_teardown
-from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, init_qa_worker, qa_chunk
-from llama_core.data.mindrecord_sink import MindRecordSink
+from llama_core.data.holdout import check_fraction, default_eval_path, is_held_out
+from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, RecordStats, init_qa_worker, qa_chunk
+from llama_core.data.mindrecord_sink import MindRecordSink, Row
 from llama_core.data.ordered_pool import batched, ordered_map
 from llama_core.data.packing import DOC_ENDS, MODES, Packer
 from llama_core.data.records import iter_records
@@ -55,9 +63,20 @@ QA_CHUNK = 256  # records per task sent to a worker
 WIKI_CHUNK = 512  # paragraphs per task
 
 
+def _no_holdout() -> dict[str, Any]:
+    return {"fraction": 0.0, "output_file": None, "records": 0, "supervised_tokens": 0}
+
+
 @dataclass
 class PreprocessResult:
-    """What the stage wrote (or found already written); also the body of the report JSON."""
+    """What the stage wrote (or found already written); also the body of the report JSON.
+
+    With a held-out split the record counts (records_written, supervised_tokens, the masked,
+    truncated and long-label lists, `packing`) and `outputs` describe the training output only;
+    `holdout` describes the held-out one: fraction, output_file, records (rows written), supervised
+    tokens, its masked and truncated records and its outputs, and when packed `documents` (the
+    conversations in its rows) and its own `packing` section. Fraction 0: output_file None.
+    """
 
     output_file: str
     console_path: str
@@ -70,6 +89,7 @@ class PreprocessResult:
     dataset_type: str = "qa"
     masking: str = "mindformers"
     packing: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
+    holdout: dict[str, Any] = field(default_factory=_no_holdout)
     file_partition: int = 1
     repeat: int = 1
     tokenizer: dict[str, str] = field(default_factory=dict)
@@ -111,9 +131,13 @@ def preprocess(
     workers: int | None = None,
     masking: str = "mindformers",
     packing: str = "none",
+    holdout_fraction: float = 0.0,
+    eval_output_file: str | os.PathLike[str] | None = None,
 ) -> PreprocessResult:
     """Tokenize conversation records (`qa`) or wikitext (`wiki`) into MindRecord files; `packing`
-    "pack" puts several conversations in a row (qa)."""
+    "pack" puts several conversations in a row (qa). `holdout_fraction` > 0 (qa) writes the
+    records whose conversation hash falls below it to `eval_output_file` (default: the output
+    name with `-heldout` before its suffix) instead of the training output."""
     t0 = time.monotonic()
     if dataset_type not in ("qa", "wiki"):
         raise InputError(f"dataset_type must be 'qa' or 'wiki', got {dataset_type!r}")
@@ -123,6 +147,11 @@ def preprocess(
         raise InputError(f"packing must be one of {list(MODES)}, got {packing!r}")
     if packing != "none" and dataset_type != "qa":
         raise InputError("packing applies to conversations (dataset_type qa): wiki rows are already full")
+    holdout_fraction = check_fraction(holdout_fraction)
+    if holdout_fraction > 0 and dataset_type != "qa":
+        raise InputError(
+            f"holdout_fraction applies to conversations (dataset_type qa), got {holdout_fraction} for wiki"
+        )
     if seq_length < 1 or file_partition < 1 or repeat < 1:
         raise InputError("seq_length, file_partition and repeat must be >= 1")
     files = sorted(glob.glob(input_glob))
@@ -137,6 +166,18 @@ def preprocess(
     }  # fmt: skip
     if packing != "none":  # unpacked outputs keep the keys they had before packing existed
         params["packing"] = packing
+    eval_file = default_eval_path(output_file) if eval_output_file is None else eval_output_file
+    eval_out = None
+    if holdout_fraction > 0:  # likewise unsplit outputs
+        eval_out = Path(eval_file).absolute()
+        if os.path.abspath(eval_out) == os.path.abspath(out):
+            raise InputError(f"eval_output_file {eval_file} is the training output file")
+        params["holdout_fraction"] = holdout_fraction
+        params["eval_output"] = os.path.relpath(eval_out, out.parent)
+    elif eval_output_file is not None:
+        log.info(
+            "holdout_fraction is 0: no held-out split, eval_output_file %s is not written", eval_output_file
+        )
     rpath = report_path(out)
     key = StageKey(rpath, STAGE, FORMAT_VERSION, [*files, model_file], params)
     hit = key.hit()
@@ -147,7 +188,9 @@ def preprocess(
         return result
 
     clean_leftovers(out.parent, out.name)
-    rpath.unlink(missing_ok=True)  # outputs are about to change: the old report no longer holds
+    if eval_out is not None:
+        clean_leftovers(eval_out.parent, eval_out.name)
+    _retire_previous_run(rpath)
     workers = workers or os.cpu_count() or 1
     columns = {"qa": ["input_ids", "labels"], "wiki": ["input_ids"]}[dataset_type]
     if packing != "none":
@@ -160,21 +203,60 @@ def preprocess(
         repeat=params["repeat"], tokenizer={"path": str(model_file), "sha256": file_sha256(model_file)},
         inputs=[{"path": f, "sha256": file_sha256(f)} for f in files],
     )  # fmt: skip
+    eval_sink: MindRecordSink | None = None
+    published: list[Path] = []
     try:
+        if eval_out is not None:
+            eval_sink = MindRecordSink(eval_out, file_partition, schema, dataset_type, FIELD_PAD)
+            result.holdout = {"fraction": holdout_fraction, "output_file": str(eval_file)}
         if dataset_type == "qa":
-            packer = Packer(sink, seq_length + 1) if packing != "none" else None
-            _run_qa(QaJob(str(model_file), seq_length, masking, files), workers, sink, result, packer)
+            splits = [_Split(s, Packer(s, seq_length + 1) if packing != "none" else None)
+                      for s in (sink, eval_sink) if s is not None]  # fmt: skip
+            job = QaJob(str(model_file), seq_length, masking, files)
+            _run_qa(job, workers, splits, holdout_fraction, result)
         else:
             _run_wiki(files, str(model_file), seq_length, params["repeat"], workers, sink, result)
         finals = sink.publish()
+        published += finals
+        eval_finals = eval_sink.publish() if eval_sink is not None else []
     except BaseException:
-        sink.discard()
+        for s in (sink, eval_sink):
+            if s is not None:
+                s.discard()
+        for path in published:  # the split is published whole or not at all
+            remove_path(path)
         raise
     result.outputs = [str(p) for p in finals]
+    if eval_sink is not None:
+        result.holdout["outputs"] = [str(p) for p in eval_finals]
     result.seconds = round(time.monotonic() - t0, 3)
-    write_manifest(rpath, stage=STAGE, key=key.value(), outputs=finals, extra={"result": asdict(result)})
+    write_manifest(
+        rpath, stage=STAGE, key=key.value(), outputs=[*finals, *eval_finals], extra={"result": asdict(result)}
+    )
     _print_done(result)
     return result
+
+
+def _retire_previous_run(rpath: Path) -> None:
+    """Remove the report of the previous run (the outputs are about to change: it no longer holds),
+    then the held-out files that report listed: a run with no split, or another held-out file,
+    must not leave behind an evaluation set whose records now train the model."""
+    old = read_manifest(rpath)
+    rpath.unlink(missing_ok=True)
+    if old is None or old.stage != STAGE:
+        return
+    result = old.extra.get("result")
+    holdout = result.get("holdout") if isinstance(result, dict) else None
+    heldout = holdout.get("outputs") if isinstance(holdout, dict) else None
+    if not isinstance(result, dict) or not isinstance(heldout, list):
+        return
+    names = {Path(str(p)).name for p in heldout}
+    training = {Path(str(p)).name for p in result.get("outputs") or []}
+    for rel in old.outputs:  # the report's own listing, relative to its folder
+        path = rpath.parent / rel
+        if path.name in names and path.name not in training and path.is_file():
+            log.info("removing %s, the held-out output of the previous run", path)
+            remove_path(path)
 
 
 def _print_done(result: PreprocessResult) -> None:
@@ -185,14 +267,64 @@ def _print_done(result: PreprocessResult) -> None:
     print(f"Transform finished, output files refer: {result.console_path}")
 
 
+class _Split:
+    """One output of the qa stage (training or held-out): its sink, its packer when packing, and
+    the counts of the records routed to it."""
+
+    def __init__(self, sink: MindRecordSink, packer: Packer | None) -> None:
+        self.sink, self.packer = sink, packer
+        self.masked, self.truncated, self.long_labels, self.unsupervised = (_Listed() for _ in range(4))
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.supervised = 0
+        self.conversations = 0
+        self._rows: list[Row] = []
+
+    def add(self, row: Row, st: RecordStats) -> None:
+        """Route one tokenized record here: kept for the next write, or given to the packer (left
+        out and counted when it has no supervised token)."""
+        self.conversations += 1
+        if self.packer is None:
+            self._rows.append(row)
+        elif st.supervised:
+            self.packer.add(row)
+        else:
+            self.unsupervised.add(st.rid)
+        if st.masked:
+            self.masked.add(st.rid)
+            self.reasons[st.masked] += 1
+        if st.truncated:
+            self.truncated.add(st.rid)
+        if st.long_labels:
+            self.long_labels.add(st.rid)
+        self.supervised += st.supervised
+
+    def write(self) -> None:
+        """Write the unpacked rows added since the last call (one write per chunk, as unsplit)."""
+        self.sink.write(self._rows)
+        self._rows = []
+
+    def finish(self) -> dict[str, Any] | None:
+        """Write what is left; the packing section when packing."""
+        self.write()
+        if self.packer is None:
+            return None
+        self.packer.flush()
+        self.packer.stats.skipped_unsupervised = self.unsupervised.doc()
+        return self.packer.stats.doc()
+
+
 def _run_qa(
-    job: QaJob, workers: int, sink: MindRecordSink, result: PreprocessResult, packer: Packer | None
+    job: QaJob, workers: int, splits: list[_Split], holdout_fraction: float, result: PreprocessResult
 ) -> None:
-    """Tokenize and write the conversation records (packed by `packer` when given); fill the
-    result's record counts."""
+    """Tokenize and write the conversation records to `splits[0]` (training) or, when there is a
+    second split, to `splits[1]` (held-out, by `is_held_out`); fill the result's record counts."""
     sizes = [os.path.getsize(f) for f in job.files]
     total_bytes, done_bytes = sum(sizes), 0  # characters read approximate bytes: an ETA estimate
     progress = Progress("llama_preprocess qa", total=None, logger=log)
+    train, heldout = splits[0], (splits[1] if len(splits) > 1 else None)
+    # Whether each record read is held out, decided from its content as it is read; consumed in the
+    # same order as the tokenized rows come back (bounded by the records in flight).
+    held: collections.deque[bool] = collections.deque()
 
     def read(n: int) -> None:
         nonlocal done_bytes
@@ -201,57 +333,72 @@ def _run_qa(
     def records() -> Iterator[tuple[int, int, Any]]:
         for file_no, name in enumerate(job.files):
             for index, record in iter_records(name, on_read=read):
+                if heldout is not None:  # a malformed record is not held out: its worker names the error
+                    held.append(isinstance(record, dict) and is_held_out(record, holdout_fraction))
                 yield file_no, index, record
 
-    masked, truncated, long_labels, unsupervised = _Listed(), _Listed(), _Listed(), _Listed()
-    reasons: collections.Counter[str] = collections.Counter()
+    masked = truncated = 0
     chunks = batched(records(), QA_CHUNK)
     for rows, stats in ordered_map(qa_chunk, chunks, workers, init_qa_worker, (job,)):
-        if packer is None:
-            sink.write(rows)
-        else:
-            for row, st in zip(rows, stats, strict=True):
-                if st.supervised:
-                    packer.add(row)
-                else:
-                    unsupervised.add(st.rid)
-        for st in stats:
+        for row, st in zip(rows, stats, strict=True):
+            (heldout if heldout is not None and held.popleft() else train).add(row, st)
             if st.masked:
-                masked.add(st.rid)
-                reasons[st.masked] += 1
-                if masked.count <= MAX_LISTED:
+                masked += 1
+                if masked <= MAX_LISTED:
                     log.warning("record %s: every label masked (the reference does this silently): %s",
                                 st.rid, st.masked)  # fmt: skip
-            if st.truncated:
-                truncated.add(st.rid)
-            if st.long_labels:
-                long_labels.add(st.rid)
-            result.supervised_tokens += st.supervised
+            truncated += st.truncated
+        for split in splits:
+            split.write()
         done = progress.done + len(stats)
         if done_bytes:  # estimate the total from the share of input read so far
             progress.total = max(done, round(done * total_bytes / done_bytes))
         progress.update(len(stats))
     progress.close()
-    if packer is not None:
-        packer.flush()
-        packer.stats.skipped_unsupervised = unsupervised.doc()
-        result.packing = packer.stats.doc()
+    packing = train.finish()
+    if packing is not None:
+        result.packing = packing
         log.info(
             "packed %d conversations into %d rows of %d tokens (%.2f per row, fill %.1f%%); %d without a "
             "supervised token left out",
-            packer.stats.documents, packer.stats.rows, job.seq_length + 1,
-            result.packing["documents_per_row_mean"], 100 * result.packing["fill_ratio"], unsupervised.count,
+            packing["documents"], packing["rows"], job.seq_length + 1, packing["documents_per_row_mean"],
+            100 * packing["fill_ratio"], train.unsupervised.count,
         )  # fmt: skip
-    if masked.count > MAX_LISTED:
-        log.warning("%d records fully masked in all (the first %d are named above)", masked.count, MAX_LISTED)
-    if truncated.count:
-        log.warning(
-            "%d records longer than seq_length+1=%d were truncated", truncated.count, job.seq_length + 1
-        )
-    result.records_written = sink.rows
-    result.records_fully_masked = masked.doc(reasons=dict(reasons))
-    result.records_truncated = truncated.doc()
-    result.labels_longer_than_record = long_labels.doc()
+    if masked > MAX_LISTED:
+        log.warning("%d records fully masked in all (the first %d are named above)", masked, MAX_LISTED)
+    if truncated:
+        log.warning("%d records longer than seq_length+1=%d were truncated", truncated, job.seq_length + 1)
+    result.records_written = train.sink.rows
+    result.records_fully_masked = train.masked.doc(reasons=dict(train.reasons))
+    result.records_truncated = train.truncated.doc()
+    result.labels_longer_than_record = train.long_labels.doc()
+    result.supervised_tokens = train.supervised
+    if heldout is not None:
+        _holdout_report(heldout, heldout.finish(), train, result)
+
+
+def _holdout_report(
+    heldout: _Split, packing: dict[str, Any] | None, train: _Split, result: PreprocessResult
+) -> None:
+    """Fill the result's `holdout` section and log the split."""
+    doc = result.holdout
+    doc.update(
+        records=heldout.sink.rows,
+        supervised_tokens=heldout.supervised,
+        records_fully_masked=heldout.masked.doc(reasons=dict(heldout.reasons)),
+        records_truncated=heldout.truncated.doc(),
+    )
+    if packing is not None:
+        doc.update(documents=packing["documents"], packing=packing)
+    total = heldout.conversations + train.conversations
+    log.info(
+        "held-out split (fraction %g, by conversation hash): %d of %d records (%.2f%%) -> %s (%d rows, "
+        "%d supervised tokens); %d records for training (%d rows)",
+        doc["fraction"], heldout.conversations, total, 100 * heldout.conversations / total if total else 0.0,
+        heldout.sink.final, heldout.sink.rows, heldout.supervised, train.conversations, train.sink.rows,
+    )  # fmt: skip
+    if not heldout.conversations:
+        log.warning("the held-out split is empty: no record's hash fell below %g", doc["fraction"])
 
 
 def _run_wiki(
@@ -310,6 +457,19 @@ def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> ar
         help="qa: none (one padded record per conversation, as the reference) or pack (several per row)",
     )
     parser.add_argument(
+        "--holdout_fraction",
+        type=float,
+        default=0.0,
+        help="qa: hold out this fraction of the records (0 <= F < 1), chosen by a hash of each conversation, "
+        "as an evaluation set written to --eval_output_file (default 0: no split)",
+    )
+    parser.add_argument(
+        "--eval_output_file",
+        default=None,
+        help="MindRecord path of the held-out records (default: the output name with -heldout before its "
+        "suffix, e.g. alpaca-heldout.mindrecord)",
+    )
+    parser.add_argument(
         "--masking",
         choices=sorted(MASKING_OFFSET),
         default="mindformers",
@@ -323,7 +483,7 @@ def stage_from_args(args: argparse.Namespace) -> PreprocessResult:
     return preprocess(
         args.dataset_type, args.input_glob, args.model_file, args.output_file, seq_length=args.seq_length,
         file_partition=args.file_partition, repeat=args.repeat, workers=args.workers, masking=args.masking,
-        packing=args.packing,
+        packing=args.packing, holdout_fraction=args.holdout_fraction, eval_output_file=args.eval_output_file,
     )  # fmt: skip
 
 

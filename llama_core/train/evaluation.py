@@ -1,0 +1,471 @@
+"""Did the fine-tune help? The base and the fine-tuned model side by side, in one JSON.
+
+Both sides get the same eval data (loss, perplexity) and the same instructions (greedy
+completions, deterministic), so the JSON answers "better than the base?" at a glance and a re-run
+gives the same text. One LoRA model is built and compiled once for both sides: with every LoRA B
+at zero it computes the base model exactly, then the fine-tuned weights are loaded over it.
+
+`python -m llama_core.train.evaluation --config CFG --base_checkpoint B --finetuned_checkpoint F
+     --output_path OUT.json [--eval_data D] [--prompt P ...] [--prompts_file JSON_LIST]
+     [--tokenizer T] [--max_new_tokens N] [--seq_length N] [--device_target CPU|Ascend]`
+
+prints the result as its last stdout line. Cached like the other stages: `OUT.json.manifest.json`
+(written last) records the key of the inputs' content and the settings; an identical re-run
+returns the stored result without building the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_core.atomic import clean_leftovers, write_json_atomic
+from llama_core.cache import StageKey, manifest_path_for, write_manifest
+from llama_core.checkpoint.msckpt import scan_ckpt
+from llama_core.checkpoint.names import lora_pairs
+from llama_core.cli import exit_code
+from llama_core.config import TrainConfig, load_config, set_key
+from llama_core.data.prompts import TEMPLATE
+from llama_core.errors import ConfigError, InputError
+from llama_core.results import to_jsonable
+from llama_core.train.dataset import mindrecord_files
+from llama_core.train.outputs import CHECKPOINT_DIR, find_rank_folders, newest_checkpoint
+
+# MindSpore is imported only past the cache check: a hit builds nothing.
+
+logger = logging.getLogger("llama_core.train")
+
+STAGE = "train.evaluation"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelEvaluation:
+    """One side of the comparison."""
+
+    checkpoint: str  # the file its weights came from
+    eval_loss: float | None  # None when no eval data
+    eval_perplexity: float | None
+    generations: list[dict[str, str]]  # [{"prompt": instruction, "output": completion}], in prompt order
+
+
+@dataclass
+class EvaluationResult:
+    """The base and the fine-tuned model on the same data and prompts; also the output JSON."""
+
+    output_path: str  # the JSON written (this result)
+    eval_data: str | None
+    eval_batches: int
+    prompts: list[str]
+    max_new_tokens: int
+    base: ModelEvaluation
+    finetuned: ModelEvaluation
+    seconds: float
+    cached: bool
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> EvaluationResult:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in doc.items() if k in fields}
+        for side in ("base", "finetuned"):
+            values[side] = ModelEvaluation(**values[side])
+        return cls(**values)
+
+
+# -- inputs
+def checkpoint_file(path: str | os.PathLike[str], what: str) -> Path:
+    """A checkpoint argument as one file: a .ckpt as is; a folder with rank_<i>/ (a run's
+    `checkpoint/`) or a run's output folder: rank 0's newest; any other folder: its newest
+    (`train_state.base_checkpoint_file` for rank 0, without importing MindSpore)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"{what} not found: {path}")
+    ranks = find_rank_folders(path) or find_rank_folders(path / CHECKPOINT_DIR)
+    return newest_checkpoint(ranks.get(0, path))
+
+
+def eval_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files a MindRecord dataset reads: its data files and their `.db` index companions.
+
+    A file named `<name><digits>` may be one shard of several (`--file_partition`), which MindSpore
+    opens together: its sibling shards count too (more files in the key never give a false hit).
+    """
+    found = mindrecord_files(path)
+    files = [Path(found)] if isinstance(found, str) else [Path(f) for f in found]
+    if len(files) == 1 and (m := re.fullmatch(r"(.*?)\d+", files[0].name)):
+        shard = re.compile(re.escape(m[1]) + r"\d+")
+        files = sorted(p for p in files[0].parent.iterdir() if p.is_file() and shard.fullmatch(p.name))
+    out = []
+    for f in files:
+        out.append(f)
+        if (db := f.with_name(f.name + ".db")).is_file():
+            out.append(db)
+    return out
+
+
+def require_lora(path: Path) -> int:
+    """The number of LoRA-adapted linears in a checkpoint; InputError naming it when it has none."""
+    pairs = lora_pairs({e.name: tuple(e.shape) for e in scan_ckpt(path)})
+    if not pairs:
+        raise InputError(
+            f"{path}: no LoRA weights (mindpet_delta_lora_a/b) found: not a LoRA fine-tuned checkpoint"
+        )
+    return len(pairs)
+
+
+def chat_prompt(instruction: str) -> str:
+    """An instruction as the model saw it in training: fastchat's vicuna_v1.1 conversation with one
+    human turn and the assistant's turn left open ("... USER: {instruction} ASSISTANT:")."""
+    from fastchat.conversation import get_conv_template
+
+    conv = get_conv_template(TEMPLATE)
+    conv.append_message(conv.roles[0], instruction)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def encode_prompts(sp: Any, prompts: Sequence[str], seq_length: int, bos_id: int) -> list[list[int]]:
+    """Token ids of each chat-wrapped prompt, bos first (as in training); a prompt that leaves no
+    room to generate within seq_length fails naming its index."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt {i}: must be a string, got {type(prompt).__name__}")
+        ids = [bos_id, *sp.encode(chat_prompt(prompt))]
+        if len(ids) >= seq_length:
+            raise InputError(
+                f"prompt {i}: {len(ids)} tokens with the {TEMPLATE} template; it must be shorter than "
+                f"seq_length {seq_length} to leave room for the answer"
+            )
+        out.append(ids)
+    return out
+
+
+def resolve_config(
+    config: str | os.PathLike[str] | Mapping[str, Any], seq_length: int | None, device_target: str | None
+) -> TrainConfig:
+    """The run config with the overrides applied, on one device."""
+    cfg = copy.deepcopy(dict(config)) if isinstance(config, Mapping) else load_config(config)
+    if seq_length is not None:
+        if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
+            raise ConfigError(f"seq_length must be an integer >= 2, got {seq_length!r}")
+        set_key(cfg, "model.model_config.seq_length", seq_length)
+    if device_target is not None:
+        set_key(cfg, "context.device_target", device_target)
+    set_key(cfg, "use_parallel", False)
+    return TrainConfig.from_dict(cfg)
+
+
+# -- the model
+def _zero_lora_b(model: Any) -> int:
+    """Set every LoRA B to zero; return how many were not zero already.
+
+    LoRA adds B(A(x)) * alpha / r to each adapted linear: with B = 0 that term is exactly zero,
+    so the LoRA model computes the base model bit for bit (whatever A holds) and one model, one
+    compiled graph, serves both sides. B starts at zero, but a base checkpoint may carry an
+    adapter (a full training checkpoint passed as the base): zeroing makes the base side the
+    base model either way.
+    """
+    import mindspore as ms
+    import numpy as np
+
+    changed = 0
+    for param in model.get_parameters():
+        if param.name.endswith("lora_b"):
+            if np.any(param.asnumpy() != 0):
+                changed += 1
+            param.set_data(ms.Tensor(np.zeros(param.shape, np.float32), dtype=param.dtype))
+    return changed
+
+
+def _load_finetuned(model: Any, path: Path) -> int:
+    """Load a training checkpoint's weights over the model (the base weights already loaded).
+
+    It may hold every weight or only the trainable LoRA ones (`save_trainable_params`); every LoRA
+    weight of the model must be there. Optimizer state (adam_m.*, adam_v.*) and step counters are
+    skipped. Returns the tensors loaded.
+    """
+    import mindspore as ms
+
+    from llama_core.model.lora import is_lora_parameter, normalize_lora_name
+    from llama_core.model.weights import TRAINING_STATE
+
+    try:
+        stored = {normalize_lora_name(k): v for k, v in ms.load_checkpoint(str(path)).items()}
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a readable MindSpore checkpoint ({exc})") from exc
+    params = {p.name: p for p in model.get_parameters()}
+    unexpected = sorted(k for k in stored if k not in params and not TRAINING_STATE.match(k))
+    missing = sorted(k for k in params if is_lora_parameter(k) and k not in stored)
+    if unexpected or missing:
+        raise InputError(
+            f"{path}: checkpoint does not fit the model (pet_config): "
+            f"LoRA weights missing {_preview(missing)}; not in the model {_preview(unexpected)}"
+        )
+    loaded = 0
+    for name, value in stored.items():
+        if name not in params:
+            continue
+        param = params[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise InputError(
+                f"{path}: tensor {name} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+        param.set_data(value.astype(param.dtype) if value.dtype != param.dtype else value)
+        loaded += 1
+    logger.info(
+        "loaded %d tensors from %s (%d optimizer/step tensors skipped)", loaded, path, len(stored) - loaded
+    )
+    return loaded
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _side(
+    model: Any,
+    tc: TrainConfig,
+    checkpoint: Path,
+    data: Any,
+    prompts: Sequence[str],
+    prompt_ids: list[list[int]],
+    sp: Any,
+    max_new_tokens: int,
+) -> ModelEvaluation:
+    """Eval loss and completions of the weights the model holds now."""
+    from llama_core.train.predict import greedy_generate
+    from llama_core.train.trainer import evaluate
+
+    loss = ppl = None
+    if data is not None:
+        loss, ppl = evaluate(model, data, tc.batch_size, tc.seq_length)
+    model.set_train(False)  # evaluate leaves the model in training mode (LoRA dropout on)
+    mc = tc.model_config
+    generations = []
+    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+        new = greedy_generate(
+            model,
+            ids,
+            seq_length=tc.seq_length,
+            max_new_tokens=max_new_tokens,
+            eos_id=int(mc.get("eos_token_id", 2)),
+            pad_id=int(mc.get("pad_token_id", 0)),
+            vocab_limit=sp.get_piece_size(),
+        )
+        generations.append({"prompt": prompt, "output": sp.decode(new)})
+    return ModelEvaluation(str(checkpoint), loss, ppl, generations)
+
+
+# -- the stage
+def evaluate_finetune(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    base_checkpoint: str | os.PathLike[str],
+    finetuned_checkpoint: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    prompts: Sequence[str] = (),
+    tokenizer: str | os.PathLike[str] | None = None,
+    max_new_tokens: int | None = None,
+    seq_length: int | None = None,
+    device_target: str | None = None,
+) -> EvaluationResult:
+    """Evaluate the base and the fine-tuned model side by side; write the result JSON at
+    `output_path` (atomic, cached) and return it.
+
+    `tokenizer` defaults to the config's processor.tokenizer.vocab_file; `max_new_tokens` to
+    model_config.max_decode_length.
+    """
+    t0 = time.monotonic()
+    out = Path(output_path)
+    tc = resolve_config(config, seq_length, device_target)
+    mc = tc.model_config
+    if not tc.pet_config:
+        raise ConfigError("model.model_config.pet_config is empty: a LoRA config is needed to compare")
+    prompts = list(prompts)
+    new_tokens = int(max_new_tokens if max_new_tokens is not None else mc.get("max_decode_length", 128))
+    if new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {new_tokens}")
+    tokenizer = tokenizer or tc.vocab_file or None
+    sp, prompt_ids = None, []
+    if prompts:
+        if tokenizer is None:
+            raise ConfigError(
+                "prompts need a tokenizer: pass --tokenizer or set processor.tokenizer.vocab_file"
+            )
+        from llama_core.data.tokenizer import load_tokenizer
+
+        sp = load_tokenizer(tokenizer)
+        prompt_ids = encode_prompts(sp, prompts, tc.seq_length, int(mc.get("bos_token_id", 1)))
+    base_file = checkpoint_file(base_checkpoint, "base checkpoint")
+    tuned_file = checkpoint_file(finetuned_checkpoint, "fine-tuned checkpoint")
+    require_lora(tuned_file)
+    data_files = eval_data_files(eval_data) if eval_data is not None else []
+
+    manifest_path = manifest_path_for(out)
+    inputs = [base_file, tuned_file, *data_files, *([tokenizer] if tokenizer else [])]
+    params = {
+        "prompts": prompts,
+        "max_new_tokens": new_tokens,
+        "seq_length": tc.seq_length,
+        "model_config": mc,
+        "pet_config": tc.pet_config,
+        "batch_size": tc.batch_size,  # the eval loss is a mean over batches
+        "device_target": tc.device_target,
+        "template": TEMPLATE,
+        "eval_files": len(data_files),
+        "tokenizer": bool(tokenizer),
+    }
+    key = StageKey(manifest_path, STAGE, FORMAT_VERSION, inputs, params)
+    if key.hit() is not None:
+        try:
+            result = EvaluationResult.from_dict(json.loads(out.read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s: cached result unreadable (%s); evaluating again", out, exc)
+        else:
+            logger.info("%s is up to date (cache hit, key %s): nothing to do", out, key.value()[:12])
+            result.output_path, result.cached = str(out), True
+            return result
+    clean_leftovers(out.parent, out.name)
+    manifest_path.unlink(missing_ok=True)  # the output is about to change
+
+    import mindspore as ms
+
+    from llama_core.model.weights import load_weights
+    from llama_core.train.dataset import inspect_dataset
+    from llama_core.train.trainer import build_model, setup_context
+
+    setup_context(tc)
+    ms.set_seed(tc.seed)
+    data = inspect_dataset(eval_data) if eval_data is not None else None
+    model = build_model(tc)  # the LoRA model: one graph for both sides
+    model.set_train(False)
+
+    load_weights(model, base_file)
+    if changed := _zero_lora_b(model):
+        logger.warning(
+            "%s holds %d non-zero LoRA B weights: ignored, the base side is the model without adapter",
+            base_file,
+            changed,
+        )
+    base = _side(model, tc, base_file, data, prompts, prompt_ids, sp, new_tokens)
+    _load_finetuned(model, tuned_file)
+    tuned = _side(model, tc, tuned_file, data, prompts, prompt_ids, sp, new_tokens)
+
+    result = EvaluationResult(
+        output_path=str(out),
+        eval_data=str(eval_data) if eval_data is not None else None,
+        eval_batches=math.ceil(data.num_records / tc.batch_size) if data is not None else 0,
+        prompts=prompts,
+        max_new_tokens=new_tokens,
+        base=base,
+        finetuned=tuned,
+        seconds=round(time.monotonic() - t0, 3),
+        cached=False,
+    )
+    _log_comparison(result)
+    write_json_atomic(out, to_jsonable(result))
+    write_manifest(manifest_path, stage=STAGE, key=key.value(), outputs=[out])
+    return result
+
+
+def _log_comparison(result: EvaluationResult) -> None:
+    base, tuned = result.base, result.finetuned
+    if base.eval_loss is not None and tuned.eval_loss is not None:
+        logger.info(
+            "eval loss base %.6f (perplexity %.4f) -> fine-tuned %.6f (perplexity %.4f), %+.6f on %s",
+            base.eval_loss,
+            base.eval_perplexity,
+            tuned.eval_loss,
+            tuned.eval_perplexity,
+            tuned.eval_loss - base.eval_loss,
+            result.eval_data,
+        )
+    for i, (b, t) in enumerate(zip(base.generations, tuned.generations, strict=True)):
+        logger.info("prompt %d %r: base %r | fine-tuned %r", i, b["prompt"], b["output"], t["output"])
+
+
+# -- CLI
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
+    """A JSON list of instruction strings."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: prompts file not readable ({exc})") from exc
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, list) or not all(isinstance(p, str) for p in doc):
+        raise InputError(f"{path}: must be a JSON list of strings")
+    return doc
+
+
+def build_parser(prog: str = "python -m llama_core.train.evaluation") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Compare the base and the fine-tuned model: eval loss/perplexity and greedy completions.",
+    )
+    p.add_argument("--config", required=True, help="training YAML (model_config, pet_config, batch_size)")
+    p.add_argument("--base_checkpoint", required=True, help="base .ckpt, or folder with rank_<i>/")
+    p.add_argument(
+        "--finetuned_checkpoint",
+        required=True,
+        help="training .ckpt, rank_<i>/ folder, or a run's checkpoint/ folder (rank 0's newest)",
+    )
+    p.add_argument("--output_path", required=True, help="result JSON to write")
+    p.add_argument("--eval_data", help="MindRecord file or folder (llama_preprocess output)")
+    p.add_argument("--prompt", action="append", default=[], help="an instruction (repeatable)")
+    p.add_argument("--prompts_file", help="JSON list of instructions (after the --prompt ones)")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: processor.tokenizer.vocab_file)")
+    p.add_argument("--max_new_tokens", type=int, help="default: model_config.max_decode_length")
+    p.add_argument("--seq_length", type=int, help="overrides model.model_config.seq_length")
+    p.add_argument(
+        "--device_target", choices=["CPU", "Ascend", "GPU"], help="overrides context.device_target"
+    )
+    return p
+
+
+def stage_from_args(args: argparse.Namespace) -> EvaluationResult:
+    """The evaluation the parsed command line asks for."""
+    prompts = [*args.prompt, *(read_prompts_file(args.prompts_file) if args.prompts_file else [])]
+    return evaluate_finetune(
+        args.config,
+        args.base_checkpoint,
+        args.finetuned_checkpoint,
+        args.output_path,
+        eval_data=args.eval_data,
+        prompts=prompts,
+        tokenizer=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        seq_length=args.seq_length,
+        device_target=args.device_target,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    result = stage_from_args(build_parser().parse_args(argv))
+    # the last stdout line, one line of JSON: what a caller running this as a subprocess reads
+    print(json.dumps(to_jsonable(result), ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_code(main))

@@ -1,0 +1,179 @@
+"""After the fine-tune: the base and the fine-tuned model side by side (held-out loss, generations)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from operators.stages import StageOperator, resolved_config
+
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def write_resolved_config(
+    run_dir: str | Path, config: str, overrides: Mapping[str, Any] | str | None, seq_length: Any
+) -> tuple[Path, dict[str, Any]]:
+    """The run's config as the ranks trained with it (overrides and seq_length applied), written once
+    to `run_dir/resolved_config.yaml` (atomically): what evaluation, export and the report read."""
+    import yaml
+
+    from llama_core.atomic import write_bytes_atomic
+    from llama_core.config import apply_overrides
+
+    cfg = resolved_config(config, overrides)
+    if seq_length not in (None, ""):
+        cfg = apply_overrides(cfg, [("model.model_config.seq_length", int(seq_length))])
+    path = Path(run_dir) / RESOLVED_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, yaml.safe_dump(cfg, sort_keys=False).encode())
+    return path, cfg
+
+
+class EvaluateOperator(StageOperator):
+    """Evaluate the base model and the fine-tuned one (`llama_core.train.evaluation`): loss and
+    perplexity on the held-out split, and greedy answers to the fixed prompts, before and after.
+
+    MindSpore runs in a child process (one device, queue and pool of the NPU nodes), whose output
+    streams into the task log; stopping the task stops it (`on_kill`), as BashOperator does. The
+    result is written to `run_dir/evaluation.json` and is the task's XCom; a re-run with the same
+    checkpoints, data and prompts finds it in the cache.
+    """
+
+    template_fields: Sequence[str] = (
+        "config", "overrides", "base_checkpoint", "run_dir", "eval_data", "tokenizer", "prompts",
+        "max_new_tokens", "seq_length", "device_target",
+    )  # fmt: skip
+    ui_color = "#fdebd0"
+
+    def __init__(
+        self,
+        *,
+        config: str,
+        base_checkpoint: str,
+        run_dir: str,
+        tokenizer: str,
+        overrides: Mapping[str, Any] | str | None = None,
+        eval_data: str | None = None,
+        prompts: Sequence[str] | str = (),
+        max_new_tokens: int | str | None = None,
+        seq_length: int | str | None = None,
+        device_target: str = "Ascend",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.config, self.overrides, self.base_checkpoint = config, overrides, base_checkpoint
+        self.run_dir, self.eval_data, self.tokenizer, self.prompts = run_dir, eval_data, tokenizer, prompts
+        self.max_new_tokens, self.seq_length, self.device_target = max_new_tokens, seq_length, device_target
+        self._hook: Any = None
+
+    def command(self, config_path: Path, output: Path) -> list[str]:
+        """The `llama_core.train.evaluation` command line."""
+        run_dir = Path(self.run_dir)
+        cmd = [
+            sys.executable, "-m", "llama_core.train.evaluation",
+            "--config", str(config_path),
+            "--base_checkpoint", self.base_checkpoint,
+            "--finetuned_checkpoint", str(run_dir / "checkpoint"),
+            "--output_path", str(output),
+            "--tokenizer", self.tokenizer,
+            "--device_target", self.device_target,
+        ]  # fmt: skip
+        if self.eval_data:
+            cmd += ["--eval_data", self.eval_data]
+        prompts = json.loads(self.prompts) if isinstance(self.prompts, str) else list(self.prompts or [])
+        if prompts:
+            prompts_file = run_dir / "evaluation_prompts.json"
+            from llama_core.atomic import write_json_atomic
+
+            write_json_atomic(prompts_file, prompts)
+            cmd += ["--prompts_file", str(prompts_file)]
+        if self.max_new_tokens not in (None, ""):
+            cmd += ["--max_new_tokens", str(int(self.max_new_tokens))]
+        return cmd
+
+    def run_stage(self, context: Context) -> dict[str, Any]:
+        from airflow.providers.standard.hooks.subprocess import SubprocessHook
+
+        config_path, _ = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
+        output = Path(self.run_dir) / "evaluation.json"
+        self._hook = SubprocessHook()
+        result = self._hook.run_command(self.command(config_path, output), cwd=self.run_dir)
+        if result.exit_code != 0:
+            raise AirflowFailException(
+                f"evaluation failed (exit code {result.exit_code}): {result.output}; the lines above say why"
+            )
+        evaluation = json.loads(output.read_text())
+        base, tuned = evaluation["base"], evaluation["finetuned"]
+        self.log.info(
+            "held-out loss: base %s -> fine-tuned %s", base.get("eval_loss"), tuned.get("eval_loss")
+        )
+        return evaluation
+
+    def on_kill(self) -> None:
+        if self._hook is not None:
+            self._hook.send_sigterm()
+
+
+class AdapterCheckOperator(EvaluateOperator):
+    """For a DAG scheduled on a pipeline's adapter Asset: load the newest published PEFT adapter (the
+    event's extra says where it is and what it was trained from), import it back into MindSpore on its
+    base weights and answer the pipeline's fixed prompts with it. Where the producing run evaluated the
+    same prompts, the answers must be the same: the adapter a consumer receives is the model that was
+    evaluated. Writes `<adapter>/../adapter_check/<this run_id>.json`."""
+
+    template_fields: Sequence[str] = ()
+
+    def __init__(self, *, asset_name: str, device_target: str = "CPU", **kwargs: Any) -> None:
+        super().__init__(
+            config="", base_checkpoint="", run_dir="", tokenizer="", device_target=device_target, **kwargs
+        )
+        self.asset_name = asset_name
+
+    def run_stage(self, context: Context) -> dict[str, Any]:
+        from airflow.providers.standard.hooks.subprocess import SubprocessHook
+
+        from llama_core.checkpoint.import_peft import import_peft
+
+        events = [e for name, evs in context["triggering_asset_events"].items() for e in evs]
+        events = [e for e in events if getattr(e.asset, "name", None) == self.asset_name] or events
+        if not events:
+            raise AirflowFailException(f"no event of Asset {self.asset_name} triggered this run")
+        extra = events[-1].extra
+        adapter = Path(extra["adapter"])
+        check_dir = adapter.parent / "adapter_check"
+        imported = import_peft(adapter, check_dir / "adapter_lora.ckpt")
+        self.log.info("adapter %s of run %s imported: %s", adapter, extra.get("run_id"), imported)
+        self.config, self.base_checkpoint, self.tokenizer = (
+            extra["config"],
+            extra["base_checkpoint"],
+            extra["tokenizer"],
+        )
+        self.prompts, self.run_dir = extra.get("prompts") or [], str(check_dir)
+        output = check_dir / f"{context['run_id']}.json".replace(":", "_")
+        cmd = self.command(Path(self.config), output)
+        cmd[cmd.index("--finetuned_checkpoint") + 1] = str(imported.output_path)
+        self._hook = SubprocessHook()
+        result = self._hook.run_command(cmd, cwd=str(check_dir))
+        if result.exit_code != 0:
+            raise AirflowFailException(
+                f"the adapter check failed (exit code {result.exit_code}): {result.output}"
+            )
+        answers = json.loads(output.read_text())["finetuned"]["generations"]
+        for answer in answers:
+            self.log.info("prompt %r -> %r", answer["prompt"], answer["output"])
+        produced = adapter.parent / "evaluation.json"
+        if produced.is_file():
+            evaluated = json.loads(produced.read_text())["finetuned"]["generations"]
+            if evaluated != answers:
+                raise AirflowFailException(
+                    f"the adapter answers differently from the fine-tuned model its run evaluated "
+                    f"({produced}): {answers} != {evaluated}"
+                )
+            self.log.info("the adapter gives the answers the run's evaluation recorded (%s)", produced)
+        return {"adapter": str(adapter), "source_run": extra.get("run_id"), "generations": answers}

@@ -1,0 +1,513 @@
+"""A pipeline file (`configs/pipelines/<name>.yaml`) -> one Airflow DAG of the fine-tune.
+
+A pipeline file says what to fine-tune, on what, where and when: its DAG id, sources (with sha256
+where known), training config and overrides, data options, what to evaluate and export, the cluster
+(device, nodes, ranks, queue, pool), the schedule (none, cron, or an Asset) and retries. Its values
+are the trigger form's defaults, so a run from the UI, a scheduled run and a backfill start from the
+same file. A source URL may use the logical date (`{{ ds }}`, any Airflow template) so a backfill
+trains each date on that date's data.
+
+`load_pipeline` checks a file completely with pydantic: an unknown, missing or mistyped key fails
+naming its path (`cluster.nodes`), the file and the DAG. Parsing imports neither MindSpore nor torch.
+
+    validate ─▶ fetch_alpaca ─▶ alpaca_to_conversations ─▶ tokenize_to_mindrecord ─┐
+             ─▶ fetch_tokenizer ───────────────────────────────┘                    ├─▶ finetune [node k]
+             ─▶ fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ─────────────┘        │
+      ┌───────────────────────────────────────────────────────────────────────────────────┘
+      ├─▶ evaluate (base vs fine-tuned: held-out loss, generations) ──────┐
+      ├─▶ export_adapter (PEFT adapter; Asset <dag_id>.adapter) ──────────┼─▶ report
+      └─▶ export_merged (merged .ckpt + HF safetensors; Asset <dag_id>.merged, when asked) ┘
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "configs" / "pipelines"
+SHA256_PATTERN = "^([0-9a-fA-F]{64})?$"
+DAG_ID_PATTERN = "^[A-Za-z0-9_.-]{1,200}$"
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot become a DAG: the message names the file, the DAG and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    url: Annotated[str, Field(min_length=1)]
+    sha256: Annotated[str | None, Field(pattern=SHA256_PATTERN)] = None
+
+
+class Sources(_Strict):
+    alpaca: Source
+    tokenizer: Source
+    weights: Source
+    storage_conn_id: str | None = None
+
+
+class Training(_Strict):
+    config: Annotated[str, Field(pattern=r"\.ya?ml$")]  # relative paths are relative to the repository
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class Data(_Strict):
+    seq_length: Annotated[int, Field(ge=8, le=131072)] = 4096
+    layout: Literal["buckets", "packed", "padded"] = "buckets"
+    holdout_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+
+
+class Evaluation(_Strict):
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+
+
+class Export(_Strict):
+    base_model: Annotated[str, Field(min_length=1)]  # the HF base the adapter applies to
+    merged: bool = False
+
+
+class Cluster(_Strict):
+    device_target: Literal["Ascend", "CPU"] = "Ascend"
+    nodes: Annotated[int, Field(ge=1, le=256)] = 1
+    ranks: Annotated[int | None, Field(ge=1, le=2048)] = None  # None: the config's parallel_config
+    queue: Annotated[str, Field(min_length=1)] = "ascend"
+    pool: Annotated[str, Field(min_length=1)] = "default_pool"
+    queue_nodes: Annotated[int, Field(ge=1)] = 1  # NPU nodes behind the queue: node tasks of this DAG at once
+    node_start_timeout: Annotated[int, Field(ge=10, le=86400)] = 600
+    master_port: Annotated[int | None, Field(ge=1024, le=65535)] = None
+
+
+class AssetSchedule(_Strict):
+    asset: Annotated[str, Field(min_length=1)]  # an Asset URI, e.g. the dataset's s3:// location
+
+
+class Pipeline(_Strict):
+    dag_id: Annotated[str, Field(pattern=DAG_ID_PATTERN)]
+    description: str = ""
+    tags: list[str] = Field(default_factory=list)
+    work_dir: Annotated[str, Field(pattern="^/")]
+    sources: Sources
+    training: Training
+    data: Data = Field(default_factory=Data)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    export: Export
+    cluster: Cluster = Field(default_factory=Cluster)
+    schedule: Annotated[str, Field(min_length=1)] | AssetSchedule | None = None  # cron/preset or {asset}
+    retries: Annotated[int, Field(ge=0, le=10)] = 1
+    retry_delay_minutes: Annotated[float, Field(ge=0)] = 2.0
+
+    @property
+    def config_path(self) -> str:
+        path = Path(self.training.config)
+        return str(path if path.is_absolute() else REPO / path)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The config overrides the form starts from: the file's, and `cluster.ranks` as data_parallel."""
+        extra = {"parallel_config.data_parallel": self.cluster.ranks} if self.cluster.ranks else {}
+        return {**self.training.overrides, **extra}
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location as the YAML key path (`cluster.nodes`, `evaluation.prompts[1]`),
+    without the union-branch names pydantic adds."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "AssetSchedule", "constrained-str", "function-after") or "[" in str(part):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
+    """The pipeline of one YAML file; any problem raises PipelineError naming the file and the key."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{path}: not readable as YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PipelineError(f"{path}: expected a mapping of pipeline keys, got {type(doc).__name__}")
+    name = doc.get("dag_id") or path.stem
+    try:
+        return Pipeline.model_validate(doc)
+    except ValidationError as exc:
+        problems = sorted({f"key '{_key_path(e['loc'])}': {e['msg']}" for e in exc.errors()})
+        raise PipelineError(f"{path} (DAG {name}): " + "; ".join(problems)) from None
+
+
+def pipeline_files(folder: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The pipeline files: `LLAMA_LORA_PIPELINES` (a folder) or configs/pipelines, sorted by name."""
+    folder = Path(folder or os.environ.get("LLAMA_LORA_PIPELINES") or PIPELINES)
+    return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+
+
+def adapter_asset_name(dag_id: str) -> str:
+    """The name of the Asset a pipeline's export_adapter task updates (what consumers schedule on)."""
+    return f"{dag_id}.adapter"
+
+
+def merged_asset_name(dag_id: str) -> str:
+    return f"{dag_id}.merged"
+
+
+def _params(p: Pipeline) -> dict[str, Any]:
+    """The trigger form, in sections, with the pipeline file's values as defaults."""
+    from airflow.sdk import Param
+
+    def source(name: str, what: str) -> dict[str, Param]:
+        src = getattr(p.sources, name)
+        return {
+            f"{name}_url": Param(
+                src.url,
+                type="string",
+                minLength=1,
+                section="Sources",
+                description=f"{what}: an absolute path, file://, http(s)://, s3://BUCKET/KEY or "
+                "hf://ORG/REPO; Airflow templates such as {{ ds }} are rendered with the run's logical date",
+            ),
+            f"{name}_sha256": Param(
+                src.sha256,
+                type=["null", "string"],
+                pattern=SHA256_PATTERN,
+                section="Sources",
+                description=f"expected sha256 of the {what.split(':')[0]} (64 hex digits); empty: unchecked",
+            ),
+        }
+
+    c = p.cluster
+    return {
+        **source("alpaca", "Alpaca records (JSON list or JSON Lines)"),
+        **source("tokenizer", "the Llama sentencepiece tokenizer.model"),
+        **source("weights", "base weights: a MindSpore .ckpt, or a Hugging Face Llama folder or repo"),
+        "storage_conn_id": Param(
+            p.sources.storage_conn_id,
+            type=["null", "string"],
+            section="Sources",
+            description="Airflow connection with the credentials for s3:// (login/password, extra "
+            "endpoint_url) or hf:// (password = token); empty: none",
+        ),
+        "work_dir": Param(
+            p.work_dir,
+            type="string",
+            pattern="^/",
+            section="Data",
+            description="absolute folder for downloads, data, checkpoints and runs/<run_id>; it must be "
+            "inside the workers' LLAMA_LORA_WORK_ROOT",
+        ),
+        "seq_length": Param(
+            p.data.seq_length,
+            type="integer",
+            minimum=8,
+            maximum=131072,
+            section="Data",
+            description="tokens per record (records hold seq_length + 1 ids); the model trains on this "
+            "length",
+        ),
+        "layout": Param(
+            p.data.layout,
+            enum=["buckets", "packed", "padded"],
+            section="Data",
+            description="buckets: records as MindFormers writes them, each batch trimmed to its length "
+            "bucket (same losses, far less padding computed); packed: several conversations per row, each "
+            "attending only to itself (the least work); padded: the reference's full-length records",
+        ),
+        "holdout_fraction": Param(
+            p.data.holdout_fraction,
+            type="number",
+            minimum=0,
+            maximum=0.5,
+            section="Data",
+            description="fraction of the records held out for evaluation, chosen by a hash of each record's "
+            "content (the same records every run); 0: train on every record (the quick start's data)",
+        ),
+        "config": Param(
+            p.config_path,
+            type="string",
+            pattern="^/.*\\.ya?ml$",
+            section="Training",
+            description="absolute path of the training YAML (MindFormers keys)",
+        ),
+        "overrides": Param(
+            p.overrides,
+            type="object",
+            section="Training",
+            description='config keys to override, e.g. {"runner_config.epochs": 1}; an unknown key fails '
+            "the run at once",
+        ),
+        "prompts": Param(
+            p.evaluation.prompts,
+            type="array",
+            items={"type": "string"},
+            section="Evaluation and export",
+            description="instructions the base and the fine-tuned model both answer (greedy), shown side "
+            "by side in the report",
+        ),
+        "max_new_tokens": Param(
+            p.evaluation.max_new_tokens,
+            type="integer",
+            minimum=1,
+            maximum=4096,
+            section="Evaluation and export",
+            description="tokens generated per prompt",
+        ),
+        "base_model": Param(
+            p.export.base_model,
+            type="string",
+            minLength=1,
+            section="Evaluation and export",
+            description="the Hugging Face base model the PEFT adapter names (base_model_name_or_path)",
+        ),
+        "export_merged": Param(
+            p.export.merged,
+            type="boolean",
+            section="Evaluation and export",
+            description="also write the merged full checkpoint (MindSpore .ckpt and HF safetensors)",
+        ),
+        "device_target": Param(
+            c.device_target, enum=["Ascend", "CPU"], section="Cluster", description="Ascend NPUs, or CPU"
+        ),
+        "master_port": Param(
+            c.master_port,
+            type=["null", "integer"],
+            minimum=1024,
+            maximum=65535,
+            section="Cluster",
+            description="msrun's master port; empty: a free port per run",
+        ),
+        "nodes": Param(
+            c.nodes,
+            type="integer",
+            minimum=1,
+            maximum=256,
+            section="Cluster",
+            description="NPU nodes the fine-tune spans: one finetune task per node, the ranks split evenly; "
+            "work_dir must be on storage every node shares",
+        ),
+        "node_start_timeout": Param(
+            c.node_start_timeout,
+            type="integer",
+            minimum=10,
+            maximum=86400,
+            section="Cluster",
+            description="seconds the node tasks wait for each other to start before failing",
+        ),
+    }
+
+
+def _schedule(p: Pipeline) -> Any:
+    """None (manual), a cron timetable that never runs a tick already past, or an Asset."""
+    if p.schedule is None:
+        return None
+    if isinstance(p.schedule, AssetSchedule):
+        from airflow.sdk import Asset
+
+        return [Asset(p.schedule.asset)]
+    from operators.schedule import FutureTicksTimetable
+
+    try:
+        timetable = FutureTicksTimetable(p.schedule, timezone="UTC")
+        timetable.validate()  # else Airflow's own error would replace this file's in the import errors
+        return timetable
+    except Exception as exc:  # croniter's and Airflow's own types: the message is what counts
+        raise PipelineError(f"key 'schedule': {p.schedule!r} is not a cron expression: {exc}") from exc
+
+
+def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, chatter_level: int = 10) -> Any:
+    """The fine-tune DAG of pipeline `p`."""
+    from airflow.sdk import DAG, Asset
+
+    from operators.evaluate import EvaluateOperator
+    from operators.export import ExportAdapterOperator, ExportMergedOperator
+    from operators.finetune import MsrunFinetuneOperator
+    from operators.report import ReportOperator
+    from operators.stages import (
+        AlpacaToConversationsOperator,
+        FetchOperator,
+        ImportCheckpointOperator,
+        ShardCheckpointOperator,
+        TokenizeToMindRecordOperator,
+    )
+    from operators.validate import ValidateParamsOperator
+
+    try:
+        schedule = _schedule(p)
+    except PipelineError as exc:
+        raise PipelineError(f"{source_file} (DAG {p.dag_id}): {exc}") from None
+    when = {
+        type(None): "manual runs only (set `schedule` in the pipeline file to retrain on a schedule)",
+        str: f"scheduled: {p.schedule} (UTC)",
+    }.get(type(p.schedule), f"runs when Asset {getattr(p.schedule, 'asset', '')} is updated")
+    work = "{{ params.work_dir }}"
+    run_dir = f"{work}/runs/{{{{ run_id }}}}"
+    # data is keyed by the fetched Alpaca file's content, so runs on different snapshots (a backfill)
+    # never share (or overwrite) each other's files, and the same snapshot is prepared once
+    data = f"{work}/data/alpaca-{{{{ ti.xcom_pull(task_ids='fetch_alpaca')['files'][0]['sha256'][:16] }}}}"
+    npu = {"queue": p.cluster.queue, "pool": p.cluster.pool}
+    with DAG(
+        dag_id=p.dag_id,
+        description=(p.description.strip() + " " if p.description else "") + when[0].upper() + when[1:] + ".",
+        doc_md=f"Built from pipeline file `{source_file}`." if source_file else None,
+        schedule=schedule,
+        catchup=False,
+        max_active_runs=1,  # one fine-tune holds a whole node's NPUs (backfills: see finetune's pool)
+        render_template_as_native_obj=True,  # params keep their types (ints, the overrides dict)
+        default_args={"retries": p.retries, "retry_delay": timedelta(minutes=p.retry_delay_minutes)},
+        tags=[*p.tags, "llama", "lora", "pipeline"],
+        params=_params(p),
+    ) as dag:
+        validate = ValidateParamsOperator(task_id="validate", default_work_root=p.work_dir)
+        fetch = {
+            name: FetchOperator(
+                task_id=f"fetch_{name}",
+                source=f"{{{{ params.{name}_url }}}}",
+                dest=f"{work}/downloads/{name}",
+                sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
+                conn_id="{{ params.storage_conn_id or '' }}",
+            )
+            for name in ("alpaca", "tokenizer", "weights")
+        }
+        conversations = AlpacaToConversationsOperator(
+            task_id="alpaca_to_conversations",
+            data_path="{{ ti.xcom_pull(task_ids='fetch_alpaca')['path'] }}",
+            output_path=f"{data}/alpaca-conversation.json",
+        )
+        layout = "{{ '-packed' if params.layout == 'packed' else '' }}"
+        holdout = "{{ '-holdout%g' % params.holdout_fraction if params.holdout_fraction else '' }}"
+        mindrecord = TokenizeToMindRecordOperator(
+            task_id="tokenize_to_mindrecord",
+            input_glob="{{ ti.xcom_pull(task_ids='alpaca_to_conversations')['output_path'] }}",
+            model_file="{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}",
+            seq_length="{{ params.seq_length }}",
+            packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
+            holdout_fraction="{{ params.holdout_fraction }}",
+            # each layout and split keeps its own file: switching back and forth re-tokenizes nothing
+            output_file=f"{data}/seq{{{{ params.seq_length }}}}/alpaca{layout}{holdout}.mindrecord",
+        )
+        imported = ImportCheckpointOperator(
+            task_id="import_checkpoint",
+            input_path="{{ ti.xcom_pull(task_ids='fetch_weights')['path'] }}",
+            output_path=f"{work}/checkpoint/llama2.ckpt",
+        )
+        sharded = ShardCheckpointOperator(
+            task_id="shard_checkpoint",
+            load_checkpoint="{{ ti.xcom_pull(task_ids='import_checkpoint')['output_path'] }}",
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            output_dir=f"{work}/checkpoint/transformed",
+        )
+        eval_data = "{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['holdout']['output_file'] or '' }}"
+        finetune = MsrunFinetuneOperator.partial(
+            task_id="finetune",
+            map_index_template="node {{ task.node_rank }}",
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            train_dataset_dir="{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['output_file'] }}",
+            eval_dataset_dir=eval_data,  # the held-out split: eval loss during training, on the curve
+            load_checkpoint="{{ ti.xcom_pull(task_ids='shard_checkpoint')['output_dir'] }}",
+            seq_length="{{ params.seq_length }}",
+            output_dir=run_dir,
+            device_target="{{ params.device_target }}",
+            master_port="{{ params.master_port }}",
+            length_buckets="{{ params.layout != 'padded' }}",
+            nodes="{{ params.nodes }}",
+            node_start_timeout="{{ params.node_start_timeout }}",
+            # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
+            # max_active_tis_per_dag does so for this DAG even in the default pool.
+            max_active_tis_per_dag=p.cluster.queue_nodes,
+            retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
+            rank_chatter_level=chatter_level,
+            **npu,
+        ).expand(node_rank=validate.output.map(node_rank_of))
+        tokenizer = "{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}"
+        base = "{{ ti.xcom_pull(task_ids='import_checkpoint')['output_path'] }}"
+        evaluate = EvaluateOperator(
+            task_id="evaluate",
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            base_checkpoint=base,
+            run_dir=run_dir,
+            eval_data=eval_data,
+            tokenizer=tokenizer,
+            prompts="{{ params.prompts }}",
+            max_new_tokens="{{ params.max_new_tokens }}",
+            seq_length="{{ params.seq_length }}",
+            device_target="{{ params.device_target }}",
+            **npu,
+        )
+        asset_extra = {"pipeline": p.dag_id}
+        adapter = ExportAdapterOperator(
+            task_id="export_adapter",
+            run_dir=run_dir,
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            base_model="{{ params.base_model }}",
+            base_checkpoint=base,
+            tokenizer=tokenizer,
+            seq_length="{{ params.seq_length }}",
+            prompts="{{ params.prompts }}",
+            outlets=[Asset(name=adapter_asset_name(p.dag_id), uri=f"llama-lora://{p.dag_id}/adapter")],
+            asset_extra=asset_extra,
+        )
+        merged = ExportMergedOperator(
+            task_id="export_merged",
+            enabled="{{ params.export_merged }}",
+            run_dir=run_dir,
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            base_checkpoint=base,
+            seq_length="{{ params.seq_length }}",
+            outlets=[Asset(name=merged_asset_name(p.dag_id), uri=f"llama-lora://{p.dag_id}/merged")],
+            asset_extra=asset_extra,
+        )
+        report = ReportOperator(
+            task_id="report",
+            run_dir=run_dir,
+            config="{{ params.config }}",
+            overrides="{{ params.overrides }}",
+            pipeline_file=str(source_file or ""),
+            trigger_rule="all_done",  # a report of what happened, also when a step after the fine-tune failed
+        )
+
+        validate >> list(fetch.values())
+        fetch["alpaca"] >> conversations >> mindrecord
+        fetch["tokenizer"] >> mindrecord
+        fetch["weights"] >> imported >> sharded
+        [mindrecord, sharded] >> finetune >> [evaluate, adapter, merged] >> report
+    return dag
+
+
+def node_rank_of(plan: dict) -> int:
+    """The node rank of one of validate's per-node plans (the fine-tune is mapped over them)."""
+    return plan["node_rank"]
+
+
+def broken_pipelines_dag(errors: list[str]) -> Any:
+    """A DAG that Airflow refuses when it bags it, with `errors` as the message: every broken pipeline
+    file shows as an import error of the DAG file (naming the file, its DAG and the key), while the
+    other pipelines' DAGs load. Its timetable's `validate` (Airflow's documented hook, called "when a
+    DAG is put into a dagbag") raises; anything that runs DAGs without bagging them finds no tasks."""
+    from airflow.exceptions import AirflowTimetableInvalid
+    from airflow.sdk import DAG
+    from airflow.timetables.simple import NullTimetable
+
+    message = f"{len(errors)} pipeline file(s) cannot become DAGs:\n" + "\n".join(errors)
+
+    class RefusedTimetable(NullTimetable):
+        def validate(self) -> None:
+            raise AirflowTimetableInvalid(message)
+
+    return DAG(dag_id="llama_lora_pipeline_errors", schedule=RefusedTimetable(), description=message[:200])
