@@ -649,7 +649,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
 def _smoothed(values: list[float]) -> tuple[list[float], int]:
     """A centred moving average (the window shrinks at the ends) and its window."""
     n = len(values)
-    half = max(1, n // 20)
+    half = max(2, n // 40)
     prefix = [0.0]
     for v in values:
         prefix.append(prefix[-1] + v)
@@ -731,7 +731,7 @@ def _loss_png(
     ax.set_title(title or "Fine-tune loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    ax.legend(loc="upper right", fontsize=9, framealpha=1.0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PLOT_DPI)
@@ -821,7 +821,8 @@ def write_report(
         write_bytes_atomic(png_path, png)
     write_bytes_atomic(md_path, markdown)
     write_bytes_atomic(json_path, text)
-  # an earlier report's curve would not be this run's
+    if png is None:
+        remove_path(png_path)  # an earlier report's curve would not be this run's
     return ReportResult(
         markdown_path=str(md_path),
         json_path=str(json_path),

@@ -1,48 +1,70 @@
-"""The DAG file: parses cleanly, imports neither MindSpore nor torch, and wires the stages in order."""
+"""The DAG files: every pipeline file becomes a DAG, parsing imports neither MindSpore nor torch and
+stays fast, the stages are wired in order, and a broken pipeline file is reported without hiding the
+others."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from operators.finetune import override_args
+from operators.pipeline import PipelineError, load_pipeline, pipeline_files
 
 REPO = Path(__file__).resolve().parents[1]
-DAG_FILE = REPO / "dags" / "llama2_lora_finetune.py"
+DAGS = REPO / "dags"
+PIPELINES = REPO / "configs" / "pipelines"
 
 _PROBE = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-dag = module.dag
+import json, sys, time
+from airflow.dag_processing.dagbag import DagBag
+t0 = time.monotonic()
+bag = DagBag(dag_folder=sys.argv[1])
+seconds = time.monotonic() - t0
+def task(t):
+    return {
+        "upstream": sorted(t.upstream_task_ids), "pool": t.pool, "queue": t.queue,
+        "trigger_rule": str(t.trigger_rule), "outlets": [a.name for a in getattr(t, "outlets", [])],
+        "retries": t.retries,
+    }
 print(json.dumps({
-    "heavy": sorted(m for m in ("mindspore", "torch", "transformers", "sentencepiece") if m in sys.modules),
-    "dag_id": dag.dag_id,
-    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
-    "params": sorted(dag.params.keys()),
-    "param_schema": {k: dag.params.get_param(k).schema for k in dag.params},
-    "param_descriptions": {k: dag.params.get_param(k).description for k in dag.params},
-    "param_defaults": {k: dag.params.get_param(k).value for k in dag.params},
-    "native": dag.render_template_as_native_obj,
-    "timetable": type(dag.timetable).__name__,
-    "description": dag.description,
-    "finetune": {
-        "pool": dag.get_task("finetune").pool,
-        "max_active_tis_per_dag": dag.get_task("finetune").max_active_tis_per_dag,
-        "rank_chatter_level": dag.get_task("finetune").partial_kwargs["rank_chatter_level"],
-        "map_index_template": dag.get_task("finetune").partial_kwargs.get("map_index_template"),
-        "mapped_over": sorted(dag.get_task("finetune").expand_input.value),
+    "seconds": seconds,
+    "errors": bag.import_errors,
+    "heavy": sorted(m for m in ("mindspore", "torch", "transformers", "sentencepiece", "matplotlib")
+                    if m in sys.modules),
+    "dags": {
+        dag_id: {
+            "tasks": {t.task_id: task(t) for t in dag.tasks},
+            "params": {k: dag.params.get_param(k).value for k in dag.params},
+            "schema": {k: dag.params.get_param(k).schema for k in dag.params},
+            "descriptions": {k: dag.params.get_param(k).description for k in dag.params},
+            "timetable": type(dag.timetable).__name__,
+            "schedule": str(getattr(dag.timetable, "summary", "")),
+            "description": dag.description,
+            "native": dag.render_template_as_native_obj,
+            "finetune": {
+                "mapped_over": sorted(dag.get_task("finetune").expand_input.value),
+                "max_active_tis_per_dag": dag.get_task("finetune").max_active_tis_per_dag,
+                "rank_chatter_level": dag.get_task("finetune").partial_kwargs["rank_chatter_level"],
+                "map_index_template": dag.get_task("finetune").partial_kwargs.get("map_index_template"),
+            } if "finetune" in dag.task_ids else None,
+        }
+        for dag_id, dag in bag.dags.items()
     },
-    "validate_retries": dag.get_task("validate").retries,
 }, default=str))
 """
 
 
-def _parse_dag(**env: str) -> dict:
+def parse(pipelines: Path | None = None, **env: str) -> dict:
+    """The DAG folder as Airflow's DagBag sees it, in a fresh interpreter."""
+    if pipelines is not None:
+        env["LLAMA_LORA_PIPELINES"] = str(pipelines)
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(DAG_FILE)],
+        [sys.executable, "-c", _PROBE, str(DAGS)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -52,11 +74,25 @@ def _parse_dag(**env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
-    parsed = _parse_dag()
-    assert parsed["heavy"] == []
-    assert parsed["dag_id"] == "llama2_lora_finetune"
-    assert parsed["upstream"] == {
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    return parse()
+
+
+def test_each_pipeline_file_is_a_dag_and_parsing_imports_no_framework(shipped: dict) -> None:
+    assert shipped["errors"] == {}
+    assert sorted(shipped["dags"]) == [
+        "llama2_7b_lora_alpaca",
+        "llama2_tiny_lora_demo",
+        "llama_lora_adapter_check",
+    ]
+    assert shipped["heavy"] == []
+    # how long parsing takes is measured by bench/dag_parse.py (docs/BENCHMARKS.md)
+
+
+def test_the_stages_are_wired_in_order(shipped: dict) -> None:
+    tasks = shipped["dags"]["llama2_7b_lora_alpaca"]["tasks"]
+    assert {name: t["upstream"] for name, t in tasks.items()} == {
         "validate": [],
         "fetch_alpaca": ["validate"],
         "fetch_tokenizer": ["validate"],
@@ -66,89 +102,132 @@ def test_dag_parses_without_heavy_imports_and_wires_the_pipeline() -> None:
         "import_checkpoint": ["fetch_weights"],
         "shard_checkpoint": ["import_checkpoint"],
         "finetune": ["shard_checkpoint", "tokenize_to_mindrecord", "validate"],  # mapped over its plans
+        "evaluate": ["finetune"],
+        "export_adapter": ["finetune"],
+        "export_merged": ["finetune"],
+        "report": ["evaluate", "export_adapter", "export_merged"],
     }
-    assert parsed["finetune"]["mapped_over"] == ["node_rank"]
-    assert parsed["finetune"]["map_index_template"] == "node {{ task.node_rank }}"
-    assert parsed["native"] is True
-    for name in (
-        "alpaca_url",
-        "tokenizer_url",
-        "weights_url",
-        "config",
-        "overrides",
-        "work_dir",
-        "layout",
-        "nodes",
-        "node_start_timeout",
-    ):
-        assert name in parsed["params"]
+    assert tasks["report"]["trigger_rule"].lower().endswith("all_done")  # a failed run gets its report too
+    assert tasks["export_adapter"]["outlets"] == ["llama2_7b_lora_alpaca.adapter"]
+    assert tasks["export_merged"]["outlets"] == ["llama2_7b_lora_alpaca.merged"]
+    assert tasks["validate"]["retries"] == 0 and tasks["finetune"]["retries"] == 0
+    dag = shipped["dags"]["llama2_7b_lora_alpaca"]
+    assert dag["finetune"]["mapped_over"] == ["node_rank"]
+    assert dag["finetune"]["map_index_template"] == "node {{ task.node_rank }}"
+    assert dag["finetune"]["rank_chatter_level"] == 10  # DEBUG: hidden at Airflow's INFO
+    assert dag["native"] is True
 
 
-def _dagbag(**env: str) -> tuple[str, list[str]]:
-    code = (
-        "from airflow.dag_processing.dagbag import DagBag;"
-        f"b = DagBag(dag_folder={str(DAG_FILE.parent)!r});"
-        "import json; print(json.dumps([b.import_errors, sorted(b.dag_ids)]))"
+def test_params_default_from_the_pipeline_file(shipped: dict) -> None:
+    for dag_id in ("llama2_7b_lora_alpaca", "llama2_tiny_lora_demo"):
+        spec = load_pipeline(PIPELINES / f"{dag_id}.yaml")
+        dag = shipped["dags"][dag_id]
+        params = dag["params"]
+        assert params["alpaca_url"] == spec.sources.alpaca.url
+        assert params["tokenizer_sha256"] == spec.sources.tokenizer.sha256
+        assert params["work_dir"] == spec.work_dir
+        assert params["seq_length"] == spec.data.seq_length
+        assert params["holdout_fraction"] == spec.data.holdout_fraction
+        assert params["config"] == str(REPO / spec.training.config)
+        assert params["overrides"]["parallel_config.data_parallel"] == spec.cluster.ranks
+        assert params["prompts"] == spec.evaluation.prompts
+        assert params["device_target"] == spec.cluster.device_target
+        assert params["export_merged"] == spec.export.merged
+        assert dag["timetable"] == "NullTimetable" and "manual runs only" in dag["description"].lower()
+        for task in ("finetune", "evaluate"):
+            assert dag["tasks"][task]["queue"] == spec.cluster.queue
+            assert dag["tasks"][task]["pool"] == spec.cluster.pool
+        assert {s["section"] for s in dag["schema"].values()} == {
+            "Sources", "Data", "Training", "Evaluation and export", "Cluster",
+        }  # fmt: skip
+        assert all(dag["descriptions"].values())
+    seven_b = shipped["dags"]["llama2_7b_lora_alpaca"]["params"]
+    assert (seven_b["seq_length"], seven_b["overrides"]["parallel_config.data_parallel"]) == (4096, 8)
+    assert seven_b["device_target"] == "Ascend"
+
+
+def _pipelines(tmp_path: Path, **changes: dict) -> Path:
+    """A copy of the shipped pipeline folder; `changes[name]` updates that file's top-level keys."""
+    folder = tmp_path / "pipelines"
+    shutil.copytree(PIPELINES, folder)
+    for name, change in changes.items():
+        path = folder / f"{name}.yaml"
+        doc = yaml.safe_load(path.read_text()) if path.exists() else {}
+        path.write_text(yaml.safe_dump({**doc, **change}))
+    return folder
+
+
+def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_other(tmp_path: Path) -> None:
+    demo = yaml.safe_load((PIPELINES / "llama2_tiny_lora_demo.yaml").read_text())
+    folder = _pipelines(
+        tmp_path,
+        nodes_typo={**demo, "dag_id": "nodes_typo", "cluster": {**demo["cluster"], "nodes": "two"}},
+        unknown_key={**demo, "dag_id": "unknown_key", "data": {**demo["data"], "seq_lenght": 512}},
+        bad_cron={**demo, "dag_id": "bad_cron", "schedule": "every day"},
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **env},
+    (folder / "not_yaml.yaml").write_text("dag_id: [unclosed\n")
+    parsed = parse(folder)
+    assert sorted(parsed["dags"]) == [
+        "llama2_7b_lora_alpaca",
+        "llama2_tiny_lora_demo",
+        "llama_lora_adapter_check",
+    ]
+    (error,) = parsed["errors"].values()
+    assert "4 pipeline file(s) cannot become DAGs" in error
+    assert f"{folder}/nodes_typo.yaml (DAG nodes_typo): key 'cluster.nodes'" in error
+    assert f"{folder}/unknown_key.yaml (DAG unknown_key): key 'data.seq_lenght': Extra inputs" in error
+    assert f"{folder}/bad_cron.yaml (DAG bad_cron): key 'schedule': 'every day' is not a cron" in error
+    assert f"{folder}/not_yaml.yaml: not readable as YAML" in error
+
+
+def test_a_duplicate_dag_id_is_refused(tmp_path: Path) -> None:
+    demo = yaml.safe_load((PIPELINES / "llama2_tiny_lora_demo.yaml").read_text())
+    folder = _pipelines(tmp_path, zz_copy=demo)
+    parsed = parse(folder)
+    assert "llama2_tiny_lora_demo" in parsed["dags"]
+    assert "key 'dag_id': 'llama2_tiny_lora_demo' is already" in next(iter(parsed["errors"].values()))
+
+
+def test_schedules_cron_and_asset(tmp_path: Path) -> None:
+    folder = _pipelines(
+        tmp_path,
+        llama2_tiny_lora_demo={"schedule": "0 3 * * 1"},
+        llama2_7b_lora_alpaca={"schedule": {"asset": "s3://datasets/alpaca/latest.json"}},
     )
-    errors, dag_ids = json.loads(out.stdout.strip().splitlines()[-1])
-    return "\n".join(errors.values()), dag_ids
+    parsed = parse(folder)
+    assert parsed["errors"] == {}
+    demo, seven_b = parsed["dags"]["llama2_tiny_lora_demo"], parsed["dags"]["llama2_7b_lora_alpaca"]
+    assert demo["timetable"] == "FutureTicksTimetable" and "scheduled: 0 3 * * 1" in demo["description"].lower()
+    assert seven_b["timetable"] == "AssetTriggeredTimetable"
+    assert "s3://datasets/alpaca/latest.json" in seven_b["description"]
 
 
-def test_dagbag_has_no_import_errors() -> None:
-    assert _dagbag() == ("", ["llama2_lora_finetune"])
+def test_load_pipeline_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    doc = yaml.safe_load((PIPELINES / "llama2_tiny_lora_demo.yaml").read_text())
+    doc["sources"]["tokenizer"]["sha256"] = "abc"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PipelineError, match=r"key 'sources.tokenizer.sha256': String should match pattern"):
+        load_pipeline(path)
+    doc["sources"]["tokenizer"]["sha256"] = None
+    doc["evaluation"]["prompts"] = ["fine", ""]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PipelineError, match=r"key 'evaluation.prompts\[1\]'"):
+        load_pipeline(path)
+    assert [p.name for p in pipeline_files()] == ["llama2_7b_lora_alpaca.yaml", "llama2_tiny_lora_demo.yaml"]
 
 
-def test_the_form_is_in_sections_and_every_param_is_described() -> None:
-    parsed = _parse_dag()
-    schema, descriptions = parsed["param_schema"], parsed["param_descriptions"]
-    assert {s["section"] for s in schema.values()} == {"Sources", "Data", "Training", "Cluster"}
-    assert all(descriptions.values()), [name for name, text in descriptions.items() if not text]
-    assert set(descriptions) == set(schema)
-    assert schema["work_dir"]["pattern"] == "^/"
-    assert schema["device_target"]["enum"] == ["Ascend", "CPU"]
-    assert (schema["master_port"]["minimum"], schema["master_port"]["maximum"]) == (1024, 65535)
-    assert "pattern" in schema["alpaca_sha256"] and "pattern" in schema["config"]
-
-
-def test_without_configured_sources_the_dag_is_manual_only() -> None:
-    parsed = _parse_dag()
-    assert parsed["timetable"] == "NullTimetable"
-    assert "Manual runs only" in parsed["description"]
-    assert parsed["finetune"]["max_active_tis_per_dag"] == 1  # fine-tunes of this DAG never overlap
-    assert parsed["validate_retries"] == 0
-    assert parsed["finetune"]["rank_chatter_level"] == 10  # DEBUG: hidden at Airflow's INFO
-    assert _parse_dag(LLAMA_LORA_RANK_CHATTER_LEVEL="info")["finetune"]["rank_chatter_level"] == 20
-    errors, _ = _dagbag(LLAMA_LORA_RANK_CHATTER_LEVEL="LOUD")
-    assert "LLAMA_LORA_RANK_CHATTER_LEVEL='LOUD' is not a logging level" in errors
-    errors, dag_ids = _dagbag(LLAMA_LORA_SCHEDULE="@weekly")  # a schedule alone is refused, loudly
-    assert dag_ids == []
-    assert "@weekly" in errors and "needs LLAMA_LORA_DEFAULTS to set" in errors
-    assert "alpaca_url" in errors and "work_dir" in errors
-
-
-def test_a_schedule_runs_on_the_deployments_sources_and_unpausing_starts_nothing(tmp_path: Path) -> None:
-    defaults = tmp_path / "defaults.yaml"
-    sources = {"alpaca_url": "s3://b/a.json", "tokenizer_url": "s3://b/t.model", "weights_url": "hf://o/m"}
-    defaults.write_text(json.dumps({**sources, "work_dir": "/srv/llama", "seq_length": 2048}))
-    parsed = _parse_dag(
-        LLAMA_LORA_SCHEDULE="0 3 * * 1", LLAMA_LORA_DEFAULTS=str(defaults), LLAMA_LORA_NPU_POOL="ascend_npu"
+def test_the_chatter_level_is_a_deployment_setting(tmp_path: Path) -> None:
+    assert (
+        parse(LLAMA_LORA_RANK_CHATTER_LEVEL="info")["dags"]["llama2_tiny_lora_demo"]["finetune"][
+            "rank_chatter_level"
+        ]
+        == 20
     )
-    assert parsed["timetable"] == "FutureTicksTimetable"
-    assert "Scheduled: 0 3 * * 1" in parsed["description"]
-    assert {k: parsed["param_defaults"][k] for k in sources} == sources
-    assert parsed["param_defaults"]["seq_length"] == 2048
-    assert parsed["finetune"]["pool"] == "ascend_npu"
-    defaults.write_text(json.dumps({"alpaca_ur": "x"}))
-    errors, _ = _dagbag(LLAMA_LORA_DEFAULTS=str(defaults))
-    assert "unknown params ['alpaca_ur']" in errors
+    parsed = parse(LLAMA_LORA_RANK_CHATTER_LEVEL="LOUD")
+    assert "LLAMA_LORA_RANK_CHATTER_LEVEL='LOUD' is not a logging level" in next(
+        iter(parsed["errors"].values())
+    )
 
 
 def test_override_args_are_yaml_scalars() -> None:

@@ -309,20 +309,25 @@ def test_png_is_a_real_plot_of_the_data(
     assert not np.array_equal(a, render("base.png", loss_series(seed=1), base_eval_loss=2.1))
 
 
+@pytest.mark.parametrize("breaks", ["_loss_png", "render_markdown"])
 def test_failed_report_leaves_the_previous_one_untouched(
-    written: tuple[dict[str, Any], report_mod.ReportResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    written: tuple[dict[str, Any], report_mod.ReportResult],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    breaks: str,
 ) -> None:
+    """The plot or the markdown failing: nothing of the new report is written (nor a temp file)."""
     inputs, result = written
     folder = Path(result.json_path).parent
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert set(before) == {"report.json", "report.md", "loss_curve.png"}
 
-    def broken(*args: Any, **kwargs: Any) -> bytes:
-        raise RuntimeError("plot failed")
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{breaks} failed")
 
-    monkeypatch.setattr(report_mod, "_loss_png", broken)
+    monkeypatch.setattr(report_mod, breaks, broken)
     changed = dict(inputs, run={**inputs["run"], "run_id": "second"})
-    with pytest.raises(RuntimeError, match="plot failed"):
+    with pytest.raises(RuntimeError, match=f"{breaks} failed"):
         write_report(folder, **changed)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file either
 
