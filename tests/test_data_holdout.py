@@ -193,6 +193,10 @@ def test_split_ignores_order_ids_and_other_records(
     assert new_train[train_row] == old_train[train_row] + 1 and new_heldout[train_row] == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("held-out split"))
     assert f"{extra_held + sum(data.held)} of {len(records)} records" in line and str(eval_out) in line
+    # the held-out file in another folder is part of the complete output: an identical run hits
+    again = preprocess("qa", str(tmp_path / "*.json*"), tokenizer_path, out, seq_length=SEQ,
+                       holdout_fraction=FRACTION, eval_output_file=eval_out)  # fmt: skip
+    assert again.cached and again.holdout["records"] == new_heldout.total()
 
 
 def test_fraction_zero_changes_nothing_and_the_fraction_is_in_the_cache_key(

@@ -300,8 +300,9 @@ class _Split:
 
     def write(self) -> None:
         """Write the unpacked rows added since the last call (one write per chunk, as unsplit)."""
-        self.sink.write(self._rows)
-        self._rows = []
+        if self._rows:
+            self.sink.write(self._rows)
+            self._rows = []
 
     def finish(self) -> dict[str, Any] | None:
         """Write what is left; the packing section when packing."""

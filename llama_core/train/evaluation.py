@@ -367,7 +367,7 @@ def evaluate_finetune(
             changed,
         )
     base = _side(model, tc, base_file, data, prompts, prompt_ids, sp, new_tokens)
-    pass
+    _load_finetuned(model, tuned_file)
     tuned = _side(model, tc, tuned_file, data, prompts, prompt_ids, sp, new_tokens)
 
     result = EvaluationResult(
