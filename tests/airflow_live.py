@@ -192,7 +192,7 @@ class AirflowLive:
     home: Path
     repo: Path
     env_extra: Mapping[str, str] = field(default_factory=dict)
-    dag_id: str = "llama2_lora_finetune"
+    dag_id: str = "llama2_tiny_lora_demo"
     components: tuple[str, ...] = COMPONENTS
     port: int = 0
     tag: str = ""
@@ -438,11 +438,19 @@ class AirflowLive:
     def import_errors(self) -> list[dict[str, Any]]:
         return self.get("/importErrors")["import_errors"]
 
-    def wait_for_dag(self, timeout: float = 120, dag_id: str | None = None) -> dict[str, Any]:
-        """Until the dag-processor has serialised the DAG; fails at once with an import error."""
+    def wait_for_dag(
+        self, timeout: float = 120, dag_id: str | None = None, expected_error: str | None = None
+    ) -> dict[str, Any]:
+        """Until the dag-processor has serialised the DAG; fails at once with an import error of the
+        pipelines' DAG file (other than one containing `expected_error`)."""
 
         def found() -> dict[str, Any] | None:
-            errors = [e for e in self.import_errors() if "llama2_lora_finetune" in e.get("filename", "")]
+            errors = [
+                e
+                for e in self.import_errors()
+                if "llama_lora_pipelines" in e.get("filename", "")
+                and not (expected_error and expected_error in str(e.get("stack_trace")))
+            ]
             if errors:
                 raise AssertionError(f"the DAG file does not import:\n{errors[0].get('stack_trace')}")
             resp = self.request("GET", f"/dags/{self._dag(dag_id)}", expect=None)

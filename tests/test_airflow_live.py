@@ -6,9 +6,10 @@ set of generated demo inputs; see `tests/airflow_live.py`. The scenarios run in 
 share work: the demo run fills the work_dir cache, so later runs only train. Each scenario is a
 module fixture (so any test can run alone) and the tests assert on what it observed.
 
-The deployment settings the DAG reads: LLAMA_LORA_WORK_ROOT (work_dir must be inside it),
-LLAMA_LORA_SCHEDULE + LLAMA_LORA_DEFAULTS (a daily cron at an hour that does not come during the
-test; the defaults file sets the demo's sources and work_dir), LLAMA_LORA_NPU_POOL (a 1-slot pool).
+The deployment: LLAMA_LORA_WORK_ROOT (work_dir must be inside it) and LLAMA_LORA_PIPELINES, a folder
+with the demo pipeline file as shipped except for its sources (the generated inputs), work_dir, pool (a
+1-slot pool) and schedule (a daily cron at an hour that does not come during the test), plus a broken
+pipeline file, which must show as an import error without hiding the demo's DAG.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from airflow_live import (
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-DAG_ID = "llama2_lora_finetune"
+DAG_ID = "llama2_tiny_lora_demo"
+CONSUMER = "llama_lora_adapter_check"
+BROKEN_KEY = "key 'cluster.nodes'"
 POOL = "ascend_npu"
 TASKS = {
     "validate",
@@ -61,6 +64,10 @@ TASKS = {
     "import_checkpoint",
     "shard_checkpoint",
     "finetune",
+    "evaluate",
+    "export_adapter",
+    "export_merged",
+    "report",
 }
 STOP_WITHIN_S = 10.0
 # What the log must say when Airflow stopped the task: the cause, not just "killed".
@@ -117,10 +124,18 @@ def work_root(base: Path) -> Path:
 
 
 def demo_conf(inputs: Path, work_dir: Path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The conf scripts/demo.sh triggers (2 CPU ranks), with `changes` applied."""
+    """The conf a demo run triggers (the generated inputs, 2 CPU ranks), with `changes` applied."""
     from llama_core.demo import demo_params
 
-    return {**demo_params(inputs, work_dir, REPO / "configs" / "lora_llama2_tiny.yaml"), **(changes or {})}
+    return {**demo_params(str(inputs), work_dir), **(changes or {})}
+
+
+def holdout_file(work_dir: Path, layout: str = "") -> Path:
+    """The demo's training MindRecord (the pipeline file holds out 10 %)."""
+    from llama_core.demo import DEMO_SEQ_LENGTH
+
+    (path,) = work_dir.glob(f"data/alpaca-*/seq{DEMO_SEQ_LENGTH}/alpaca{layout}-holdout0.1.mindrecord")
+    return path
 
 
 def quiet_daily_cron(now: datetime | None = None) -> str:
@@ -138,23 +153,31 @@ def schedule() -> str:
 def airflow(
     base: Path, demo_inputs: Path, work_root: Path, artifacts: Path, schedule: str
 ) -> Iterator[AirflowLive]:
-    defaults = base / "defaults.yaml"
-    defaults.write_text(yaml.safe_dump(demo_conf(demo_inputs, work_root / "demo")))
+    pipelines = base / "pipelines"
+    pipelines.mkdir()
+    demo = yaml.safe_load((REPO / "configs" / "pipelines" / f"{DAG_ID}.yaml").read_text())
+    conf = demo_conf(demo_inputs, work_root / "demo")
+    for name in ("alpaca", "tokenizer", "weights"):
+        demo["sources"][name]["url"] = conf[f"{name}_url"]
+    demo |= {"work_dir": conf["work_dir"], "schedule": schedule}
+    demo["cluster"]["pool"] = POOL
+    (pipelines / f"{DAG_ID}.yaml").write_text(yaml.safe_dump(demo))
+    broken = {**demo, "dag_id": "broken_pipeline", "cluster": {**demo["cluster"], "nodes": "two"}}
+    (pipelines / "broken_pipeline.yaml").write_text(yaml.safe_dump(broken))
     live = AirflowLive(
         home=base / "airflow",
         repo=REPO,
         env_extra={
             "LLAMA_LORA_WORK_ROOT": str(work_root),
-            "LLAMA_LORA_SCHEDULE": schedule,
-            "LLAMA_LORA_DEFAULTS": str(defaults),
-            "LLAMA_LORA_NPU_POOL": POOL,
+            "LLAMA_LORA_PIPELINES": str(pipelines),
             "LLAMA_CORE_CACHE_DIR": str(base / "llama_core_cache"),
         },
     )
     try:
         live.start()
         live.ensure_pool(POOL, 1, "one 8-NPU node (here: the CPU)")
-        live.wait_for_dag()
+        live.wait_for_dag(expected_error=BROKEN_KEY)
+        live.wait_for_dag(dag_id=CONSUMER, expected_error=BROKEN_KEY)
         yield live
     finally:
         leftovers = live.stop()

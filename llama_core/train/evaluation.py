@@ -127,12 +127,13 @@ def require_lora(path: Path) -> int:
 
 
 def chat_prompt(instruction: str) -> str:
-    """An instruction as the model saw it in training: fastchat's vicuna_v1.1 conversation with one
-    human turn and the assistant's turn left open ("... USER: {instruction} ASSISTANT:")."""
+    """An instruction as the model saw it in training: the Alpaca preamble around it (as
+    `alpaca_to_conversation` writes a record without input), in fastchat's vicuna_v1.1 conversation
+    with the assistant's turn left open ("... USER: Below is an instruction ... ASSISTANT:")."""
     from fastchat.conversation import get_conv_template
 
     conv = get_conv_template(TEMPLATE)
-    conv.append_message(conv.roles[0], instruction)
+    conv.append_message(conv.roles[0], PROMPT_NO_INPUT.format_map({"instruction": instruction}))
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt()
 
