@@ -178,7 +178,9 @@ def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
 
 
 def serve(folder: str | Path, port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server for `folder` on 127.0.0.1 (`port` 0: a free one), serving in a daemon thread."""
+    """An HTTP server for `folder` on 127.0.0.1, serving in a daemon thread: on `port` (the demo
+    pipeline's URLs use 8765, and the same URLs let a second demo find its downloads in the cache),
+    else on a free one."""
 
     class Quiet(SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -187,7 +189,10 @@ def serve(folder: str | Path, port: int = 0) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Quiet)
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), Quiet)
+    except OSError:  # taken: another free port (the URLs change, so the downloads are fetched again)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True, name="demo-http").start()
     return server
 
@@ -209,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dest", help="folder to write alpaca.json, tokenizer.model and hf_model/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--serve", action="store_true", help="then serve DEST over HTTP on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765, help="with --serve; 0: a free port")
+    parser.add_argument("--port", type=int, default=8765, help="with --serve (taken or 0: a free port)")
     args = parser.parse_args(argv)
     inputs = make_demo_inputs(args.dest, args.seed)
     print(json.dumps({k: str(v) for k, v in inputs.__dict__.items()}), flush=True)

@@ -218,7 +218,7 @@ class ImportCheckpointOperator(StageOperator):
         source = Path(self.input_path)
         if source.is_file() and source.suffix == ".ckpt":
             self.log.info("%s is already a MindSpore checkpoint: nothing to import", source)
-            return {"output_path": str(source), "imported": False}
+            return {"output_path": str(source), "imported": False, "cached": True}  # nothing to do
         from llama_core.checkpoint.convert import convert_hf_to_ms
 
         return {**to_jsonable(convert_hf_to_ms(source, self.output_path, dtype=self.dtype)), "imported": True}

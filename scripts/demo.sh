@@ -12,7 +12,7 @@ export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 echo "== demo inputs in $out/inputs, served on 127.0.0.1"
-python -m llama_core.demo "$out/inputs" --serve --port 0 >"$out/serve.log" 2>&1 &
+python -m llama_core.demo "$out/inputs" --serve >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

@@ -197,7 +197,9 @@ def test_schedules_cron_and_asset(tmp_path: Path) -> None:
     parsed = parse(folder)
     assert parsed["errors"] == {}
     demo, seven_b = parsed["dags"]["llama2_tiny_lora_demo"], parsed["dags"]["llama2_7b_lora_alpaca"]
-    assert demo["timetable"] == "FutureTicksTimetable" and "scheduled: 0 3 * * 1" in demo["description"].lower()
+    assert (
+        demo["timetable"] == "FutureTicksTimetable" and "scheduled: 0 3 * * 1" in demo["description"].lower()
+    )
     assert seven_b["timetable"] == "AssetTriggeredTimetable"
     assert "s3://datasets/alpaca/latest.json" in seven_b["description"]
 

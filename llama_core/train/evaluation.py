@@ -36,6 +36,7 @@ from llama_core.checkpoint.msckpt import scan_ckpt
 from llama_core.checkpoint.names import lora_pairs
 from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, load_config, set_key
+from llama_core.data.alpaca_converter import PROMPT_NO_INPUT
 from llama_core.data.prompts import TEMPLATE
 from llama_core.errors import ConfigError, InputError
 from llama_core.results import to_jsonable
