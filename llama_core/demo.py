@@ -124,8 +124,8 @@ def hf_llama_weights(shape: dict[str, Any], seed: int = 0) -> dict[str, np.ndarr
     heads, kv_heads = int(shape["num_attention_heads"]), int(shape["num_key_value_heads"])
     head_dim, vocab = hidden // heads, int(shape["vocab_size"])
 
-    def normal(*dims: int) -> np.ndarray:
-        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+    def normal(*dims: int, std: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(dims) * std).astype(np.float32)
 
     weights = {"model.embed_tokens.weight": normal(vocab, hidden)}
     for i in range(int(shape["num_hidden_layers"])):
@@ -142,7 +142,9 @@ def hf_llama_weights(shape: dict[str, Any], seed: int = 0) -> dict[str, np.ndarr
             p + "post_attention_layernorm.weight": np.ones(hidden, np.float32),
         }
     weights["model.norm.weight"] = np.ones(hidden, np.float32)
-    weights["lm_head.weight"] = normal(vocab, hidden)
+    # The final norm fixes |h| at sqrt(hidden): with 0.02 weights no logit could pass ~1.3 and LoRA could
+    # never make an answer likely. 1/sqrt(hidden) gives trained models' logit range.
+    weights["lm_head.weight"] = normal(vocab, hidden, std=hidden**-0.5)
     return weights
 
 

@@ -441,7 +441,12 @@ def _md_evaluation(report: Mapping[str, Any]) -> list[str]:
         for label, gens in (("Before (base model)", base_gens), ("After (fine-tuned)", ft_gens)):
             out = _generation(gens, prompt, i)
             lines += [f"{label}:", ""]
-            lines += [_fenced(out), ""] if out is not None else ["Not run.", ""]
+            if out is None:
+                lines += ["Not run.", ""]
+            elif not out.strip():
+                lines += ["(no text: the model ended its answer at once, with `</s>`)", ""]
+            else:
+                lines += [_fenced(out), ""]
     return lines[:-1]
 
 
@@ -478,7 +483,7 @@ def _md_data(report: Mapping[str, Any]) -> list[str]:
     packing = data.get("packing")
     if isinstance(packing, Mapping) and packing:
         mode = packing.get("mode", "?")
-        text = "padded, one record per row" if mode == "none" else f"packing {mode}"
+        text = "one record per row (MindFormers' records)" if mode == "none" else f"packing {mode}"
         if mode != "none":
             parts = []
             if packing.get("documents") is not None and packing.get("rows") is not None:
