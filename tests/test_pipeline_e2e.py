@@ -1,4 +1,5 @@
-"""The whole DAG through Airflow (`airflow dags test`), exactly as `make demo` runs it."""
+"""`make demo` end to end: pipeline llama2_tiny_lora_demo through Airflow (`airflow dags test`), its
+inputs fetched over HTTP, ending with the run's report; the outputs are what they claim to be."""
 
 import json
 import os
@@ -10,40 +11,97 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_OUTPUTS = [
-    "data/alpaca-conversation.json",
-    "data/seq160/alpaca.mindrecord",
-    "checkpoint/llama2.ckpt",
-    "checkpoint/transformed/manifest.json",
+BEFORE_FINETUNE = [
+    "fetch_alpaca",
+    "fetch_tokenizer",
+    "fetch_weights",
+    "alpaca_to_conversations",
+    "tokenize_to_mindrecord",
+    "import_checkpoint",
+    "shard_checkpoint",
 ]
 
 
-def _run_demo(out: Path) -> str:
+def _run_demo(out: Path) -> tuple[str, dict]:
     env = {**os.environ, "VENV": str(Path(sys.executable).parents[1])}
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo.sh"), str(out)], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return (out / "dag-run.log").read_text()
+    (report_path,) = re.findall(r"^Report: (.+)$", proc.stdout, re.M)
+    return proc.stdout, json.loads(Path(report_path).with_suffix(".json").read_text())
+
+
+def _stages(report: dict) -> dict[str, dict]:
+    return {stage["name"]: stage for stage in report["stages"]}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("demo")
+    first_stdout, first = _run_demo(out)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "work" / "data").rglob("*") if p.is_file()}
+    second_stdout, second = _run_demo(out)
+    return {"out": out, "first": first, "stdout": first_stdout, "second": second, "stamps": stamps,
+            "second_stdout": second_stdout}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_demo_dag_trains_on_two_ranks_then_reuses_every_stage(tmp_path: Path) -> None:
-    log = _run_demo(tmp_path)
-    assert "state=success" in log
-    # each rank's lines reach the task log under its own source
-    for rank in (0, 1):
-        assert re.search(rf"\[msrun\.rank_{rank}\]", log), f"no line from rank {rank}"
-    assert "::group::rank 0: ok" in log and "::group::rank 1: ok" in log
-
-    (summary_path,) = tmp_path.glob("work/runs/*/train_summary.json")
-    summary = json.loads(summary_path.read_text())
+def test_the_demo_fetches_over_http_trains_and_reports(demo: dict) -> None:
+    report, stdout = demo["first"], demo["stdout"]
+    stages = _stages(report)
+    assert set(stages) >= {*BEFORE_FINETUNE, "finetune", "evaluate", "export_adapter", "export_merged"}
+    assert report["run"]["params"]["alpaca_url"].startswith("http://127.0.0.1:")
+    assert not any(stages[name]["cached"] for name in ("fetch_alpaca", "fetch_tokenizer", "fetch_weights"))
+    summary = json.loads(Path(report["outputs"]["run folder"], "train_summary.json").read_text())
     losses = [point["loss"] for point in summary["loss_series"]]
     assert summary["world_size"] == 2 and len(losses) == summary["steps"] > 0
-    assert losses[-1] < losses[0] - 0.1  # it learns: supervised tokens reached the loss
+    assert summary["eval_series"], "the held-out split was not evaluated during training"
+    evaluation = report["evaluation"]
+    assert evaluation["finetuned"]["eval_loss"] < evaluation["base"]["eval_loss"] - 0.1  # it learned
+    assert [g["prompt"] for g in evaluation["finetuned"]["generations"]] == report["run"]["params"]["prompts"]
+    # the summary the demo ends with: stage times and cache hits, losses, the adapter and the curve
+    for text in ("finetune", "cache hit", "Eval loss: base", "Adapter: ", "Loss curve: ", "make airflow"):
+        assert text in stdout, f"{text!r} missing from the demo's output:\n{stdout[-3000:]}"
+    assert report["outputs"]["PEFT adapter"] in stdout
 
-    work = tmp_path / "work"
-    stamps = {name: (work / name).stat().st_mtime_ns for name in STAGE_OUTPUTS}
-    _run_demo(tmp_path)
-    assert {name: (work / name).stat().st_mtime_ns for name in STAGE_OUTPUTS} == stamps
-    assert len(list(tmp_path.glob("work/runs/*/train_summary.json"))) == 2  # a new run trains anew
+
+@pytest.mark.slow
+def test_the_loss_curve_is_a_real_plot(demo: dict) -> None:
+    from matplotlib.image import imread
+
+    png = imread(demo["first"]["report"]["plot"])
+    assert png.shape[0] > 300 and png.shape[1] > 600
+    assert png[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.slow
+def test_a_second_demo_hits_the_cache_for_every_stage_before_the_finetune(demo: dict) -> None:
+    stages = _stages(demo["second"])
+    assert {name: stages[name]["cached"] for name in BEFORE_FINETUNE} == dict.fromkeys(BEFORE_FINETUNE, True)
+    out = demo["out"]
+    assert {p: p.stat().st_mtime_ns for p in demo["stamps"]} == demo["stamps"]  # no data file rewritten
+    assert len(list(out.glob("work/runs/*/train_summary.json"))) == 2  # a new run trains anew
+
+
+@pytest.mark.slow
+def test_the_adapter_loads_with_peft_and_equals_the_merged_model(demo: dict) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    outputs = demo["first"]["outputs"]
+    base_dir = demo["out"] / "inputs" / "hf_model"
+    ids = torch.tensor([[1, 5, 9, 42, 7, 100, 3]])
+    with torch.no_grad():
+        base = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+        base_logits = base(ids).logits
+        tuned = peft.PeftModel.from_pretrained(base, outputs["PEFT adapter"]).eval()
+        adapter_logits = tuned(ids).logits
+        merged = transformers.LlamaForCausalLM.from_pretrained(
+            outputs["merged model (HF safetensors)"]
+        ).eval()
+        merged_logits = merged(ids).logits
+    assert torch.allclose(adapter_logits, merged_logits, atol=1e-4), (
+        (adapter_logits - merged_logits).abs().max()
+    )
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-3)  # the adapter changes the model
