@@ -11,7 +11,9 @@
   namespace (`ip netns`, veth on a bridge; root only) with its own address and its own log folder,
   like a separate host sharing this machine's disk (the shared storage multi-node fine-tunes need).
   Their task logs reach the UI through each worker's log server.
-- The pool `ascend_nodes` with one slot per Ascend worker; `LLAMA_LORA_NPU_NODES` set to match.
+- The pool `ascend_nodes` with one slot per Ascend worker, and the deployment's pipeline folder
+  (`<root>/pipelines`, `LLAMA_LORA_PIPELINES`): the shipped pipelines, the demo's moved to queue
+  `ascend` and that pool, so its fine-tune runs on the "Ascend" workers.
 
 Everything lives in the root folder (default `.airflow/`, git-ignored): the database, Redis, logs,
 secrets and ports, chosen at the first start and kept, so a second start reuses the DB. `stop` ends
@@ -43,11 +45,13 @@ from typing import Any
 
 import psutil
 
+from llama_core.atomic import write_bytes_atomic
 from llama_core.launch.preflight import free_port as any_free_port
 from llama_core.launch.watch import last_lines
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "ascend_nodes"
+DEMO_DAG = "llama2_tiny_lora_demo"
 ASCEND_QUEUE = "ascend"
 BRIDGE = "llbr0"
 SUBNET = ipaddress.ip_network("10.77.0.0/24")  # the netns hosts' network (no route leaves the machine)
@@ -72,7 +76,7 @@ def airflow_settings(
     secrets_: Mapping[str, str],
     dags_folder: str,
     work_root: str,
-    ascend_nodes: int,
+    pipelines: str,
 ) -> dict[str, str]:
     """Every setting the components share (environment variables), given the deployment's addresses
     and secrets. The long-run settings are explained in docs/operations.md."""
@@ -100,10 +104,7 @@ def airflow_settings(
         # the address other hosts reach this one at: where the UI fetches a worker's task logs
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "llama_core.launch.cluster.node_address",
         "LLAMA_LORA_WORK_ROOT": work_root,
-        "LLAMA_LORA_WORK_DIR": f"{work_root}/llama",
-        "LLAMA_LORA_NPU_POOL": POOL,
-        "LLAMA_LORA_NPU_QUEUE": ASCEND_QUEUE,
-        "LLAMA_LORA_NPU_NODES": str(ascend_nodes),
+        "LLAMA_LORA_PIPELINES": pipelines,
     }
 
 
@@ -206,7 +207,7 @@ class Stack:
             secrets_=st.secrets,
             dags_folder=str(self.repo / "dags"),
             work_root=str(self.root / "work"),
-            ascend_nodes=st.ascend_workers + st.netns_hosts,
+            pipelines=str(self.root / "pipelines"),
         )
         venv_bin = str(Path(sys.executable).parent)
         return {
@@ -242,6 +243,21 @@ class Stack:
 
     # ------------------------------------------------------------ start
 
+    def write_pipelines(self, ascend_nodes: int) -> Path:
+        """`<root>/pipelines`: the shipped pipeline files; the demo's fine-tune goes to the Ascend queue
+        and pool (its ranks are CPU processes there) and trains under `<root>/work/demo`."""
+        import yaml
+
+        folder = self.root / "pipelines"
+        folder.mkdir(exist_ok=True)
+        for path in sorted((self.repo / "configs" / "pipelines").glob("*.yaml")):
+            doc = yaml.safe_load(path.read_text())
+            if doc["dag_id"] == DEMO_DAG:
+                doc["work_dir"] = str(self.root / "work" / "demo")
+                doc["cluster"] |= {"queue": ASCEND_QUEUE, "pool": POOL, "queue_nodes": max(ascend_nodes, 1)}
+            write_bytes_atomic(folder / path.name, yaml.safe_dump(doc, sort_keys=False).encode())
+        return folder
+
     def start(
         self,
         ascend_workers: int = 1,
@@ -270,6 +286,7 @@ class Stack:
         self.airflow("db", "migrate", timeout=600)
         slots = ascend_workers + netns_hosts
         self.airflow("pools", "set", POOL, str(slots), "one slot per Ascend node (queue ascend)")
+        self.write_pipelines(slots)
         for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
             self.spawn(name, SERVICES[name], self.env())
         self.spawn("worker", SERVICES["worker"], self.env(), serve_logs=True)
@@ -606,10 +623,9 @@ class Stack:
         if state is None:
             raise RuntimeError(f"no stack in {self.root}: make airflow first")
         inputs = self.root / "work" / "inputs"
-        if not (inputs / "alpaca.json").exists():
-            subprocess.run(
-                [sys.executable, "-m", "llama_core.demo", str(inputs)], check=True, capture_output=True
-            )
+        subprocess.run(
+            [sys.executable, "-m", "llama_core.demo", str(inputs)], check=True, capture_output=True
+        )
         api = f"http://127.0.0.1:{state.api_port}"
         http = requests.Session()
         http.trust_env = False
@@ -617,18 +633,13 @@ class Stack:
         http.headers["Authorization"] = (
             "Bearer " + http.post(f"{api}/auth/token", json=login).json()["access_token"]
         )
-        dag = f"{api}/api/v2/dags/llama2_lora_finetune"
+        dag = f"{api}/api/v2/dags/{DEMO_DAG}"
         http.patch(dag, json={"is_paused": False}).raise_for_status()
-        conf = {
-            **demo_params(
-                inputs, self.root / "work" / "demo", self.repo / "configs" / "lora_llama2_tiny.yaml"
-            ),
-            "nodes": nodes,
-        }
+        conf = {**demo_params(str(inputs), self.root / "work" / "demo"), "nodes": nodes}
         created = http.post(f"{dag}/dagRuns", json={"logical_date": None, "conf": conf})
         created.raise_for_status()
         run_id = created.json()["dag_run_id"]
-        log(f"triggered {run_id}: {api}/dags/llama2_lora_finetune/runs/{run_id}")
+        log(f"triggered {run_id}: {api}/dags/{DEMO_DAG}/runs/{run_id}")
         deadline = time.monotonic() + timeout
         while (run := http.get(f"{dag}/dagRuns/{run_id}").json())["state"] not in ("success", "failed"):
             if time.monotonic() > deadline:

@@ -239,7 +239,9 @@ def wait_training(airflow: AirflowLive, run_id: str, out: Path, timeout: float =
 
 @pytest.fixture(scope="module")
 def demo_run(airflow: AirflowLive, demo_inputs: Path, work_root: Path) -> dict[str, Any]:
-    """The demo conf triggered through the REST API, waited for to the end."""
+    """The demo conf triggered through the REST API, waited for to the end (the example consumer DAG
+    unpaused first: it runs on the adapter this run publishes)."""
+    airflow.set_paused(False, dag_id=CONSUMER)
     work_dir = work_root / "demo"
     result = trigger_and_wait(airflow, demo_conf(demo_inputs, work_dir), timeout=600)
     return {**result, "work_dir": work_dir}
@@ -435,14 +437,54 @@ def test_demo_conf_trains_to_success(airflow: AirflowLive, demo_run: dict[str, A
     assert set(tis) == TASKS and {t["state"] for t in tis.values()} == {"success"}, airflow.run_summary(
         run_id
     )
-    assert tis["finetune"]["pool"] == POOL
+    assert tis["finetune"]["pool"] == tis["evaluate"]["pool"] == POOL
     out = run_dir(demo_run["work_dir"], run_id)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] > 0
     for rank in (0, 1):
         assert list((out / "checkpoint" / f"rank_{rank}").glob("*.ckpt")), f"no checkpoint of rank {rank}"
         assert (out / "msrun_log" / f"worker_{rank}.log").stat().st_size > 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["finetuned"]["eval_loss"] < report["evaluation"]["base"]["eval_loss"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "merged" / "hf").is_dir()
+    # the report's summary is in the report task's log too
+    log = "\n".join(str(line.get("event")) for line in airflow.log_lines(run_id, "report", 1))
+    assert "Eval loss: base" in log and str(out / "adapter") in log, log[-2000:]
     print(f"demo run: {demo_run['elapsed_s']:.0f} s from trigger to success")
+
+
+def test_the_adapter_asset_event_runs_the_consumer_dag_on_it(
+    airflow: AirflowLive, demo_run: dict[str, Any]
+) -> None:
+    """export_adapter's outlet event carries where the adapter is; the example consumer DAG, scheduled
+    on that Asset, loads it and gets the answers the run's evaluation recorded."""
+    run_id = demo_run["run_id"]
+    events = airflow.get("/assets/events", params={"source_dag_id": DAG_ID, "source_run_id": run_id})
+    adapter_events = [e for e in events["asset_events"] if e["source_task_id"] == "export_adapter"]
+    assert len(adapter_events) == 1, events
+    extra = adapter_events[0]["extra"]
+    out = run_dir(demo_run["work_dir"], run_id)
+    assert extra["adapter"] == str(out / "adapter") and extra["run_id"] == run_id
+    assert extra["config_digest"] == json.loads((out / "report.json").read_text())["config"]["digest"]
+
+    def consumed() -> dict[str, Any] | None:
+        runs = [r for r in airflow.dag_runs(CONSUMER) if r["state"] in {"success", "failed"}]
+        return runs[-1] if runs else None
+
+    consumer = wait_for(consumed, 300, "the consumer DAG to run on the adapter", check=airflow.check_alive)
+    assert consumer["run_type"] == "asset_triggered"
+    assert consumer["state"] == "success", airflow.failure_report(consumer["dag_run_id"])
+    airflow.set_paused(True, dag_id=CONSUMER)  # the later scenarios need the CPU for their fine-tunes
+    (check,) = (out / "adapter_check").glob("*.json")
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert json.loads(check.read_text())["finetuned"]["generations"] == evaluation["finetuned"]["generations"]
+
+
+def test_a_broken_pipeline_file_shows_as_an_import_error_and_hides_no_other_dag(airflow: AirflowLive) -> None:
+    errors = [e for e in airflow.import_errors() if "llama_lora_pipelines" in e.get("filename", "")]
+    assert len(errors) == 1, errors
+    assert "broken_pipeline.yaml (DAG broken_pipeline): key 'cluster.nodes'" in errors[0]["stack_trace"]
+    assert airflow.dag()["dag_id"] == DAG_ID and airflow.dag(CONSUMER)["dag_id"] == CONSUMER
 
 
 def test_layout_param_packs_or_pads_and_keeps_each_layouts_data(
@@ -450,17 +492,16 @@ def test_layout_param_packs_or_pads_and_keeps_each_layouts_data(
 ) -> None:
     """After the demo (the default, buckets): `packed` tokenizes into a file of its own and trains on
     packed rows; `padded` trains every step at full length on the demo's records, re-tokenizing nothing."""
-    from llama_core.demo import DEMO_SEQ_LENGTH
-
     work_dir = demo_run["work_dir"]
-    unpacked = work_dir / "data" / f"seq{DEMO_SEQ_LENGTH}" / "alpaca.mindrecord"
+    unpacked = holdout_file(work_dir)
     stamp = unpacked.stat().st_mtime_ns
     # at seq 256 two of the demo's conversations fit a row
     packed = trigger_and_wait(
         airflow, demo_conf(demo_inputs, work_dir, {"layout": "packed", "seq_length": 256}), 600
     )
     assert packed["run"]["state"] == "success", airflow.failure_report(packed["run_id"])
-    report = json.loads((work_dir / "data" / "seq256" / "alpaca-packed.mindrecord.report.json").read_text())
+    (report_path,) = work_dir.glob("data/alpaca-*/seq256/alpaca-packed-holdout0.1.mindrecord.report.json")
+    report = json.loads(report_path.read_text())
     assert report["result"]["packing"]["documents_per_row_max"] == 2
     out = run_dir(work_dir, packed["run_id"])
     assert "is packed: up to 2 documents per row" in (out / "msrun_log" / "worker_0.log").read_text()
@@ -583,19 +624,25 @@ def test_sigkill_of_the_task_process_leaves_no_rank_within_10s(killed_run: dict[
 def backfill(
     airflow: AirflowLive, killed_run: dict[str, Any], demo_inputs: Path, work_root: Path
 ) -> dict[str, Any]:
-    """A backfill of 3 dates with the demo conf, created through the REST API, waited for to the end
-    (and so is any other run it set off)."""
+    """A backfill of 3 dates, created through the REST API, waited for to the end (and so is any other
+    run it set off). The Alpaca source is a dated snapshot, `alpaca-{{ ds }}.json`: each date's file
+    leaves out a different record, so each run must train on its own date's data."""
     ensure_unpaused(airflow)
     today = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    dated = {"alpaca_url": f"{demo_inputs}/alpaca-{{{{ ds }}}}.json", "master_port": None}
     body = {
         "dag_id": DAG_ID,
         "from_date": (today - timedelta(days=4)).isoformat(),
         "to_date": (today - timedelta(days=2) + timedelta(hours=23, minutes=59)).isoformat(),
-        "dag_run_conf": demo_conf(demo_inputs, work_root / "demo", {"master_port": None}),
+        "dag_run_conf": demo_conf(demo_inputs, work_root / "demo", dated),
         "max_active_runs": 3,  # the pool, not the backfill, must keep the fine-tunes apart
         "reprocess_behavior": "none",
     }
     dry = airflow.post("/backfills/dry_run", body).json()
+    records = json.loads((demo_inputs / "alpaca.json").read_text())
+    for i, backfill_run in enumerate(dry["backfills"]):
+        snapshot = records[:i] + records[i + 1 :]
+        (demo_inputs / f"alpaca-{backfill_run['logical_date'][:10]}.json").write_text(json.dumps(snapshot))
     runs_before = {r["dag_run_id"] for r in airflow.dag_runs()}
     t0 = time.monotonic()
     created = airflow.post("/backfills", body).json()
@@ -642,6 +689,17 @@ def test_backfill_of_three_dates_succeeds_one_finetune_at_a_time(
         )
     shown = [(s.strftime("%H:%M:%S"), e.strftime("%H:%M:%S"), r.split("__")[0]) for s, e, r, _ in spans[-4:]]
     print(f"backfill of {backfill['dates']}: {backfill['elapsed_s']:.0f} s; last finetunes {shown}")
+
+
+def test_backfill_trains_each_date_on_its_own_snapshot(backfill: dict[str, Any], work_root: Path) -> None:
+    data_dirs = set()
+    for run in backfill["runs"]:
+        report = json.loads((run_dir(work_root / "demo", run["dag_run_id"]) / "report.json").read_text())
+        stages = {stage["name"]: stage for stage in report["stages"]}
+        fetched = stages["fetch_alpaca"]["outputs"]["path"]
+        assert fetched.endswith(f"alpaca-{run['logical_date'][:10]}.json"), (run["logical_date"], fetched)
+        data_dirs.add(Path(stages["tokenize_to_mindrecord"]["outputs"]["output"]).parents[1])
+    assert len(data_dirs) == 3, data_dirs  # three snapshots, three prepared datasets
 
 
 def test_backfill_sets_off_no_scheduled_run(backfill: dict[str, Any]) -> None:

@@ -64,7 +64,7 @@ def expected_settings(env: dict[str, str], db: str, redis: str, api: str) -> dic
         },
         dags_folder="/opt/llama-lora-flow/dags",
         work_root="/data",
-        ascend_nodes=int(env["ASCEND_NODES"]),
+        pipelines="/opt/llama-lora-flow/pipelines",
     )
 
 
