@@ -47,18 +47,22 @@ def allow_child_processes() -> None:
 
 def render_dated(task: BaseOperator, text: str, context: Context) -> str:
     """A param value that is itself a template (a source URL with `{{ ds }}`) rendered with the run's
-    context, so each logical date (a backfill's runs) fetches its own snapshot."""
+    context, so each logical date (a backfill's runs) fetches its own snapshot. A value it uses that
+    this run lacks (a manual run has no logical date) fails the task naming it, instead of rendering
+    as an empty string."""
     if "{{" not in text and "{%" not in text:
         return text
-    from jinja2 import UndefinedError
+    from jinja2 import meta
 
-    try:
-        return task.render_template(text, context)
-    except UndefinedError as exc:
+    env = task.get_template_env()
+    used = meta.find_undeclared_variables(env.parse(text))
+    missing = sorted(name for name in used if context.get(name) is None and name not in env.globals)
+    if missing:
         raise AirflowFailException(
-            f"{text!r} uses a template value this run does not have ({exc}): a source with the logical "
+            f"{text!r} uses {', '.join(missing)}, which this run does not have: a source with the logical "
             "date needs a run that has one (a scheduled run, a backfill, or a trigger with a logical date)"
-        ) from exc
+        )
+    return task.render_template(text, context)
 
 
 class StageOperator(BaseOperator):

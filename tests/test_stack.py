@@ -96,9 +96,11 @@ def inputs(stack: Stack) -> Path:
 def conf(stack: Stack, inputs: Path, **changes: Any) -> dict[str, Any]:
     """The demo's params (without LoRA dropout: exact curves), with `changes` applied."""
     from llama_core.demo import demo_params
+    from operators.pipeline import load_pipeline
 
-    params = demo_params(inputs, stack.root / "work" / "demo", REPO / "configs" / "lora_llama2_tiny.yaml")
-    overrides = {**params["overrides"], **NO_DROPOUT, **changes.pop("overrides", {})}
+    params = demo_params(str(inputs), stack.root / "work" / "demo")
+    pipeline = load_pipeline(REPO / "configs" / "pipelines" / "llama2_tiny_lora_demo.yaml")
+    overrides = {**pipeline.overrides, **NO_DROPOUT, **changes.pop("overrides", {})}
     return {**params, **changes, "overrides": overrides}
 
 
