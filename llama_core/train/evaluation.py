@@ -47,6 +47,8 @@ from llama_core.train.outputs import CHECKPOINT_DIR, find_rank_folders, newest_c
 
 logger = logging.getLogger("llama_core.train")
 
+GENERATION_ALIGN = 128  # decoding lengths are multiples of this: few graphs, little padding
+
 STAGE = "train.evaluation"
 FORMAT_VERSION = 1
 
@@ -262,11 +264,15 @@ def _side(
     model.set_train(False)  # evaluate leaves the model in training mode (LoRA dropout on)
     mc = tc.model_config
     generations = []
+    # Decoding pads every step to one length (one compiled graph), so the length is what each new token
+    # costs: the longest prompt plus its answer, rounded up to 128, instead of a 4096-token sequence.
+    longest = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
+    length = min(tc.seq_length, -(-longest // GENERATION_ALIGN) * GENERATION_ALIGN)
     for prompt, ids in zip(prompts, prompt_ids, strict=True):
         new = greedy_generate(
             model,
             ids,
-            seq_length=tc.seq_length,
+            seq_length=length,
             max_new_tokens=max_new_tokens,
             eos_id=int(mc.get("eos_token_id", 2)),
             pad_id=int(mc.get("pad_token_id", 0)),
