@@ -9,6 +9,9 @@ trains each date on that date's data.
 
 `load_pipeline` checks a file completely with pydantic: an unknown, missing or mistyped key fails
 naming its path (`cluster.nodes`), the file and the DAG. Parsing imports neither MindSpore nor torch.
+A file that cannot become a DAG is left out by dags/llama_lora_pipelines.py and reported as the
+import error of dags/llama_lora_pipeline_errors.py: Airflow hides every DAG of a file that has an
+import error, so the error must come from a file that has no DAG.
 
     validate ─▶ fetch_alpaca ─▶ alpaca_to_conversations ─▶ tokenize_to_mindrecord ─┐
              ─▶ fetch_tokenizer ───────────────────────────────┘                    ├─▶ finetune [node k]
@@ -143,10 +146,38 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
         raise PipelineError(f"{path}: expected a mapping of pipeline keys, got {type(doc).__name__}")
     name = doc.get("dag_id") or path.stem
     try:
-        return Pipeline.model_validate(doc)
+        pipeline = Pipeline.model_validate(doc)
+        _schedule(pipeline)  # a cron expression is only checked by building its timetable
     except ValidationError as exc:
         problems = sorted({f"key '{_key_path(e['loc'])}': {e['msg']}" for e in exc.errors()})
         raise PipelineError(f"{path} (DAG {name}): " + "; ".join(problems)) from None
+    except PipelineError as exc:
+        raise PipelineError(f"{path} (DAG {name}): {exc}") from None
+    return pipeline
+
+
+def load_pipelines(
+    folder: str | os.PathLike[str] | None = None,
+) -> tuple[list[tuple[Path, Pipeline]], list[str]]:
+    """The pipelines of the folder's files that can become DAGs, with their files, and one message
+    per file that cannot (naming the file, its DAG and the key), a second use of a dag_id included."""
+    good: list[tuple[Path, Pipeline]] = []
+    problems: list[str] = []
+    owner: dict[str, Path] = {}
+    for path in pipeline_files(folder):
+        try:
+            pipeline = load_pipeline(path)
+        except PipelineError as exc:
+            problems.append(str(exc))
+            continue
+        if pipeline.dag_id in owner:
+            problems.append(
+                f"{path}: key 'dag_id': {pipeline.dag_id!r} is already {owner[pipeline.dag_id]}'s"
+            )
+            continue
+        owner[pipeline.dag_id] = path
+        good.append((path, pipeline))
+    return good, problems
 
 
 def pipeline_files(folder: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -343,10 +374,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
     )
     from operators.validate import ValidateParamsOperator
 
-    try:
-        schedule = _schedule(p)
-    except PipelineError as exc:
-        raise PipelineError(f"{source_file} (DAG {p.dag_id}): {exc}") from None
+    schedule = _schedule(p)
     when = {
         type(None): "manual runs only (set `schedule` in the pipeline file to retrain on a schedule)",
         str: f"scheduled: {p.schedule} (UTC)",
@@ -493,21 +521,3 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
 def node_rank_of(plan: dict) -> int:
     """The node rank of one of validate's per-node plans (the fine-tune is mapped over them)."""
     return plan["node_rank"]
-
-
-def broken_pipelines_dag(errors: list[str]) -> Any:
-    """A DAG that Airflow refuses when it bags it, with `errors` as the message: every broken pipeline
-    file shows as an import error of the DAG file (naming the file, its DAG and the key), while the
-    other pipelines' DAGs load. Its timetable's `validate` (Airflow's documented hook, called "when a
-    DAG is put into a dagbag") raises; anything that runs DAGs without bagging them finds no tasks."""
-    from airflow.exceptions import AirflowTimetableInvalid
-    from airflow.sdk import DAG
-    from airflow.timetables.simple import NullTimetable
-
-    message = f"{len(errors)} pipeline file(s) cannot become DAGs:\n" + "\n".join(errors)
-
-    class RefusedTimetable(NullTimetable):
-        def validate(self) -> None:
-            raise AirflowTimetableInvalid(message)
-
-    return DAG(dag_id="llama_lora_pipeline_errors", schedule=RefusedTimetable(), description=message[:200])

@@ -157,7 +157,7 @@ def _pipelines(tmp_path: Path, **changes: dict) -> Path:
     return folder
 
 
-def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_other(tmp_path: Path) -> None:
+def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_dag(tmp_path: Path) -> None:
     demo = yaml.safe_load((PIPELINES / "llama2_tiny_lora_demo.yaml").read_text())
     folder = _pipelines(
         tmp_path,
@@ -172,6 +172,7 @@ def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_o
         "llama2_tiny_lora_demo",
         "llama_lora_adapter_check",
     ]
+    assert list(parsed["errors"]) == [str(DAGS / "llama_lora_pipeline_errors.py")]  # a file with no DAG
     (error,) = parsed["errors"].values()
     assert "4 pipeline file(s) cannot become DAGs" in error
     assert f"{folder}/nodes_typo.yaml (DAG nodes_typo): key 'cluster.nodes'" in error

@@ -20,13 +20,18 @@ TRAINING_STATE = re.compile(
 )
 
 
-def load_weights(model: nn.Cell, ckpt_path: str | Path, *, allow_missing_lora: bool = True) -> list[str]:
+def load_weights(
+    model: nn.Cell, ckpt_path: str | Path, *, allow_missing_lora: bool = True, lora_over_base: bool = False
+) -> list[str]:
     """Load `ckpt_path` into `model` (older `tk_delta_` LoRA names accepted). Returns the loaded names.
 
     Raises InputError naming the tensors when a model weight is missing from the checkpoint (LoRA
-    weights may be missing when `allow_missing_lora`: a base checkpoint for a fresh adapter), when
-    the checkpoint holds a weight the model does not have, or when a shape differs. Training state
-    (`global_step`, `adam_m.*`...) is skipped. Weights are cast to the model's parameter dtype.
+    weights may be missing when `allow_missing_lora`: a base checkpoint for a fresh adapter; with
+    `lora_over_base` it is the other way round: every LoRA weight must be there and the base weights
+    may be missing, as in a fine-tune's LoRA-only checkpoint loaded over base weights already in the
+    model), when the checkpoint holds a weight the model does not have, or when a shape differs.
+    Training state (`global_step`, `adam_m.*`...) is skipped. Weights are cast to the model's
+    parameter dtype.
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -37,9 +42,12 @@ def load_weights(model: nn.Cell, ckpt_path: str | Path, *, allow_missing_lora: b
         raise InputError(f"{path}: not a readable MindSpore checkpoint ({exc})") from exc
     params = {p.name: p for p in model.get_parameters()}
     unexpected = sorted(k for k in stored if k not in params and not TRAINING_STATE.match(k))
-    missing = sorted(
-        k for k in params if k not in stored and not (allow_missing_lora and is_lora_parameter(k))
+    may_miss = (
+        (lambda k: not is_lora_parameter(k))
+        if lora_over_base
+        else (lambda k: allow_missing_lora and is_lora_parameter(k))
     )
+    missing = sorted(k for k in params if k not in stored and not may_miss(k))
     if unexpected or missing:
         raise InputError(
             f"{path}: checkpoint does not fit the model: "
@@ -57,10 +65,11 @@ def load_weights(model: nn.Cell, ckpt_path: str | Path, *, allow_missing_lora: b
             )
         param.set_data(value.astype(param.dtype) if value.dtype != param.dtype else value)
         loaded.append(name)
-    skipped = len(params) - len(loaded)
+    kept = len(params) - len(loaded)
     logger.info(
-        "loaded %d tensors from %s (%d LoRA tensors keep their initial values)", len(loaded), path, skipped
-    )
+        "loaded %d tensors from %s (%d %s tensors keep their values)",
+        len(loaded), path, kept, "base" if lora_over_base else "LoRA",
+    )  # fmt: skip
     return loaded
 
 

@@ -195,55 +195,6 @@ def _zero_lora_b(model: Any) -> int:
     return changed
 
 
-def _load_finetuned(model: Any, path: Path) -> int:
-    """Load a training checkpoint's weights over the model (the base weights already loaded).
-
-    It may hold every weight or only the trainable LoRA ones (`save_trainable_params`); every LoRA
-    weight of the model must be there. Optimizer state (adam_m.*, adam_v.*) and step counters are
-    skipped. Returns the tensors loaded.
-    """
-    import mindspore as ms
-
-    from llama_core.model.lora import is_lora_parameter, normalize_lora_name
-    from llama_core.model.weights import TRAINING_STATE
-
-    try:
-        stored = {normalize_lora_name(k): v for k, v in ms.load_checkpoint(str(path)).items()}
-    except (ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a readable MindSpore checkpoint ({exc})") from exc
-    params = {p.name: p for p in model.get_parameters()}
-    unexpected = sorted(k for k in stored if k not in params and not TRAINING_STATE.match(k))
-    missing = sorted(k for k in params if is_lora_parameter(k) and k not in stored)
-    if unexpected or missing:
-        raise InputError(
-            f"{path}: checkpoint does not fit the model (pet_config): "
-            f"LoRA weights missing {_preview(missing)}; not in the model {_preview(unexpected)}"
-        )
-    loaded = 0
-    for name, value in stored.items():
-        if name not in params:
-            continue
-        param = params[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise InputError(
-                f"{path}: tensor {name} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(param.shape)}"
-            )
-        param.set_data(value.astype(param.dtype) if value.dtype != param.dtype else value)
-        loaded += 1
-    logger.info(
-        "loaded %d tensors from %s (%d optimizer/step tensors skipped)", loaded, path, len(stored) - loaded
-    )
-    return loaded
-
-
-def _preview(names: list[str], limit: int = 5) -> str:
-    if not names:
-        return "none"
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def _side(
     model: Any,
     tc: TrainConfig,
@@ -375,7 +326,7 @@ def evaluate_finetune(
             changed,
         )
     base = _side(model, tc, base_file, data, prompts, prompt_ids, sp, new_tokens)
-    _load_finetuned(model, tuned_file)
+    load_weights(model, tuned_file, lora_over_base=True)
     tuned = _side(model, tc, tuned_file, data, prompts, prompt_ids, sp, new_tokens)
 
     result = EvaluationResult(
