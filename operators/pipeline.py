@@ -18,7 +18,7 @@ import error, so the error must come from a file that has no DAG.
              ─▶ fetch_weights ─▶ import_checkpoint ─▶ shard_checkpoint ─────────────┘        │
       ┌───────────────────────────────────────────────────────────────────────────────────┘
       ├─▶ evaluate (base vs fine-tuned: held-out loss, generations) ──────┐
-      ├─▶ export_adapter (PEFT adapter; Asset <dag_id>.adapter) ──────────┼─▶ report
+      ├─▶ export_adapter (PEFT adapter; Asset <dag_id>.adapter) ──────────┼─▶ report (validate's teardown)
       └─▶ export_merged (merged .ckpt + HF safetensors; Asset <dag_id>.merged, when asked) ┘
 """
 
@@ -507,14 +507,18 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             config="{{ params.config }}",
             overrides="{{ params.overrides }}",
             pipeline_file=str(source_file or ""),
-            trigger_rule="all_done",  # a report of what happened, also when a step after the fine-tune failed
         )
 
         validate >> list(fetch.values())
         fetch["alpaca"] >> conversations >> mindrecord
         fetch["tokenizer"] >> mindrecord
         fetch["weights"] >> imported >> sharded
-        [mindrecord, sharded] >> finetune >> [evaluate, adapter, merged] >> report
+        [mindrecord, sharded] >> finetune >> [evaluate, adapter, merged]
+        # The report is validate's teardown: it runs once the rest is done, failed or not (a failed run
+        # gets its report too, and stays failed: a teardown does not decide the run's state); it does
+        # not run when validate refused the request (nothing was done, and work_dir may be refused).
+        # A report that cannot be written fails the run (on_failure_fail_dagrun).
+        [evaluate, adapter, merged] >> report.as_teardown(setups=validate, on_failure_fail_dagrun=True)
     return dag
 
 

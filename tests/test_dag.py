@@ -29,7 +29,7 @@ def task(t):
     return {
         "upstream": sorted(t.upstream_task_ids), "pool": t.pool, "queue": t.queue,
         "trigger_rule": str(t.trigger_rule), "outlets": [a.name for a in getattr(t, "outlets", [])],
-        "retries": t.retries,
+        "retries": t.retries, "setup": t.is_setup, "teardown": t.is_teardown,
     }
 print(json.dumps({
     "seconds": seconds,
@@ -105,9 +105,11 @@ def test_the_stages_are_wired_in_order(shipped: dict) -> None:
         "evaluate": ["finetune"],
         "export_adapter": ["finetune"],
         "export_merged": ["finetune"],
-        "report": ["evaluate", "export_adapter", "export_merged"],
+        "report": ["evaluate", "export_adapter", "export_merged", "validate"],
     }
-    assert tasks["report"]["trigger_rule"].lower().endswith("all_done")  # a failed run gets its report too
+    # validate's teardown: runs after a failure too (not after validate's), never decides the run's state
+    assert tasks["report"]["trigger_rule"].lower().endswith("all_done_setup_success")
+    assert tasks["report"]["teardown"] and tasks["validate"]["setup"]
     assert tasks["export_adapter"]["outlets"] == ["llama2_7b_lora_alpaca.adapter"]
     assert tasks["export_merged"]["outlets"] == ["llama2_7b_lora_alpaca.merged"]
     assert tasks["validate"]["retries"] == 0 and tasks["finetune"]["retries"] == 0

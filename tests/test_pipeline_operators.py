@@ -53,7 +53,7 @@ class _TI:
         return self.xcoms.get(task_ids)
 
 
-def test_a_run_whose_finetune_failed_gets_a_report_and_stays_failed(tmp_path: Path) -> None:
+def test_a_run_whose_finetune_failed_gets_a_report_saying_so(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "r1"
     xcoms = {
         "fetch_alpaca": {"path": str(tmp_path / "alpaca.json"), "cached": True, "stage_seconds": 0.1},
@@ -67,8 +67,7 @@ def test_a_run_whose_finetune_failed_gets_a_report_and_stays_failed(tmp_path: Pa
         ),
     }
     op = ReportOperator(task_id="report", run_dir=str(run_dir), config=TINY, overrides={})
-    with pytest.raises(AirflowFailException, match="finetune, evaluate, export_adapter did not succeed"):
-        op.execute(context)
+    assert op.execute(context)["incomplete"] == ["finetune", "evaluate", "export_adapter"]
     report = (run_dir / "report.md").read_text()
     assert "`fetch_alpaca`" in report and "r1" in report
     assert (run_dir / "resolved_config.yaml").is_file()
