@@ -7,20 +7,18 @@ it and change `PIPELINE` (and `device_target`) to gate serving on your own pipel
 
 from __future__ import annotations
 
-from airflow.sdk import DAG, Asset
+from airflow.sdk import DAG
 
 from operators.evaluate import AdapterCheckOperator
-from operators.pipeline import adapter_asset_name
+from operators.pipeline import adapter_asset
 
 PIPELINE = "llama2_tiny_lora_demo"
 
 with DAG(
     dag_id="llama_lora_adapter_check",
     description=f"Loads each new adapter of pipeline {PIPELINE} and answers its prompts (example consumer).",
-    schedule=[Asset.ref(name=adapter_asset_name(PIPELINE))],
+    schedule=[adapter_asset(PIPELINE)],
     catchup=False,
     tags=["llama", "lora", "example"],
 ) as dag:
-    AdapterCheckOperator(
-        task_id="answer_prompts", asset_name=adapter_asset_name(PIPELINE), device_target="CPU"
-    )
+    AdapterCheckOperator(task_id="answer_prompts", asset=adapter_asset(PIPELINE), device_target="CPU")

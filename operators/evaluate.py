@@ -129,21 +129,20 @@ class AdapterCheckOperator(EvaluateOperator):
 
     template_fields: Sequence[str] = ()
 
-    def __init__(self, *, asset_name: str, device_target: str = "CPU", **kwargs: Any) -> None:
+    def __init__(self, *, asset: Any, device_target: str = "CPU", **kwargs: Any) -> None:
         super().__init__(
             config="", base_checkpoint="", run_dir="", tokenizer="", device_target=device_target, **kwargs
         )
-        self.asset_name = asset_name
+        self.asset = asset
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from airflow.providers.standard.hooks.subprocess import SubprocessHook
 
         from llama_core.checkpoint.import_peft import import_peft
 
-        events = [e for name, evs in context["triggering_asset_events"].items() for e in evs]
-        events = [e for e in events if getattr(e.asset, "name", None) == self.asset_name] or events
+        events = context["triggering_asset_events"].get(self.asset) or []
         if not events:
-            raise AirflowFailException(f"no event of Asset {self.asset_name} triggered this run")
+            raise AirflowFailException(f"no event of Asset {self.asset.name} triggered this run")
         extra = events[-1].extra
         adapter = Path(extra["adapter"])
         check_dir = adapter.parent / "adapter_check"
@@ -155,6 +154,7 @@ class AdapterCheckOperator(EvaluateOperator):
             extra["tokenizer"],
         )
         self.prompts, self.run_dir = extra.get("prompts") or [], str(check_dir)
+        self.max_new_tokens = extra.get("max_new_tokens")  # the answers' length the run evaluated
         output = check_dir / f"{context['run_id']}.json".replace(":", "_")
         cmd = self.command(Path(self.config), output)
         cmd[cmd.index("--finetuned_checkpoint") + 1] = str(imported.output_path)

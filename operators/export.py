@@ -54,7 +54,7 @@ class ExportAdapterOperator(_PublishingOperator):
 
     template_fields: Sequence[str] = (
         "run_dir", "config", "overrides", "base_model", "base_checkpoint", "tokenizer", "seq_length",
-        "prompts",
+        "prompts", "max_new_tokens",
     )  # fmt: skip
     ui_color = "#d5f5e3"
 
@@ -69,12 +69,13 @@ class ExportAdapterOperator(_PublishingOperator):
         overrides: Mapping[str, Any] | str | None = None,
         seq_length: int | str | None = None,
         prompts: Sequence[str] | str = (),
+        max_new_tokens: int | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.run_dir, self.config, self.overrides, self.base_model = run_dir, config, overrides, base_model
         self.base_checkpoint, self.tokenizer, self.seq_length = base_checkpoint, tokenizer, seq_length
-        self.prompts = prompts
+        self.prompts, self.max_new_tokens = prompts, max_new_tokens
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.export_peft import export_peft
@@ -95,6 +96,7 @@ class ExportAdapterOperator(_PublishingOperator):
                 "config_digest": config_digest(cfg),
                 "tokenizer": self.tokenizer,
                 "prompts": list(self.prompts or []),
+                "max_new_tokens": None if self.max_new_tokens in (None, "") else int(self.max_new_tokens),
                 "lora_rank": result.rank,
                 "target_modules": result.target_modules,
             },

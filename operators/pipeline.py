@@ -186,13 +186,20 @@ def pipeline_files(folder: str | os.PathLike[str] | None = None) -> list[Path]:
     return sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
 
 
-def adapter_asset_name(dag_id: str) -> str:
-    """The name of the Asset a pipeline's export_adapter task updates (what consumers schedule on)."""
-    return f"{dag_id}.adapter"
+def adapter_asset(dag_id: str) -> Any:
+    """The Asset a pipeline's export_adapter task updates, what consumers schedule on. Consumers use
+    this Asset itself, not `Asset.ref(name=...)`: with a reference, Airflow 3.3.2 starts the
+    consumer's run but hands it no triggering events (its scheduler reads only direct references)."""
+    from airflow.sdk import Asset
+
+    return Asset(name=f"{dag_id}.adapter", uri=f"llama-lora://{dag_id}/adapter")
 
 
-def merged_asset_name(dag_id: str) -> str:
-    return f"{dag_id}.merged"
+def merged_asset(dag_id: str) -> Any:
+    """The Asset a pipeline's export_merged task updates."""
+    from airflow.sdk import Asset
+
+    return Asset(name=f"{dag_id}.merged", uri=f"llama-lora://{dag_id}/merged")
 
 
 def _params(p: Pipeline) -> dict[str, Any]:
@@ -359,7 +366,7 @@ def _schedule(p: Pipeline) -> Any:
 
 def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, chatter_level: int = 10) -> Any:
     """The fine-tune DAG of pipeline `p`."""
-    from airflow.sdk import DAG, Asset
+    from airflow.sdk import DAG
 
     from operators.evaluate import EvaluateOperator
     from operators.export import ExportAdapterOperator, ExportMergedOperator
@@ -487,7 +494,8 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             tokenizer=tokenizer,
             seq_length="{{ params.seq_length }}",
             prompts="{{ params.prompts }}",
-            outlets=[Asset(name=adapter_asset_name(p.dag_id), uri=f"llama-lora://{p.dag_id}/adapter")],
+            max_new_tokens="{{ params.max_new_tokens }}",
+            outlets=[adapter_asset(p.dag_id)],
             asset_extra=asset_extra,
         )
         merged = ExportMergedOperator(
@@ -498,7 +506,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             overrides="{{ params.overrides }}",
             base_checkpoint=base,
             seq_length="{{ params.seq_length }}",
-            outlets=[Asset(name=merged_asset_name(p.dag_id), uri=f"llama-lora://{p.dag_id}/merged")],
+            outlets=[merged_asset(p.dag_id)],
             asset_extra=asset_extra,
         )
         report = ReportOperator(

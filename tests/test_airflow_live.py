@@ -474,7 +474,7 @@ def test_the_adapter_asset_event_runs_the_consumer_dag_on_it(
     assert consumer["run_type"] == "asset_triggered"
     assert consumer["state"] == "success", airflow.failure_report(consumer["dag_run_id"])
     airflow.set_paused(True, dag_id=CONSUMER)  # the later scenarios need the CPU for their fine-tunes
-    (check,) = (out / "adapter_check").glob("*.json")
+    check = out / "adapter_check" / f"{consumer['dag_run_id']}.json".replace(":", "_")
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert json.loads(check.read_text())["finetuned"]["generations"] == evaluation["finetuned"]["generations"]
 
