@@ -45,7 +45,7 @@ STAGES = {
         Stage("shard", "checkpoint.shard", "a checkpoint -> rank_<i>/ files for a config's layout"),
         Stage("launch", "launch.__main__", "`run` on every rank with msrun (prints rank logs)", False),
         Stage("run", "run", "train, fine-tune, evaluate or predict (prints logs)", False),
-        Stage("evaluate", "train.evaluation", "base vs fine-tuned: held-out loss and answers to prompts"),
+        Stage("evaluate", "evaluation", "base vs fine-tuned: held-out loss and answers to prompts"),
         Stage("unshard", "checkpoint.unshard", "rank_<i>/ checkpoints -> one complete .ckpt"),
         Stage("merge-lora", "checkpoint.merge_lora", "merge LoRA weights into the base weights"),
         Stage("export-peft", "checkpoint.export_peft", "LoRA weights -> a Hugging Face PEFT adapter"),

@@ -36,7 +36,7 @@ def write_resolved_config(
 
 
 class EvaluateOperator(StageOperator):
-    """Evaluate the base model and the fine-tuned one (`llama_core.train.evaluation`): loss and
+    """Evaluate the base model and the fine-tuned one (`llama_core.evaluation`): loss and
     perplexity on the held-out split, and greedy answers to the fixed prompts, before and after.
 
     MindSpore runs in a child process (one device, queue and pool of the NPU nodes), whose output
@@ -73,10 +73,10 @@ class EvaluateOperator(StageOperator):
         self._hook: Any = None
 
     def command(self, config_path: Path, output: Path) -> list[str]:
-        """The `llama_core.train.evaluation` command line."""
+        """The `llama_core.evaluation` command line."""
         run_dir = Path(self.run_dir)
         cmd = [
-            sys.executable, "-m", "llama_core.train.evaluation",
+            sys.executable, "-m", "llama_core.evaluation",
             "--config", str(config_path),
             "--base_checkpoint", self.base_checkpoint,
             "--finetuned_checkpoint", str(run_dir / "checkpoint"),

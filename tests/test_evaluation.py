@@ -19,8 +19,8 @@ import pytest
 from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.demo import DEMO_SEQ_LENGTH
 from llama_core.errors import ConfigError, InputError
+from llama_core.evaluation import evaluate_finetune
 from llama_core.results import to_jsonable
-from llama_core.train.evaluation import evaluate_finetune
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "lora_llama2_tiny.yaml"
@@ -174,7 +174,7 @@ def test_cli_prints_the_result_as_its_last_line(run: dict, tmp_path: Path) -> No
             "--tokenizer", str(run["tokenizer"]), "--seq_length", str(DEMO_SEQ_LENGTH)]
     # fmt: on
     proc = subprocess.run(
-        [sys.executable, "-m", "llama_core.train.evaluation", *args],
+        [sys.executable, "-m", "llama_core.evaluation", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -185,7 +185,7 @@ def test_cli_prints_the_result_as_its_last_line(run: dict, tmp_path: Path) -> No
     assert doc == {**to_jsonable(run["first"]), "cached": True}
 
     bad = subprocess.run(
-        [sys.executable, "-m", "llama_core.train.evaluation", *args[:4], "--finetuned_checkpoint",
+        [sys.executable, "-m", "llama_core.evaluation", *args[:4], "--finetuned_checkpoint",
          str(run["base"]), "--output_path", str(tmp_path / "x.json")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

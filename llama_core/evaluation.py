@@ -5,7 +5,7 @@ completions, deterministic), so the JSON answers "better than the base?" at a gl
 gives the same text. One LoRA model is built and compiled once for both sides: with every LoRA B
 at zero it computes the base model exactly, then the fine-tuned weights are loaded over it.
 
-`python -m llama_core.train.evaluation --config CFG --base_checkpoint B --finetuned_checkpoint F
+`python -m llama_core.evaluation --config CFG --base_checkpoint B --finetuned_checkpoint F
      --output_path OUT.json [--eval_data D] [--prompt P ...] [--prompts_file JSON_LIST]
      [--tokenizer T] [--max_new_tokens N] [--seq_length N] [--device_target CPU|Ascend]`
 
@@ -49,7 +49,7 @@ logger = logging.getLogger("llama_core.train")
 
 GENERATION_ALIGN = 128  # decoding lengths are multiples of this: few graphs, little padding
 
-STAGE = "train.evaluation"
+STAGE = "evaluation"
 FORMAT_VERSION = 1
 
 
@@ -377,7 +377,7 @@ def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
     return doc
 
 
-def build_parser(prog: str = "python -m llama_core.train.evaluation") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llama_core.evaluation") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Compare the base and the fine-tuned model: eval loss/perplexity and greedy completions.",
