@@ -30,6 +30,7 @@ def task(t):
         "upstream": sorted(t.upstream_task_ids), "pool": t.pool, "queue": t.queue,
         "trigger_rule": str(t.trigger_rule), "outlets": [a.name for a in getattr(t, "outlets", [])],
         "retries": t.retries, "setup": t.is_setup, "teardown": t.is_teardown,
+        "fails_run": getattr(t, "on_failure_fail_dagrun", None),
     }
 print(json.dumps({
     "seconds": seconds,
@@ -110,6 +111,7 @@ def test_the_stages_are_wired_in_order(shipped: dict) -> None:
     # validate's teardown: runs after a failure too (not after validate's), never decides the run's state
     assert tasks["report"]["trigger_rule"].lower().endswith("all_done_setup_success")
     assert tasks["report"]["teardown"] and tasks["validate"]["setup"]
+    assert tasks["report"]["fails_run"] is False  # else its success would pass a failed fine-tune's run
     assert tasks["export_adapter"]["outlets"] == ["llama2_7b_lora_alpaca.adapter"]
     assert tasks["export_merged"]["outlets"] == ["llama2_7b_lora_alpaca.merged"]
     assert tasks["validate"]["retries"] == 0 and tasks["finetune"]["retries"] == 0
