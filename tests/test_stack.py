@@ -36,6 +36,8 @@ from deploy.stack import SUBNET, Stack, free_port
 REPO = Path(__file__).resolve().parents[1]
 TOKEN_LIFETIME_S = 30
 NO_DROPOUT = {"model.model_config.pet_config.lora_dropout": 0}
+# long runs evaluate the held-out split only at the end: the periodic evals would be most of their time
+EVAL_AT_END = {"eval_step_interval": 100000}
 RUNS: dict[str, str] = {}  # run ids one test leaves for a later one
 
 pytestmark = [
@@ -186,7 +188,7 @@ def test_two_nodes_give_the_one_node_loss_curve(stack: Stack, client: AirflowLiv
 def test_a_rank_killed_on_one_host_fails_both_nodes_within_60s_and_leaves_nothing(
     stack: Stack, client: AirflowLive, inputs: Path
 ) -> None:
-    long = {"runner_config.epochs": 20, "callbacks.1.save_checkpoint_steps": 1000}
+    long = {"runner_config.epochs": 20, "callbacks.1.save_checkpoint_steps": 1000, **EVAL_AT_END}
     run_id = client.trigger(conf(stack, inputs, nodes=2, overrides=long)).json()["dag_run_id"]
 
     def training() -> psutil.Process | None:
@@ -241,7 +243,7 @@ def test_a_fine_tune_longer_than_many_token_lifetimes_succeeds(
     stack: Stack, client: AirflowLive, inputs: Path
 ) -> None:
     assert stack.env()["AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME"] == str(TOKEN_LIFETIME_S)
-    long = {"runner_config.epochs": 100, "callbacks.1.save_checkpoint_steps": 1000}
+    long = {"runner_config.epochs": 100, "callbacks.1.save_checkpoint_steps": 1000, **EVAL_AT_END}
     result = run(client, conf(stack, inputs, overrides=long), timeout=1200)
     run_id = result["run_id"]
     assert result["run"]["state"] == "success", client.failure_report(run_id)
