@@ -512,7 +512,11 @@ class AirflowLive:
     def set_ti_state(self, run_id: str, task_id: str, state: str) -> requests.Response:
         return self.patch(self._ti_path(run_id, task_id)[0], {"new_state": state})
 
-    def clear_tasks(self, run_id: str, task_ids: list[str], only_failed: bool = False) -> requests.Response:
+    def clear_tasks(
+        self, run_id: str, task_ids: list[str], only_failed: bool = False, downstream: bool = True
+    ) -> requests.Response:
+        """Clear tasks as the UI's Clear does by default: with their downstream tasks (after the
+        fine-tune: evaluate, the exports and the report), else those stay upstream_failed."""
         return self.post(
             f"/dags/{self._dag(None)}/clearTaskInstances",
             {
@@ -520,6 +524,7 @@ class AirflowLive:
                 "task_ids": task_ids,
                 "dry_run": False,
                 "only_failed": only_failed,
+                "include_downstream": downstream,
                 "reset_dag_runs": True,
             },
         )
