@@ -41,7 +41,7 @@ from llama_core.data.prompts import TEMPLATE
 from llama_core.errors import ConfigError, InputError
 from llama_core.results import to_jsonable
 from llama_core.train.dataset import mindrecord_files
-from llama_core.train.outputs import CHECKPOINT_DIR, find_rank_folders, newest_checkpoint
+from llama_core.train.outputs import checkpoint_file
 
 # MindSpore is imported only past the cache check: a hit builds nothing.
 
@@ -87,19 +87,6 @@ class EvaluationResult:
 
 
 # -- inputs
-def checkpoint_file(path: str | os.PathLike[str], what: str) -> Path:
-    """A checkpoint argument as one file: a .ckpt as is; a folder with rank_<i>/ (a run's
-    `checkpoint/`) or a run's output folder: rank 0's newest; any other folder: its newest
-    (`train_state.base_checkpoint_file` for rank 0, without importing MindSpore)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise InputError(f"{what} not found: {path}")
-    ranks = find_rank_folders(path) or find_rank_folders(path / CHECKPOINT_DIR)
-    return newest_checkpoint(ranks.get(0, path))
-
-
 def eval_data_files(path: str | os.PathLike[str]) -> list[Path]:
     """The files a MindRecord dataset reads: its data files and their `.db` index companions.
 

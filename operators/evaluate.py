@@ -35,14 +35,70 @@ def write_resolved_config(
     return path, cfg
 
 
-class EvaluateOperator(StageOperator):
+class _EvaluationRunner(StageOperator):
+    """Runs `llama_core.evaluation` in a child process on one device (MindSpore stays out of the task
+    process): its output streams into the task log, and stopping the task stops it (`on_kill`), as
+    BashOperator does."""
+
+    def __init__(self, *, device_target: str = "Ascend", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.device_target = device_target
+        self._hook: Any = None
+
+    def evaluate(
+        self,
+        work: Path,
+        *,
+        config: Path,
+        base: str,
+        finetuned: Path,
+        output: Path,
+        tokenizer: str,
+        prompts: list[str],
+        max_new_tokens: int | str | None,
+        eval_data: str | None = None,
+    ) -> dict[str, Any]:
+        """Run `llama_core.evaluation` in a child process in `work` (its output in the task log, stopped
+        by `on_kill`) and return the result it wrote to `output`."""
+        from airflow.providers.standard.hooks.subprocess import SubprocessHook
+
+        from llama_core.atomic import write_json_atomic
+
+        cmd = [
+            sys.executable, "-m", "llama_core.evaluation",
+            "--config", str(config),
+            "--base_checkpoint", base,
+            "--finetuned_checkpoint", str(finetuned),
+            "--output_path", str(output),
+            "--tokenizer", tokenizer,
+            "--device_target", self.device_target,
+        ]  # fmt: skip
+        if eval_data:
+            cmd += ["--eval_data", eval_data]
+        if prompts:
+            cmd += ["--prompts_file", str(write_json_atomic(work / "evaluation_prompts.json", prompts))]
+        if max_new_tokens not in (None, ""):
+            cmd += ["--max_new_tokens", str(int(max_new_tokens))]
+        self._hook = SubprocessHook()
+        result = self._hook.run_command(cmd, cwd=str(work))
+        if result.exit_code != 0:
+            raise AirflowFailException(
+                f"evaluation failed (exit code {result.exit_code}): {result.output}; the lines above say why"
+            )
+        return json.loads(output.read_text())
+
+    def on_kill(self) -> None:
+        if self._hook is not None:
+            self._hook.send_sigterm()
+
+
+class EvaluateOperator(_EvaluationRunner):
     """Evaluate the base model and the fine-tuned one (`llama_core.evaluation`): loss and
     perplexity on the held-out split, and greedy answers to the fixed prompts, before and after.
 
-    MindSpore runs in a child process (one device, queue and pool of the NPU nodes), whose output
-    streams into the task log; stopping the task stops it (`on_kill`), as BashOperator does. The
-    result is written to `run_dir/evaluation.json` and is the task's XCom; a re-run with the same
-    checkpoints, data and prompts finds it in the cache.
+    It runs on the NPU nodes' queue and pool (the DAG sets them). The result is written to
+    `run_dir/evaluation.json` and is the task's XCom; a re-run with the same checkpoints, data and
+    prompts finds it in the cache.
     """
 
     template_fields: Sequence[str] = (
@@ -63,81 +119,45 @@ class EvaluateOperator(StageOperator):
         prompts: Sequence[str] | str = (),
         max_new_tokens: int | str | None = None,
         seq_length: int | str | None = None,
-        device_target: str = "Ascend",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.config, self.overrides, self.base_checkpoint = config, overrides, base_checkpoint
         self.run_dir, self.eval_data, self.tokenizer, self.prompts = run_dir, eval_data, tokenizer, prompts
-        self.max_new_tokens, self.seq_length, self.device_target = max_new_tokens, seq_length, device_target
-        self._hook: Any = None
-
-    def command(self, config_path: Path, output: Path) -> list[str]:
-        """The `llama_core.evaluation` command line."""
-        run_dir = Path(self.run_dir)
-        cmd = [
-            sys.executable, "-m", "llama_core.evaluation",
-            "--config", str(config_path),
-            "--base_checkpoint", self.base_checkpoint,
-            "--finetuned_checkpoint", str(run_dir / "checkpoint"),
-            "--output_path", str(output),
-            "--tokenizer", self.tokenizer,
-            "--device_target", self.device_target,
-        ]  # fmt: skip
-        if self.eval_data:
-            cmd += ["--eval_data", self.eval_data]
-        prompts = json.loads(self.prompts) if isinstance(self.prompts, str) else list(self.prompts or [])
-        if prompts:
-            prompts_file = run_dir / "evaluation_prompts.json"
-            from llama_core.atomic import write_json_atomic
-
-            write_json_atomic(prompts_file, prompts)
-            cmd += ["--prompts_file", str(prompts_file)]
-        if self.max_new_tokens not in (None, ""):
-            cmd += ["--max_new_tokens", str(int(self.max_new_tokens))]
-        return cmd
+        self.max_new_tokens, self.seq_length = max_new_tokens, seq_length
 
     def run_stage(self, context: Context) -> dict[str, Any]:
-        from airflow.providers.standard.hooks.subprocess import SubprocessHook
-
         config_path, _ = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
-        output = Path(self.run_dir) / "evaluation.json"
-        self._hook = SubprocessHook()
-        result = self._hook.run_command(self.command(config_path, output), cwd=self.run_dir)
-        if result.exit_code != 0:
-            raise AirflowFailException(
-                f"evaluation failed (exit code {result.exit_code}): {result.output}; the lines above say why"
-            )
-        evaluation = json.loads(output.read_text())
+        evaluation = self.evaluate(
+            Path(self.run_dir),
+            config=config_path,
+            base=self.base_checkpoint,
+            finetuned=Path(self.run_dir) / "checkpoint",
+            output=Path(self.run_dir) / "evaluation.json",
+            tokenizer=self.tokenizer,
+            prompts=json.loads(self.prompts) if isinstance(self.prompts, str) else list(self.prompts or []),
+            max_new_tokens=self.max_new_tokens,
+            eval_data=self.eval_data,
+        )
         base, tuned = evaluation["base"], evaluation["finetuned"]
         self.log.info(
             "held-out loss: base %s -> fine-tuned %s", base.get("eval_loss"), tuned.get("eval_loss")
         )
         return evaluation
 
-    def on_kill(self) -> None:
-        if self._hook is not None:
-            self._hook.send_sigterm()
 
-
-class AdapterCheckOperator(EvaluateOperator):
+class AdapterCheckOperator(_EvaluationRunner):
     """For a DAG scheduled on a pipeline's adapter Asset: load the newest published PEFT adapter (the
     event's extra says where it is and what it was trained from), import it back into MindSpore on its
     base weights and answer the pipeline's fixed prompts with it. Where the producing run evaluated the
     same prompts, the answers must be the same: the adapter a consumer receives is the model that was
     evaluated. Writes `<adapter>/../adapter_check/<this run_id>.json`."""
 
-    template_fields: Sequence[str] = ()
-
-    def __init__(self, *, asset: Any, device_target: str = "CPU", **kwargs: Any) -> None:
-        super().__init__(
-            config="", base_checkpoint="", run_dir="", tokenizer="", device_target=device_target, **kwargs
-        )
+    def __init__(self, *, asset: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.asset = asset
 
     def run_stage(self, context: Context) -> dict[str, Any]:
-        from airflow.providers.standard.hooks.subprocess import SubprocessHook
-
         from llama_core.checkpoint.import_peft import import_peft
 
         events = context["triggering_asset_events"].get(self.asset) or []
@@ -148,23 +168,17 @@ class AdapterCheckOperator(EvaluateOperator):
         check_dir = adapter.parent / "adapter_check"
         imported = import_peft(adapter, check_dir / "adapter_lora.ckpt")
         self.log.info("adapter %s of run %s imported: %s", adapter, extra.get("run_id"), imported)
-        self.config, self.base_checkpoint, self.tokenizer = (
-            extra["config"],
-            extra["base_checkpoint"],
-            extra["tokenizer"],
+        checked = self.evaluate(
+            check_dir,
+            config=Path(extra["config"]),
+            base=extra["base_checkpoint"],
+            finetuned=imported.output_path,
+            output=check_dir / f"{context['run_id']}.json".replace(":", "_"),
+            tokenizer=extra["tokenizer"],
+            prompts=extra.get("prompts") or [],
+            max_new_tokens=extra.get("max_new_tokens"),  # the answers' length the run evaluated
         )
-        self.prompts, self.run_dir = extra.get("prompts") or [], str(check_dir)
-        self.max_new_tokens = extra.get("max_new_tokens")  # the answers' length the run evaluated
-        output = check_dir / f"{context['run_id']}.json".replace(":", "_")
-        cmd = self.command(Path(self.config), output)
-        cmd[cmd.index("--finetuned_checkpoint") + 1] = str(imported.output_path)
-        self._hook = SubprocessHook()
-        result = self._hook.run_command(cmd, cwd=str(check_dir))
-        if result.exit_code != 0:
-            raise AirflowFailException(
-                f"the adapter check failed (exit code {result.exit_code}): {result.output}"
-            )
-        answers = json.loads(output.read_text())["finetuned"]["generations"]
+        answers = checked["finetuned"]["generations"]
         for answer in answers:
             self.log.info("prompt %r -> %r", answer["prompt"], answer["output"])
         produced = adapter.parent / "evaluation.json"

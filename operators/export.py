@@ -20,25 +20,13 @@ from operators.evaluate import write_resolved_config
 from operators.stages import StageOperator
 
 
-def final_checkpoint(run_dir: str | Path) -> Path:
-    """The newest checkpoint of rank 0 in a run folder (data parallel: every rank holds the same)."""
-    from llama_core.train.outputs import newest_checkpoint, rank_dir
-
-    return newest_checkpoint(rank_dir(run_dir, 0))
-
-
 class _PublishingOperator(StageOperator):
     """A stage whose result is published on its outlet Assets, with the run's metadata as extra."""
-
-    def __init__(self, *, asset_extra: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.asset_extra = dict(asset_extra or {})
 
     def publish(self, context: Context, extra: Mapping[str, Any]) -> None:
         dag_run = context["dag_run"]
         logical_date = getattr(dag_run, "logical_date", None)
         doc = {
-            **self.asset_extra,
             "dag_id": dag_run.dag_id,
             "run_id": dag_run.run_id,
             "logical_date": logical_date.isoformat() if logical_date else None,
@@ -81,9 +69,10 @@ class ExportAdapterOperator(_PublishingOperator):
         from llama_core.checkpoint.export_peft import export_peft
         from llama_core.report import config_digest
         from llama_core.results import to_jsonable
+        from llama_core.train.outputs import checkpoint_file
 
         config_path, cfg = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
-        final = final_checkpoint(self.run_dir)
+        final = checkpoint_file(self.run_dir, "run folder")  # its final checkpoint
         result = export_peft(final, Path(self.run_dir) / "adapter", self.base_model, config=cfg)
         self.publish(
             context,
@@ -139,9 +128,10 @@ class ExportMergedOperator(_PublishingOperator):
         from llama_core.checkpoint.convert import convert_ms_to_hf
         from llama_core.checkpoint.merge_lora import merge_lora
         from llama_core.report import config_digest
+        from llama_core.train.outputs import checkpoint_file
 
         config_path, cfg = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
-        final = final_checkpoint(self.run_dir)
+        final = checkpoint_file(self.run_dir, "run folder")  # its final checkpoint
         folder = Path(self.run_dir) / "merged"
         merged = merge_lora(self.base_checkpoint, folder / "llama2_lora_merged.ckpt", final, config=cfg)
         hf = convert_ms_to_hf(merged.output_path, folder / "hf", config=cfg)

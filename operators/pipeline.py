@@ -483,7 +483,6 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             device_target="{{ params.device_target }}",
             **npu,
         )
-        asset_extra = {"pipeline": p.dag_id}
         adapter = ExportAdapterOperator(
             task_id="export_adapter",
             run_dir=run_dir,
@@ -496,7 +495,6 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             prompts="{{ params.prompts }}",
             max_new_tokens="{{ params.max_new_tokens }}",
             outlets=[adapter_asset(p.dag_id)],
-            asset_extra=asset_extra,
         )
         merged = ExportMergedOperator(
             task_id="export_merged",
@@ -507,7 +505,6 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             base_checkpoint=base,
             seq_length="{{ params.seq_length }}",
             outlets=[merged_asset(p.dag_id)],
-            asset_extra=asset_extra,
         )
         report = ReportOperator(
             task_id="report",

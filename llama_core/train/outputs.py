@@ -19,6 +19,7 @@ reading it back (CRC) tells.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,17 @@ def has_checkpoint(output_dir: str | Path) -> bool:
     """Whether a run's output folder holds a checkpoint of any rank to resume from."""
     ranks = find_rank_folders(Path(output_dir) / CHECKPOINT_DIR).values()
     return any(list_checkpoints(folder) for folder in ranks)
+
+
+def checkpoint_file(path: str | os.PathLike[str], what: str) -> Path:
+    """A checkpoint argument as one file: a .ckpt as is; a folder with rank_<i>/ (a run's
+    `checkpoint/`) or a run's output folder: rank 0's newest (data parallel: every rank holds the
+    same weights), which is a run's final checkpoint; any other folder: its newest
+    (`train_state.base_checkpoint_file` for rank 0, without importing MindSpore)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise InputError(f"{what} not found: {path}")
+    ranks = find_rank_folders(path) or find_rank_folders(path / CHECKPOINT_DIR)
+    return newest_checkpoint(ranks.get(0, path))
