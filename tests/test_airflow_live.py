@@ -621,6 +621,18 @@ def test_sigkill_of_the_task_process_leaves_no_rank_within_10s(killed_run: dict[
 # ---------------------------------------------------------------- backfill
 
 
+def create_backfill(airflow: AirflowLive, body: dict[str, Any], tries: int = 5) -> dict[str, Any]:
+    """POST /backfills, again after a moment when SQLite was locked by the scheduler's own writes (the
+    API answers 503 "Database is locked" then; this deployment is the standalone one, on SQLite)."""
+    for _ in range(tries):
+        resp = airflow.post("/backfills", body, expect=None)
+        if not (resp.status_code == 503 and "Database is locked" in resp.text):
+            break
+        time.sleep(2)
+    assert resp.status_code in (200, 201), f"POST /backfills -> HTTP {resp.status_code}: {resp.text[:1000]}"
+    return resp.json()
+
+
 @pytest.fixture(scope="module")
 def backfill(
     airflow: AirflowLive, killed_run: dict[str, Any], demo_inputs: Path, work_root: Path
@@ -646,7 +658,7 @@ def backfill(
         (demo_inputs / f"alpaca-{backfill_run['logical_date'][:10]}.json").write_text(json.dumps(snapshot))
     runs_before = {r["dag_run_id"] for r in airflow.dag_runs()}
     t0 = time.monotonic()
-    created = airflow.post("/backfills", body).json()
+    created = create_backfill(airflow, body)
 
     def all_done() -> list[dict[str, Any]] | None:
         runs = airflow.dag_runs()
