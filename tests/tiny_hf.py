@@ -1,4 +1,4 @@
-"""A tiny random Hugging Face Llama for tests: 2 layers, 4 query heads, untied lm_head."""
+"""Tiny random Hugging Face models for tests (Llama, Qwen2, Qwen3): 2 layers, 4 query heads."""
 
 from __future__ import annotations
 
@@ -40,10 +40,45 @@ def tiny_hf_llama(
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     if spread:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.uniform_(0.5, 1.5)
-                else:
-                    param.normal_(0.0, 0.15)
+        spread_weights(model)
+    return model
+
+
+def spread_weights(model: torch.nn.Module) -> None:
+    """Weights ~ N(0, 0.15), norm weights ~ U(0.5, 1.5): a wrong wiring shows in the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.15)
+
+
+HF_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+
+
+def tiny_hf_family(model_type: str, *, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """A tiny model of an HF family in eval mode with spread weights (see `tiny_hf_llama`), eager
+    attention; `config` sets or overrides that family's config fields."""
+    config_class, model_class = HF_CLASSES[model_type]
+    values: dict[str, Any] = {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attn_implementation": "eager",
+    }
+    values.update(config)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**values)).eval()
+    spread_weights(model)
     return model

@@ -1,4 +1,5 @@
-"""HF <-> MindSpore Llama checkpoint conversion, streaming one tensor at a time.
+"""HF <-> MindSpore checkpoint conversion for the Llama family (Llama 2/3.x, Qwen2/2.5, Qwen3; the
+architecture comes from config.json), streaming one tensor at a time.
 
 Forward (`convert_hf_to_ms`): an HF model folder (`config.json` + `model.safetensors`, or shards
 with `model.safetensors.index.json`) -> one MindSpore `.ckpt` with the parameter names of
@@ -90,12 +91,11 @@ def _target_dtype(dtype: str | None) -> str | None:
         raise ConfigError(f"dtype {dtype!r}: expected one of {', '.join(CLI_DTYPES)}") from None
 
 
-def plan_hf_import(
-    input_path: Path, dims: LlamaDims, tied: bool
-) -> tuple[list[tuple[str, StEntry]], list[str]]:
+def plan_hf_import(input_path: Path, dims: LlamaDims) -> tuple[list[tuple[str, StEntry]], list[str]]:
     """Map every HF tensor to its MindSpore name in model order; fail on any misfit.
 
-    Returns [(ms_name, entry)] and the HF names deliberately skipped (derived RoPE buffers).
+    Returns [(ms_name, entry)] and the HF names deliberately skipped (derived RoPE buffers, and the
+    copy of the embedding some tied models also store as lm_head.weight).
     """
     by_ms: dict[str, StEntry] = {}
     skipped = []
@@ -103,17 +103,20 @@ def plan_hf_import(
         if HF_DERIVED.fullmatch(entry.name):
             skipped.append(entry.name)
             continue
+        if dims.tied and entry.name == "lm_head.weight":
+            log.info("tie_word_embeddings: lm_head.weight is the embedding table; its stored copy is skipped")
+            skipped.append(entry.name)
+            continue
         m = match_hf(entry.name, dims)
         if m is None:
-            raise InputError(f"{entry.path}: tensor {entry.name!r} is not a Llama weight (unknown name)")
+            raise InputError(
+                f"{entry.path}: tensor {entry.name!r} is not a weight of this model: not a Llama-family "
+                "name, or a part its config.json does not have (q/k/v bias: Qwen2; q/k norm: Qwen3)"
+            )
         check_shape(entry.name, entry.shape, m, dims)
         if entry.dtype not in FLOAT_TYPES:
             raise InputError(f"{entry.path}: tensor {entry.name!r} has non-float type {entry.dtype}")
         by_ms[m.ms_name] = entry
-    if tied and "lm_head.weight" not in by_ms:
-        # Tied HF models store one matrix; MindSpore's Llama has an untied lm_head, so copy it.
-        log.info("tie_word_embeddings: lm_head.weight written as a copy of model.embed_tokens.weight")
-        by_ms["lm_head.weight"] = by_ms.get("model.tok_embeddings.embedding_weight")  # type: ignore[assignment]
     plan = []
     for name in expected_ms_names(dims):
         if by_ms.get(name) is None:
@@ -132,8 +135,8 @@ def convert_hf_to_ms(
     input_path, output_path = Path(input_path), Path(output_path)
     target = _target_dtype(dtype)
     hf_config = _read_json(input_path / "config.json")
-    dims = LlamaConfig.from_hf_config(hf_config, check_features=False).dims
-    plan, skipped = plan_hf_import(input_path, dims, bool(hf_config.get("tie_word_embeddings")))
+    dims = LlamaConfig.from_hf_config(hf_config).dims
+    plan, skipped = plan_hf_import(input_path, dims)
 
     manifest_path = manifest_path_for(output_path)
     inputs = [input_path / "config.json", *hf_weight_files(input_path)]
@@ -346,7 +349,12 @@ def build_parser(prog: str = "python -m llama_core.checkpoint.convert") -> argpa
         prog=prog,
         description="Convert a Llama checkpoint between HF safetensors and MindSpore .ckpt.",
     )
-    p.add_argument("--model", default="llama", choices=["llama"], help="model family (only llama)")
+    p.add_argument(
+        "--model",
+        default="llama",
+        choices=["llama", "qwen2", "qwen3"],
+        help="accepted for MindFormers' command line; the architecture comes from config.json",
+    )
     p.add_argument("--input_path", required=True, help="HF model folder (or .ckpt with --reversed)")
     p.add_argument("--output_path", required=True, help="output .ckpt (or HF folder with --reversed)")
     p.add_argument("--dtype", choices=sorted(CLI_DTYPES), default=None, help="stored type (default fp32)")

@@ -43,6 +43,11 @@ def check_layout(layout: Layout, dims: LlamaDims) -> None:
                 f"{key} = {size} is not divisible by parallel_config.model_parallel = {mp} "
                 f"(tensor {tensor!r} cannot be split)"
             )
+    if dims.tied and layout.pp > 1:
+        raise ConfigError(
+            "model.model_config.tie_word_embeddings: a tied output head (the embedding table, on the "
+            "first stage) cannot run with parallel_config.pipeline_stage > 1"
+        )
     if layout.pp > dims.layers:
         raise ConfigError(
             f"parallel_config.pipeline_stage = {layout.pp} > model.model_config.num_layers = {dims.layers}"

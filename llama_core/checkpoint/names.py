@@ -1,4 +1,4 @@
-"""The one HF <-> MindSpore name table for Llama (docs/REFERENCE.md), with shapes and slicing.
+"""The one HF <-> MindSpore name table for the Llama family (docs/REFERENCE.md), with shapes and slicing.
 
 Each row names a parameter on both sides, its shape in terms of the model's sizes, how tensor
 parallelism slices it (Megatron style) and which pipeline stage holds it:
@@ -15,9 +15,14 @@ parallelism slices it (Megatron style) and which pipeline stage holds it:
 | layers.i.feed_forward.w2 (mlp.down_proj)                   | [h, ffn]     | columns               | layer |
 | model.norm_out (model.norm)                                | [h]          | replicated            | last  |
 | lm_head (lm_head)                                          | [vocab, h]   | rows (vocab)          | last  |
+| layers.i.attention.wq.bias (self_attn.q_proj.bias), Qwen2  | [heads*d]    | rows (whole heads)    | layer |
+| layers.i.attention.wk, wv .bias (k_proj, v_proj), Qwen2    | [kv*d]       | rows (whole kv heads) | layer |
+| layers.i.attention.q_norm, k_norm (self_attn.q_norm, k_norm), Qwen3 | [d] | replicated         | layer |
 
 (`layers.i` is `model.layers.i`, stage "layer" is the stage of layer i; every name ends
-in `.weight` except the embedding's.) The sizes come from `LlamaConfig.dims`, the model's config.
+in `.weight` except the embedding's and the biases.) The sizes and which rows a model has come from
+`LlamaConfig.dims`, the model's config: biases with `qkv_bias`, q/k norms with `qk_norm`, and no
+`lm_head` when `tied` (the head is the embedding table).
 
 LoRA (`<linear>.mindpet_delta_lora_a` [r, in], `_lora_b` [out, r]; older files say `tk_delta_`)
 follows its linear: for a row-split linear B is split by rows and A replicated, for a
@@ -46,6 +51,15 @@ class Param:
     shape: tuple[str, ...]
     tp_axis: int | None  # axis split by tensor parallelism; None = replicated
     stage: str  # "first", "layer" or "last"
+    when: str = "always"  # which models have it: "always", "qkv_bias", "qk_norm" or "untied"
+
+    def present(self, dims: LlamaDims) -> bool:
+        return {
+            "always": True,
+            "qkv_bias": dims.qkv_bias,
+            "qk_norm": dims.qk_norm,
+            "untied": not dims.tied,
+        }[self.when]
 
 
 TABLE: tuple[Param, ...] = (
@@ -114,7 +128,29 @@ TABLE: tuple[Param, ...] = (
         "layer",
     ),
     Param("model.norm_out.weight", "model.norm.weight", ("h",), None, "last"),
-    Param("lm_head.weight", "lm_head.weight", ("vocab", "h"), 0, "last"),
+    Param("lm_head.weight", "lm_head.weight", ("vocab", "h"), 0, "last", "untied"),
+    *(
+        Param(
+            f"model.layers.{{i}}.attention.{ms}.bias",
+            f"model.layers.{{i}}.self_attn.{hf}.bias",
+            (size,),
+            0,
+            "layer",
+            "qkv_bias",
+        )
+        for ms, hf, size in (("wq", "q_proj", "q"), ("wk", "k_proj", "kv"), ("wv", "v_proj", "kv"))
+    ),
+    *(
+        Param(
+            f"model.layers.{{i}}.attention.{norm}.weight",
+            f"model.layers.{{i}}.self_attn.{norm}.weight",
+            ("d",),
+            None,
+            "layer",
+            "qk_norm",
+        )
+        for norm in ("q_norm", "k_norm")
+    ),
 )
 
 # HF buffers that are recomputed from the config, not weights (older HF checkpoints hold them).
@@ -151,7 +187,7 @@ class Match:
 def _lookup(name: str, table: list[tuple[re.Pattern[str], Param]], dims: LlamaDims | None) -> Match | None:
     for regex, param in table:
         m = regex.match(name)
-        if m:
+        if m and (dims is None or param.present(dims)):
             layer = int(m.group(1)) if m.groups() else None
             if dims is not None and layer is not None and layer >= dims.layers:
                 raise InputError(f"tensor {name!r}: layer {layer} but the config has {dims.layers} layers")
@@ -160,12 +196,12 @@ def _lookup(name: str, table: list[tuple[re.Pattern[str], Param]], dims: LlamaDi
 
 
 def match_ms(name: str, dims: LlamaDims | None = None) -> Match | None:
-    """The table row of a MindSpore base-weight name, or None."""
+    """The table row of a MindSpore base-weight name, or None (also for a row `dims` has not)."""
     return _lookup(name, _MS_RE, dims)
 
 
 def match_hf(name: str, dims: LlamaDims | None = None) -> Match | None:
-    """The table row of an HF base-weight name, or None."""
+    """The table row of an HF base-weight name, or None (also for a row `dims` has not)."""
     return _lookup(name, _HF_RE, dims)
 
 
@@ -195,14 +231,11 @@ def check_shape(name: str, shape: tuple[int, ...], match: Match, dims: LlamaDims
 
 
 def expected_ms_names(dims: LlamaDims) -> list[str]:
-    """Every base weight a complete checkpoint of `dims` holds, in model order."""
-    names = []
-    for p in TABLE:
-        if "{i}" in p.ms:
-            continue
-        names.append(p.ms)
-    per_layer = [p.ms for p in TABLE if "{i}" in p.ms]
-    first, last = names[:1], names[1:]
+    """Every base weight a complete checkpoint of `dims` holds: the embedding, each layer's, the rest."""
+    rows = [p for p in TABLE if p.present(dims)]
+    per_layer = [p.ms for p in rows if "{i}" in p.ms]
+    first = [p.ms for p in rows if p.stage == "first"]
+    last = [p.ms for p in rows if p.stage == "last"]
     return first + [n.replace("{i}", str(i)) for i in range(dims.layers) for n in per_layer] + last
 
 

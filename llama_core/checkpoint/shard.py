@@ -219,7 +219,7 @@ def _manifest_extra(
         "layout": {**layout.as_dict(), "world_size": layout.world_size},
         "rank_order": "rank = stage * (data_parallel * model_parallel) + dp * model_parallel + mp",
         "stage_layers": stage_layer_ranges(dims.layers, layout.pp),
-        "model": dict(vars(dims)),
+        "model": dims.describe(),
         "link": link,
         "source": {
             "path": str(src.path.resolve()),
@@ -246,7 +246,7 @@ def shard_checkpoint(
     manifest_path = out / MANIFEST_NAME
     with CheckpointSource(load_checkpoint) as src:
         plan = _plan(src, layout, dims)
-        params = {"layout": layout.as_dict(), "model": dict(vars(dims)), "source_kind": src.kind}
+        params = {"layout": layout.as_dict(), "model": dims.describe(), "source_kind": src.kind}
         key = StageKey(manifest_path, "checkpoint.shard", FORMAT_VERSION, src.files, params)
         rank_files = [out / f"rank_{r}" / f"checkpoint_{r}.ckpt" for r in range(layout.world_size)]
         hit = key.hit()

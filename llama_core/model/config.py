@@ -1,7 +1,17 @@
 """The Llama model's configuration: sizes, dtypes, RoPE, norm eps and token ids, in one dataclass.
 
-It reads a run YAML's `model.model_config` (MindFormers' key names) and a Hugging Face `config.json`,
-and writes the latter. It imports no MindSpore: the checkpoint tools, which never build the model,
+One decoder covers the families users fine-tune; their differences are a few switches here:
+
+| family          | HF model_type | what differs from Llama 2                                          |
+|-----------------|---------------|--------------------------------------------------------------------|
+| Llama 2         | llama         | -                                                                  |
+| Llama 3.x       | llama         | theta 5e5, `rope_scaling` llama3 (3.1+), tied head (3.2 1B/3B)     |
+| Qwen2 / Qwen2.5 | qwen2         | `qkv_has_bias`, theta 1e6, tied head (small sizes)                 |
+| Qwen3 (dense)   | qwen3         | `qk_norm` (RMSNorm per head on q and k), explicit `head_dim`       |
+
+It reads a run YAML's `model.model_config` (MindFormers' key names) and a Hugging Face `config.json`
+(whose `model_type` decides the family; anything not implemented is refused by name), and writes the
+latter. It imports no MindSpore: the checkpoint tools, which never build the model,
 take their tensor shapes (`LlamaConfig.dims`) from the same object the model is built from, so a
 size rule (the FFN width) or a LoRA parameter name is stated once.
 """
@@ -68,11 +78,14 @@ NEUTRAL_MINDFORMERS_VALUES: dict[str, tuple[Any, ...]] = {
     "extend_method": ("None", None),
     "scaling_factor": (1.0, None),
     "qkv_concat": (False,),
-    "qkv_has_bias": (False,),
     "attn_proj_has_bias": (False,),
-    "tie_word_embeddings": (False,),
     "moe_config": (None,),
 }
+
+# The HF families this model implements, and the HF class each one exports as.
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Llama 3.1's RoPE frequency scaling: the keys `rope_scaling` must hold (HF's names).
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,20 +101,32 @@ class LlamaDims:
     kv_heads: int
     ffn: int
     vocab: int
+    head_dim: int = 0  # 0: hidden // heads
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tied: bool = False  # lm_head is the embedding table: no lm_head.weight of its own
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     def size(self, symbol: str) -> int:
         """The size a shape symbol of the name table stands for."""
         return {
             "h": self.hidden,
+            "d": self.head_dim,
             "q": self.heads * self.head_dim,
             "kv": self.kv_heads * self.head_dim,
             "ffn": self.ffn,
             "vocab": self.vocab,
         }[symbol]
+
+    def describe(self) -> dict[str, Any]:
+        """The fields as a manifest records them; a Llama 2 shape reads as it always has (the
+        family switches appear only when set), so shard caches made before them still hit."""
+        doc = dataclasses.asdict(self)
+        defaults = {"head_dim": self.hidden // self.heads, "qkv_bias": False, "qk_norm": False, "tied": False}
+        return {k: v for k, v in doc.items() if k not in defaults or v != defaults[k]}
 
 
 @dataclasses.dataclass
@@ -117,6 +142,11 @@ class LlamaConfig:
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     intermediate_size: int | None = None  # explicit FFN size; overrides the multiple_of rule
+    head_dim: int | None = None  # None: hidden_size // num_heads (Qwen3 gives it explicitly)
+    qkv_has_bias: bool = False  # Qwen2: q, k and v projections carry a bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    tie_word_embeddings: bool = False  # the output head is the embedding table (Llama 3.2 1B/3B)
+    rope_scaling: dict[str, Any] | None = None  # {rope_type: llama3, factor, low_freq_factor, ...}
     rms_norm_eps: float = 1.0e-5
     theta: float = 10000.0
     max_position_embedding: int | None = None  # None: seq_length
@@ -134,6 +164,13 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         if self.max_position_embedding is None:
             self.max_position_embedding = self.seq_length
+        if self.head_dim is None:
+            if isinstance(self.num_heads, int) and self.num_heads > 0 and self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"model_config.hidden_size {self.hidden_size} is not divisible by num_heads "
+                    f"{self.num_heads} (give head_dim explicitly)"
+                )
+            self.head_dim = self.hidden_size // self.num_heads if self.num_heads else 0
         self.validate()
 
     @classmethod
@@ -145,6 +182,7 @@ class LlamaConfig:
         would change it (`NEUTRAL_MINDFORMERS_VALUES`: qkv_concat, extend_method...) must keep their
         neutral value or raise ConfigError.
         """
+        values = _mindformers_rope_scaling(values)
         fields = {f.name for f in dataclasses.fields(cls)}
         known = fields | IGNORED_MINDFORMERS_KEYS | NEUTRAL_MINDFORMERS_VALUES.keys()
         unknown = sorted(k for k in values if k not in known)
@@ -173,20 +211,19 @@ class LlamaConfig:
     def from_hf_config(
         cls, hf: Mapping[str, Any], *, check_features: bool = True, **overrides: Any
     ) -> LlamaConfig:
-        """Build from a Hugging Face Llama `config.json` mapping; `overrides` set other fields (e.g.
-        seq_length, dtypes).
+        """Build from a Hugging Face `config.json` mapping of a Llama, Qwen2 or Qwen3 model;
+        `overrides` set other fields (e.g. seq_length, dtypes).
 
-        HF features this model does not implement raise ConfigError, unless `check_features` is off:
-        tools that only move tensors (conversion) read the sizes of, say, a tied or rope-scaled model.
+        RoPE is read in both spellings: the published files' `rope_theta` + `rope_scaling`, and
+        transformers 5's `rope_parameters`. HF features this model does not implement raise
+        ConfigError naming them, unless `check_features` is off (tools that only read the sizes).
         """
         if check_features:
             _check_hf_features(hf)
-        rope = hf.get("rope_parameters") or {}
+        model_type = hf.get("model_type", "llama")
+        rope = _hf_rope(hf)
         try:
             hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-            head_dim = hf.get("head_dim") or hidden // heads
-            if head_dim * heads != hidden:
-                raise ConfigError(f"HF config: head_dim {head_dim} x heads {heads} != hidden_size {hidden}")
             max_positions = hf.get("max_position_embeddings", 4096)
             kv_heads = hf.get("num_key_value_heads") or heads
             values: dict[str, Any] = {
@@ -198,50 +235,70 @@ class LlamaConfig:
                 "vocab_size": hf["vocab_size"],
                 "intermediate_size": hf["intermediate_size"],
                 "rms_norm_eps": hf.get("rms_norm_eps", 1e-6),
-                "theta": rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                "theta": rope.pop("rope_theta", 10000.0),
                 "max_position_embedding": max_positions,
+                "head_dim": hf.get("head_dim") or hidden // heads,
+                "qkv_has_bias": model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+                "qk_norm": model_type == "qwen3",
+                "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+                "rope_scaling": rope if rope.get("rope_type", "default") != "default" else None,
             }
         except KeyError as exc:
             raise ConfigError(f"HF config lacks {exc.args[0]!r}") from None
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(hf.get(key), int):
                 values[key] = hf[key]
+        if isinstance(hf.get("eos_token_id"), list) and hf["eos_token_id"]:
+            values["eos_token_id"] = hf["eos_token_id"][0]  # Llama 3.1 lists its end-of-turn ids too
         values.update(overrides)
         return cls(**values)
 
+    @property
+    def hf_model_type(self) -> str:
+        """The HF family of this shape: q/k norm is Qwen3's, a q/k/v bias Qwen2's, else Llama."""
+        return "qwen3" if self.qk_norm else "qwen2" if self.qkv_has_bias else "llama"
+
     def to_hf_config(self, torch_dtype: str) -> dict[str, Any]:
-        """The `config.json` of a Hugging Face LlamaForCausalLM of this shape, stored as `torch_dtype`."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """The `config.json` of the Hugging Face model of this shape, stored as `torch_dtype`."""
+        model_type = self.hf_model_type
+        hf: dict[str, Any] = {
+            "architectures": [HF_ARCHITECTURES[model_type]],
+            "model_type": model_type,
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.ffn_hidden_size,
             "num_attention_heads": self.num_heads,
             "num_hidden_layers": self.num_layers,
             "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
             "rms_norm_eps": float(self.rms_norm_eps),
             "rope_theta": float(self.theta),
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "max_position_embeddings": int(self.max_position_embedding),
             "bos_token_id": int(self.bos_token_id),
             "eos_token_id": int(self.eos_token_id),
             "pad_token_id": int(self.pad_token_id),
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": torch_dtype,
         }
+        if model_type == "llama":
+            hf.update(attention_bias=False, mlp_bias=False)
+        if model_type == "qwen2":
+            hf.update(use_sliding_window=False)
+        if model_type == "qwen3":
+            hf.update(attention_bias=False, use_sliding_window=False)
+        return hf
 
     def validate(self) -> None:
         """Raise ConfigError on values that cannot build a model."""
-        positive = ("seq_length", "hidden_size", "num_layers", "num_heads", "vocab_size", "multiple_of")
+        positive = (
+            "seq_length", "hidden_size", "num_layers", "num_heads", "vocab_size", "multiple_of", "head_dim"
+        )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model_config.{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model_config.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
         kv = self.num_kv_heads
         if not isinstance(kv, int) or kv <= 0 or self.num_heads % kv:
             raise ConfigError(
@@ -261,6 +318,8 @@ class LlamaConfig:
             )
         if self.rms_norm_eps <= 0 or self.theta <= 0:
             raise ConfigError("model_config.rms_norm_eps and theta must be positive")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         for name in _DTYPE_FIELDS:
             if getattr(self, name) not in DTYPE_NAMES:
                 raise ConfigError(
@@ -277,10 +336,6 @@ class LlamaConfig:
                     f"model_config.use_flash_attention needs a head dim that is a multiple of 16 up to 512, "
                     f"got {self.head_dim}"
                 )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def num_kv_heads(self) -> int:
@@ -306,43 +361,106 @@ class LlamaConfig:
             kv_heads=self.num_kv_heads,
             ffn=self.ffn_hidden_size,
             vocab=self.vocab_size,
+            head_dim=self.head_dim,
+            qkv_bias=self.qkv_has_bias,
+            qk_norm=self.qk_norm,
+            tied=self.tie_word_embeddings,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """[out, in] of every Linear cell, by cell name (as in the built model), without allocating."""
-        h, kv_dim, f = self.hidden_size, self.num_kv_heads * self.head_dim, self.ffn_hidden_size
+        h, f = self.hidden_size, self.ffn_hidden_size
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         shapes: dict[str, tuple[int, int]] = {}
         for i in range(self.num_layers):
             prefix = f"model.layers.{i}"
-            shapes[f"{prefix}.attention.wq"] = (h, h)
+            shapes[f"{prefix}.attention.wq"] = (q_dim, h)
             shapes[f"{prefix}.attention.wk"] = (kv_dim, h)
             shapes[f"{prefix}.attention.wv"] = (kv_dim, h)
-            shapes[f"{prefix}.attention.wo"] = (h, h)
+            shapes[f"{prefix}.attention.wo"] = (h, q_dim)
             shapes[f"{prefix}.feed_forward.w1"] = (f, h)
             shapes[f"{prefix}.feed_forward.w2"] = (h, f)
             shapes[f"{prefix}.feed_forward.w3"] = (f, h)
-        shapes["lm_head"] = (self.vocab_size, h)
+        if not self.tie_word_embeddings:  # a tied head is the embedding table, not a Linear
+            shapes["lm_head"] = (self.vocab_size, h)
         return shapes
 
     def num_parameters(self) -> int:
         """Total parameters of LlamaForCausalLM, computed arithmetically (7B: 6,738,415,616)."""
         linears = sum(out * inp for out, inp in self.linear_shapes().values())
         norms = (2 * self.num_layers + 1) * self.hidden_size
-        return linears + norms + self.vocab_size * self.hidden_size
+        per_layer = 0
+        if self.qkv_has_bias:
+            per_layer += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        return linears + norms + self.num_layers * per_layer + self.vocab_size * self.hidden_size
+
+
+def _mindformers_rope_scaling(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """MindFormers spells Llama 3.1's RoPE scaling `extend_method: LLAMA3` with the numbers under
+    `scaling_factor`; read it as `rope_scaling` (rope_type llama3). Other values pass unchanged."""
+    if values.get("extend_method") != "LLAMA3":
+        return values
+    scaling = values.get("scaling_factor")
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(
+            "model_config.extend_method LLAMA3 needs scaling_factor as a mapping of its numbers"
+        )
+    if values.get("rope_scaling") is not None:
+        raise ConfigError("model_config: give either rope_scaling or extend_method LLAMA3, not both")
+    rest = {k: v for k, v in values.items() if k not in ("extend_method", "scaling_factor")}
+    return {**rest, "rope_scaling": {"rope_type": "llama3", **scaling}}
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE settings in one dict (rope_theta, rope_type and its parameters), from transformers 5's
+    `rope_parameters` or the published files' `rope_theta` + `rope_scaling` (older files say `type`)."""
+    rope = dict(hf.get("rope_parameters") or {})
+    rope.update(hf.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope.pop("type")
+    if "rope_theta" in hf:
+        rope.setdefault("rope_theta", hf["rope_theta"])
+    return rope
+
+
+def _check_rope_scaling(rope: Mapping[str, Any]) -> None:
+    """Only Llama 3.1's frequency scaling is implemented; its four numbers must be there and sane."""
+    rope_type = rope.get("rope_type")
+    if rope_type != "llama3":
+        raise ConfigError(f"rope_scaling rope_type={rope_type!r} is not supported (only 'llama3')")
+    missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(rope.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"rope_scaling (llama3) lacks a number for {', '.join(missing)}")
+    if rope["factor"] <= 0 or not 0 < rope["low_freq_factor"] < rope["high_freq_factor"]:
+        raise ConfigError(
+            "rope_scaling (llama3) needs factor > 0 and 0 < low_freq_factor < high_freq_factor, got "
+            f"{rope['factor']}, {rope['low_freq_factor']}, {rope['high_freq_factor']}"
+        )
 
 
 def _check_hf_features(hf: Mapping[str, Any]) -> None:
     """Raise ConfigError for an HF config feature the model does not implement."""
-    rope = hf.get("rope_parameters") or {}
+    model_type = hf.get("model_type", "llama")
+    if model_type not in HF_ARCHITECTURES:
+        raise ConfigError(
+            f"HF config: model_type={model_type!r} is not supported (only {', '.join(HF_ARCHITECTURES)})"
+        )
+    rope = _hf_rope(hf)
     supported = {
-        "model_type": (hf.get("model_type", "llama"), "llama"),
         "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (bool(hf.get("attention_bias", False)), False),
         "mlp_bias": (bool(hf.get("mlp_bias", False)), False),
-        "tie_word_embeddings": (bool(hf.get("tie_word_embeddings", False)), False),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-        "rope_type": (rope.get("rope_type", "default"), "default"),
+        "use_sliding_window": (bool(hf.get("use_sliding_window", False)), False),
+        # Qwen2 always has its q/k/v bias (no key); Llama's attention_bias would add one to o too
+        "attention_bias": (bool(hf.get("attention_bias", False)), False),
     }
     for key, (value, only) in supported.items():
         if value != only:
             raise ConfigError(f"HF config: {key}={value!r} is not supported (only {only!r})")
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        try:
+            _check_rope_scaling(rope)
+        except ConfigError as exc:
+            raise ConfigError(f"HF config: {exc}") from None

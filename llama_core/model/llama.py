@@ -1,9 +1,11 @@
-"""Llama 2 family decoder in MindSpore, readable top to bottom.
+"""The Llama-family decoder (Llama 2, Llama 3.x, Qwen2/2.5, Qwen3 dense) in MindSpore, readable top to bottom.
 
 Parameter names follow MindFormers 1.3 (docs/REFERENCE.md, parameter names) so checkpoints interchange:
 `model.tok_embeddings.embedding_weight`, `model.layers.<i>.attention.wq|wk|wv|wo.weight`,
 `model.layers.<i>.feed_forward.w1|w2|w3.weight`, `model.layers.<i>.attention_norm|ffn_norm.weight`,
-`model.norm_out.weight`, `lm_head.weight` (untied).
+`model.norm_out.weight`, `lm_head.weight`. The families' switches (`LlamaConfig`) add
+`attention.wq|wk|wv.bias` (Qwen2), `attention.q_norm|k_norm.weight` (Qwen3), Llama 3.1's RoPE
+frequency scaling, and a tied head (`lm_head` reuses the embedding table: no `lm_head.weight`).
 
 Precision: parameters are stored in `param_init_type`; matmuls run in `compute_dtype`; RMSNorm in
 `layernorm_compute_type`, softmax in `softmax_compute_type`, RoPE in `rotary_dtype`; logits are fp32.
@@ -24,7 +26,7 @@ import math
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore import dtype as mstype
-from mindspore.common.initializer import Normal, One, initializer
+from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from llama_core.model.config import DTYPE_NAMES, LlamaConfig
 
@@ -39,21 +41,35 @@ _FLASH_MASK_SIZE = 2048
 
 
 class Linear(nn.Cell):
-    """y = x W^T with W [out, in] stored in param_init_type and multiplied in compute_dtype."""
+    """y = x W^T (+ b) with W [out, in] stored in param_init_type and multiplied in compute_dtype.
+
+    `weight` / `bias` given: reuse those Parameters (a tied head, a LoRA wrapper over loaded weights);
+    `has_bias` without `bias`: a fresh zero bias.
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, config: LlamaConfig, weight: Parameter | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        config: LlamaConfig,
+        weight: Parameter | None = None,
+        *,
+        has_bias: bool = False,
+        bias: Parameter | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = DTYPES[config.compute_dtype]
+        param_dtype = DTYPES[config.param_init_type]
         if weight is None:
             weight = Parameter(
-                initializer(Normal(INIT_STD), (out_features, in_features), DTYPES[config.param_init_type]),
-                name="weight",
+                initializer(Normal(INIT_STD), (out_features, in_features), param_dtype), name="weight"
             )
         self.weight = weight
+        if bias is None and has_bias:
+            bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias")
+        self.bias = bias
         self.matmul = ops.MatMul(transpose_b=True)
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -62,8 +78,11 @@ class Linear(nn.Cell):
         y = self.matmul(x.reshape(-1, x.shape[-1]), weight.astype(self.compute_dtype))
         return y.reshape((*lead, weight.shape[0]))
 
+    def add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y + self.bias.astype(self.compute_dtype)
+
     def construct(self, x: Tensor) -> Tensor:
-        return self.project(x.astype(self.compute_dtype), self.weight)
+        return self.add_bias(self.project(x.astype(self.compute_dtype), self.weight))
 
 
 class RMSNorm(nn.Cell):
@@ -83,10 +102,23 @@ class RMSNorm(nn.Cell):
         return (x * self.weight.astype(self.norm_dtype)).astype(self.compute_dtype)
 
 
+def llama3_scaled_frequencies(inv_freq: np.ndarray, rope: dict) -> np.ndarray:
+    """Llama 3.1's RoPE scaling: wavelengths longer than original_max / low_freq_factor are
+    stretched by `factor`, those shorter than original_max / high_freq_factor are kept, and the
+    band between is interpolated smoothly (Meta's reference `apply_scaling`)."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    smooth = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
 def rotary_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables [max_position_embedding, head_dim] for rotate-half RoPE (frequencies repeated)."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if config.rope_scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, config.rope_scaling)
     angles = np.outer(np.arange(config.max_position_embedding, dtype=np.float64), inv_freq)
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -125,7 +157,8 @@ class RotaryEmbedding(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Causal self-attention with grouped-query KV heads (each KV head serves num_heads/n_kv_heads heads)."""
+    """Causal self-attention with grouped-query KV heads (each KV head serves num_heads/n_kv_heads heads);
+    q/k/v biases (Qwen2) and a per-head RMSNorm of q and k before RoPE (Qwen3) when the config says so."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -137,11 +170,16 @@ class Attention(nn.Cell):
         self.softmax_dtype = DTYPES[config.softmax_compute_type]
         self.mask_value = _MASK_VALUE[self.softmax_dtype]
         self.use_flash_attention = config.use_flash_attention
-        hidden, kv_dim = config.hidden_size, self.num_kv_heads * self.head_dim
-        self.wq = Linear(hidden, hidden, config)
-        self.wk = Linear(hidden, kv_dim, config)
-        self.wv = Linear(hidden, kv_dim, config)
-        self.wo = Linear(hidden, hidden, config)
+        hidden, bias = config.hidden_size, config.qkv_has_bias
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.wq = Linear(hidden, q_dim, config, has_bias=bias)
+        self.wk = Linear(hidden, kv_dim, config, has_bias=bias)
+        self.wv = Linear(hidden, kv_dim, config, has_bias=bias)
+        self.wo = Linear(q_dim, hidden, config)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config)
+            self.k_norm = RMSNorm(self.head_dim, config)
         self.rotary = RotaryEmbedding(config)
         # primitives with transpose flags: their gradients need no explicit Transpose of [S, S] tensors
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)
@@ -158,8 +196,11 @@ class Attention(nn.Cell):
     def construct(self, x: Tensor, docs: Documents | None = None) -> Tensor:
         batch, seq = x.shape[0], x.shape[1]
         positions, blocked, cumulative_lengths = (None, None, None) if docs is None else docs
-        q = self.rotary(self.split_heads(self.wq(x), self.num_heads), positions)
-        k = self.rotary(self.split_heads(self.wk(x), self.num_kv_heads), positions)
+        q = self.split_heads(self.wq(x), self.num_heads)
+        k = self.split_heads(self.wk(x), self.num_kv_heads)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
         v = self.split_heads(self.wv(x), self.num_kv_heads)
         if self.use_flash_attention and docs is not None:
             out = self.flash_attention_packed(q, k, v, cumulative_lengths)
@@ -264,8 +305,16 @@ class Embedding(nn.Cell):
             name="embedding_weight",
         )
 
+        self.matmul = ops.MatMul(transpose_b=True)
+
     def construct(self, input_ids: Tensor) -> Tensor:
         return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
+
+    def attend(self, h: Tensor) -> Tensor:
+        """h [..., hidden] against every row of the table: the tied output head's logits."""
+        lead = h.shape[:-1]
+        table = self.embedding_weight.astype(self.compute_dtype)
+        return self.matmul(h.reshape(-1, h.shape[-1]), table).reshape((*lead, table.shape[0]))
 
 
 # Where the documents of packed rows lie (see `documents`): positions [batch, seq], blocked
@@ -314,7 +363,7 @@ class LlamaModel(nn.Cell):
 
 
 class LlamaForCausalLM(nn.Cell):
-    """Llama with an untied lm_head.
+    """The decoder and its output head: `lm_head`, or the embedding table when tie_word_embeddings.
 
     `construct(input_ids)` returns fp32 logits [batch, seq, vocab].
     `construct(input_ids, labels)` takes stored records of length seq_length+1 and returns the scalar loss
@@ -330,12 +379,17 @@ class LlamaForCausalLM(nn.Cell):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, config)
+        # a tied head is the embedding table itself (one Parameter, one name), so it has no Linear
+        # of its own and takes no LoRA
+        self.tied = config.tie_word_embeddings
+        self.lm_head = None if self.tied else Linear(config.hidden_size, config.vocab_size, config)
         self.pad_token_id = config.pad_token_id
         self.ignore_token_id = config.ignore_token_id
 
     def logits(self, input_ids: Tensor, doc_ends: Tensor | None = None) -> Tensor:
-        return self.lm_head(self.model(input_ids, doc_ends)).astype(mstype.float32)
+        h = self.model(input_ids, doc_ends)
+        logits = self.model.tok_embeddings.attend(h) if self.tied else self.lm_head(h)
+        return logits.astype(mstype.float32)
 
     def construct(
         self, input_ids: Tensor, labels: Tensor | None = None, doc_ends: Tensor | None = None

@@ -1,8 +1,10 @@
 """LoRA beside the Llama model, with MindFormers/MindPet parameter names.
 
-A wrapped Linear keeps its `weight` under the same name and gains `mindpet_delta_lora_a` [r, in] and
-`mindpet_delta_lora_b` [out, r]; forward is `W x + B(A(dropout(x))) * alpha / r`. A starts He-uniform
-(kaiming uniform with a=sqrt(5), as MindPet and PEFT), B zeros, so a fresh adapter changes nothing.
+A wrapped Linear keeps its `weight` (and a Qwen2 `bias`, which stays frozen) under the same name and
+gains `mindpet_delta_lora_a` [r, in] and `mindpet_delta_lora_b` [out, r]; forward is
+`W x + B(A(dropout(x))) * alpha / r`. A starts He-uniform (kaiming uniform with a=sqrt(5), as MindPet
+and PEFT), B zeros, so a fresh adapter changes nothing. A tied output head is the embedding table,
+not a Linear, so it takes no LoRA.
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class LoraLinear(Linear):
     """A Linear plus the low-rank update B(A(dropout(x))) * alpha / r."""
 
     def __init__(self, base: Linear, cfg: LoraConfig, config: LlamaConfig) -> None:
-        # the same weight Parameter: base weights already loaded stay in place
-        super().__init__(base.in_features, base.out_features, config, weight=base.weight)
+        # the same weight (and bias) Parameters: base weights already loaded stay in place
+        super().__init__(base.in_features, base.out_features, config, weight=base.weight, bias=base.bias)
         param_dtype = DTYPES[config.param_init_type]
         self.mindpet_delta_lora_a = Parameter(
             initializer(HeUniform(negative_slope=math.sqrt(5)), (cfg.rank, base.in_features), param_dtype),
@@ -104,7 +106,7 @@ class LoraLinear(Linear):
         x = x.astype(self.compute_dtype)
         # scaled at rank width ([tokens, r]) rather than output width: the same product, less work
         down = self.project(self.dropout(x), self.mindpet_delta_lora_a) * self.scaling
-        return self.project(x, self.weight) + self.project(down, self.mindpet_delta_lora_b)
+        return self.add_bias(self.project(x, self.weight)) + self.project(down, self.mindpet_delta_lora_b)
 
 
 def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
