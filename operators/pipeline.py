@@ -32,6 +32,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llama_core.data.chat import CHAT_TEMPLATES
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "configs" / "pipelines"
 SHA256_PATTERN = "^([0-9a-fA-F]{64})?$"
@@ -67,6 +69,7 @@ class Data(_Strict):
     seq_length: Annotated[int, Field(ge=8, le=131072)] = 4096
     layout: Literal["buckets", "packed", "padded"] = "buckets"
     holdout_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    chat_template: Literal[CHAT_TEMPLATES] | None = None  # None: the tokenizer's default
 
 
 class Evaluation(_Strict):
@@ -272,6 +275,16 @@ def _params(p: Pipeline) -> dict[str, Any]:
             description="fraction of the records held out for evaluation, chosen by a hash of each record's "
             "content (the same records every run); 0: train on every record (the quick start's data)",
         ),
+        "chat_template": Param(
+            p.data.chat_template,
+            type=["null", "string"],
+            enum=[None, *CHAT_TEMPLATES],
+            section="Data",
+            description="how conversations become tokens, in training and evaluation: vicuna_v1.1 "
+            "(MindFormers'), llama3 (Meta's header format), hf (the tokenizer's own chat_template, e.g. "
+            "ChatML), chatml; empty: the tokenizer's default (vicuna_v1.1 for sentencepiece, llama3 for "
+            "Llama 3's tokenizer.model, hf for an HF tokenizer with a chat_template)",
+        ),
         "config": Param(
             p.config_path,
             type="string",
@@ -429,6 +442,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             seq_length="{{ params.seq_length }}",
             packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
             holdout_fraction="{{ params.holdout_fraction }}",
+            chat_template="{{ params.chat_template }}",
             # each layout and split keeps its own file: switching back and forth re-tokenizes nothing
             output_file=f"{data}/seq{{{{ params.seq_length }}}}/alpaca{layout}{holdout}.mindrecord",
         )
@@ -477,6 +491,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             run_dir=run_dir,
             eval_data=eval_data,
             tokenizer=tokenizer,
+            chat_template="{{ params.chat_template }}",
             prompts="{{ params.prompts }}",
             max_new_tokens="{{ params.max_new_tokens }}",
             seq_length="{{ params.seq_length }}",

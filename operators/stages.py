@@ -164,10 +164,12 @@ class AlpacaToConversationsOperator(StageOperator):
 class TokenizeToMindRecordOperator(StageOperator):
     """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers; `packing`
     "pack" packs several conversations per row instead; `holdout_fraction` > 0 writes a held-out
-    evaluation split (chosen by record content) to a second file."""
+    evaluation split (chosen by record content) to a second file; `chat_template` picks the chat
+    format (empty: the tokenizer's default)."""
 
     template_fields: Sequence[str] = (
         "input_glob", "model_file", "seq_length", "output_file", "packing", "holdout_fraction",
+        "chat_template",
     )  # fmt: skip
     output_field = "output_file"
 
@@ -181,6 +183,7 @@ class TokenizeToMindRecordOperator(StageOperator):
         dataset_type: str = "qa",
         packing: str = "none",
         holdout_fraction: float | str = 0.0,
+        chat_template: str | None = None,
         file_partition: int = 1,
         workers: int | None = None,
         **kwargs: Any,
@@ -189,7 +192,7 @@ class TokenizeToMindRecordOperator(StageOperator):
         self.input_glob, self.model_file, self.output_file = input_glob, model_file, output_file
         self.seq_length, self.dataset_type, self.packing = seq_length, dataset_type, packing
         self.file_partition, self.workers = file_partition, workers
-        self.holdout_fraction = holdout_fraction
+        self.holdout_fraction, self.chat_template = holdout_fraction, chat_template
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.llama_preprocess import preprocess
@@ -204,6 +207,7 @@ class TokenizeToMindRecordOperator(StageOperator):
             workers=self.workers,
             packing=self.packing,
             holdout_fraction=float(self.holdout_fraction or 0),
+            chat_template=self.chat_template or None,  # a null param may render as ""
         )
         return to_jsonable(result)
 

@@ -85,7 +85,9 @@ def test_each_pipeline_file_is_a_dag_and_parsing_imports_no_framework(shipped: d
     assert sorted(shipped["dags"]) == [
         "llama2_7b_lora_alpaca",
         "llama2_tiny_lora_demo",
+        "llama3_1_8b_lora_alpaca",
         "llama_lora_adapter_check",
+        "qwen2_5_7b_lora_alpaca",
     ]
     assert shipped["heavy"] == []
     # how long parsing takes is measured by bench/dag_parse.py (docs/BENCHMARKS.md)
@@ -132,6 +134,7 @@ def test_params_default_from_the_pipeline_file(shipped: dict) -> None:
         assert params["work_dir"] == spec.work_dir
         assert params["seq_length"] == spec.data.seq_length
         assert params["holdout_fraction"] == spec.data.holdout_fraction
+        assert params["chat_template"] == spec.data.chat_template
         assert params["config"] == str(REPO / spec.training.config)
         assert params["overrides"]["parallel_config.data_parallel"] == spec.cluster.ranks
         assert params["prompts"] == spec.evaluation.prompts
@@ -145,6 +148,10 @@ def test_params_default_from_the_pipeline_file(shipped: dict) -> None:
             "Sources", "Data", "Training", "Evaluation and export", "Cluster",
         }  # fmt: skip
         assert all(dag["descriptions"].values())
+    for dag_id in ("llama3_1_8b_lora_alpaca", "qwen2_5_7b_lora_alpaca"):
+        spec = load_pipeline(PIPELINES / f"{dag_id}.yaml")
+        assert spec.data.chat_template is not None
+        assert shipped["dags"][dag_id]["params"]["chat_template"] == spec.data.chat_template
     seven_b = shipped["dags"]["llama2_7b_lora_alpaca"]["params"]
     assert (seven_b["seq_length"], seven_b["overrides"]["parallel_config.data_parallel"]) == (4096, 8)
     assert seven_b["device_target"] == "Ascend"
@@ -174,7 +181,9 @@ def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_d
     assert sorted(parsed["dags"]) == [
         "llama2_7b_lora_alpaca",
         "llama2_tiny_lora_demo",
+        "llama3_1_8b_lora_alpaca",
         "llama_lora_adapter_check",
+        "qwen2_5_7b_lora_alpaca",
     ]
     assert list(parsed["errors"]) == [str(DAGS / "llama_lora_pipeline_errors.py")]  # a file with no DAG
     (error,) = parsed["errors"].values()
@@ -221,7 +230,15 @@ def test_load_pipeline_names_the_key(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(PipelineError, match=r"key 'evaluation.prompts\[1\]'"):
         load_pipeline(path)
-    assert [p.name for p in pipeline_files()] == ["llama2_7b_lora_alpaca.yaml", "llama2_tiny_lora_demo.yaml"]
+    doc["evaluation"]["prompts"] = ["fine"]
+    doc["data"]["chat_template"] = "alpaca"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PipelineError, match=r"key 'data.chat_template': Input should be 'vicuna_v1.1'"):
+        load_pipeline(path)
+    assert [p.name for p in pipeline_files()] == [
+        "llama2_7b_lora_alpaca.yaml", "llama2_tiny_lora_demo.yaml", "llama3_1_8b_lora_alpaca.yaml",
+        "qwen2_5_7b_lora_alpaca.yaml",
+    ]  # fmt: skip
 
 
 def test_the_chatter_level_is_a_deployment_setting(tmp_path: Path) -> None:

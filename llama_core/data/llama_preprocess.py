@@ -42,13 +42,15 @@ import numpy as np
 from llama_core.atomic import clean_leftovers, remove_path
 from llama_core.cache import StageKey, file_sha256, read_manifest, write_manifest
 from llama_core.cli import exit_code, exit_without_teardown
+from llama_core.data.chat import CHAT_TEMPLATES, chat_format
 from llama_core.data.holdout import check_fraction, default_eval_path, is_held_out
 from llama_core.data.masking import IGNORE, MASKING_OFFSET, PAD, QaJob, RecordStats, init_qa_worker, qa_chunk
 from llama_core.data.mindrecord_sink import MindRecordSink, Row
 from llama_core.data.ordered_pool import batched, ordered_map
 from llama_core.data.packing import DOC_ENDS, MODES, Packer
+from llama_core.data.prompts import TEMPLATE
 from llama_core.data.records import iter_records
-from llama_core.data.tokenizer import load_tokenizer
+from llama_core.data.tokenizer import Tokenizer, open_tokenizer
 from llama_core.data.wikitext import init_wiki_worker, wiki_chunk, wiki_paragraphs
 from llama_core.errors import InputError
 from llama_core.progress import Progress
@@ -88,6 +90,7 @@ class PreprocessResult:
     seq_length: int = 0
     dataset_type: str = "qa"
     masking: str = "mindformers"
+    chat_template: str | None = TEMPLATE  # None for wiki; outputs made before the setting are vicuna_v1.1
     packing: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     holdout: dict[str, Any] = field(default_factory=_no_holdout)
     file_partition: int = 1
@@ -133,12 +136,53 @@ def preprocess(
     packing: str = "none",
     holdout_fraction: float = 0.0,
     eval_output_file: str | os.PathLike[str] | None = None,
+    chat_template: str | None = None,
 ) -> PreprocessResult:
     """Tokenize conversation records (`qa`) or wikitext (`wiki`) into MindRecord files; `packing`
     "pack" puts several conversations in a row (qa). `holdout_fraction` > 0 (qa) writes the
     records whose conversation hash falls below it to `eval_output_file` (default: the output
-    name with `-heldout` before its suffix) instead of the training output."""
+    name with `-heldout` before its suffix) instead of the training output. `model_file` is any
+    tokenizer `open_tokenizer` reads; `chat_template` (qa) one of `CHAT_TEMPLATES`, default the
+    tokenizer's (`default_chat_template`)."""
     t0 = time.monotonic()
+    holdout_fraction = _check_settings(dataset_type, masking, packing, holdout_fraction, seq_length,
+                                       file_partition, repeat)  # fmt: skip
+    req = _Request.make(dataset_type, input_glob, model_file, output_file, seq_length, file_partition, repeat,
+                        masking, packing, holdout_fraction, eval_output_file, chat_template)  # fmt: skip
+    hit = req.key.hit()
+    if hit is not None:
+        result = PreprocessResult(**{**hit.extra["result"], "cached": True})
+        log.info("%s is up to date (cache hit, key %s): nothing to do", req.out, req.key.value()[:12])
+        _print_done(result)
+        return result
+    outputs = _Outputs.open(req)
+    result = req.new_result()
+    try:
+        _run(req, outputs, workers or os.cpu_count() or 1, result)
+        finals, eval_finals = outputs.publish()
+    except BaseException:
+        outputs.discard()
+        raise
+    result.outputs = [str(p) for p in finals]
+    if req.eval_out is not None:
+        result.holdout["outputs"] = [str(p) for p in eval_finals]
+    result.seconds = round(time.monotonic() - t0, 3)
+    write_manifest(req.report, stage=STAGE, key=req.key.value(), outputs=[*finals, *eval_finals],
+                   extra={"result": asdict(result)})  # fmt: skip
+    _print_done(result)
+    return result
+
+
+def _check_settings(
+    dataset_type: str,
+    masking: str,
+    packing: str,
+    holdout_fraction: float,
+    seq_length: int,
+    file_partition: int,
+    repeat: int,
+) -> float:
+    """InputError for a setting that cannot work; the checked holdout fraction."""
     if dataset_type not in ("qa", "wiki"):
         raise InputError(f"dataset_type must be 'qa' or 'wiki', got {dataset_type!r}")
     if masking not in MASKING_OFFSET:
@@ -154,87 +198,161 @@ def preprocess(
         )
     if seq_length < 1 or file_partition < 1 or repeat < 1:
         raise InputError("seq_length, file_partition and repeat must be >= 1")
-    files = sorted(glob.glob(input_glob))
-    if not files:
-        raise InputError(f"{input_glob}: no input file matches")
-    load_tokenizer(model_file)  # fail here, naming the file, rather than in every worker
-    out = Path(output_file).absolute()
-    console_path = str(output_file) + ("0" if file_partition > 1 else "")
-    params = {
-        "dataset_type": dataset_type, "seq_length": seq_length, "file_partition": file_partition,
-        "repeat": repeat if dataset_type == "wiki" else 1, "masking": masking, "name": out.name,
-    }  # fmt: skip
-    if packing != "none":  # unpacked outputs keep the keys they had before packing existed
-        params["packing"] = packing
-    eval_file = default_eval_path(output_file) if eval_output_file is None else eval_output_file
-    eval_out = None
-    if holdout_fraction > 0:  # likewise unsplit outputs
-        eval_out = Path(eval_file).absolute()
-        if os.path.abspath(eval_out) == os.path.abspath(out):
-            raise InputError(f"eval_output_file {eval_file} is the training output file")
-        params["holdout_fraction"] = holdout_fraction
-        params["eval_output"] = os.path.relpath(eval_out, out.parent)
-    elif eval_output_file is not None:
-        log.info(
-            "holdout_fraction is 0: no held-out split, eval_output_file %s is not written", eval_output_file
-        )
-    rpath = report_path(out)
-    key = StageKey(rpath, STAGE, FORMAT_VERSION, [*files, model_file], params)
-    hit = key.hit()
-    if hit is not None:
-        result = PreprocessResult(**{**hit.extra["result"], "cached": True})
-        log.info("%s is up to date (cache hit, key %s): nothing to do", out, key.value()[:12])
-        _print_done(result)
+    return holdout_fraction
+
+
+@dataclass
+class _Request:
+    """A checked preprocessing request: its inputs, tokenizer, chat format, outputs and cache key."""
+
+    dataset_type: str
+    files: list[str]
+    model_file: str | os.PathLike[str]  # as given (the report shows it)
+    tokenizer: Tokenizer
+    chat_template: str | None  # resolved for qa; None for wiki
+    seq_length: int
+    file_partition: int
+    masking: str
+    packing: str
+    holdout_fraction: float
+    output_file: str | os.PathLike[str]
+    out: Path
+    eval_file: str | os.PathLike[str]
+    eval_out: Path | None  # None: no held-out split
+    params: dict[str, Any]
+    key: StageKey
+
+    @classmethod
+    def make(
+        cls,
+        dataset_type: str,
+        input_glob: str,
+        model_file: str | os.PathLike[str],
+        output_file: str | os.PathLike[str],
+        seq_length: int,
+        file_partition: int,
+        repeat: int,
+        masking: str,
+        packing: str,
+        holdout_fraction: float,
+        eval_output_file: str | os.PathLike[str] | None,
+        chat_template: str | None,
+    ) -> _Request:
+        files = sorted(glob.glob(input_glob))
+        if not files:
+            raise InputError(f"{input_glob}: no input file matches")
+        tok = open_tokenizer(model_file)  # fail here, naming the file, rather than in every worker
+        if dataset_type == "wiki" and tok.kind != "sentencepiece":
+            raise InputError(f"wiki paragraphs are tokenized with sentencepiece; {model_file} is {tok.kind}")
+        template = chat_format(tok, chat_template).name if dataset_type == "qa" else None
+        out = Path(output_file).absolute()
+        params = {
+            "dataset_type": dataset_type, "seq_length": seq_length, "file_partition": file_partition,
+            "repeat": repeat if dataset_type == "wiki" else 1, "masking": masking, "name": out.name,
+        }  # fmt: skip
+        # Settings added since keep the keys of outputs made without them: they still hit.
+        if template not in (None, TEMPLATE):
+            params["chat_template"] = template
+        if packing != "none":
+            params["packing"] = packing
+        eval_file = default_eval_path(output_file) if eval_output_file is None else eval_output_file
+        eval_out = None
+        if holdout_fraction > 0:
+            eval_out = Path(eval_file).absolute()
+            if os.path.abspath(eval_out) == os.path.abspath(out):
+                raise InputError(f"eval_output_file {eval_file} is the training output file")
+            params["holdout_fraction"] = holdout_fraction
+            params["eval_output"] = os.path.relpath(eval_out, out.parent)
+        elif eval_output_file is not None:
+            log.info(
+                "holdout_fraction is 0: no held-out split, eval_output_file %s is not written",
+                eval_output_file,
+            )
+        key = StageKey(report_path(out), STAGE, FORMAT_VERSION, [*files, *tok.files], params)
+        return cls(dataset_type, files, model_file, tok, template, seq_length, file_partition, masking,
+                   packing, holdout_fraction, output_file, out, eval_file, eval_out, params, key)  # fmt: skip
+
+    @property
+    def report(self) -> Path:
+        return report_path(self.out)
+
+    def new_result(self) -> PreprocessResult:
+        """The result before any record is written."""
+        tokenizer = {"path": str(self.model_file), "kind": self.tokenizer.kind}
+        if len(self.tokenizer.files) == 1:
+            tokenizer["sha256"] = file_sha256(self.tokenizer.files[0])
+        else:
+            tokenizer["files"] = {p.name: file_sha256(p) for p in self.tokenizer.files}
+        result = PreprocessResult(
+            output_file=str(self.output_file), records_written=0, seq_length=self.seq_length,
+            console_path=str(self.output_file) + ("0" if self.file_partition > 1 else ""),
+            dataset_type=self.dataset_type, masking=self.masking, chat_template=self.chat_template,
+            file_partition=self.file_partition, repeat=self.params["repeat"], tokenizer=tokenizer,
+            inputs=[{"path": f, "sha256": file_sha256(f)} for f in self.files],
+        )  # fmt: skip
+        if self.eval_out is not None:
+            result.holdout = {"fraction": self.holdout_fraction, "output_file": str(self.eval_file)}
         return result
 
-    clean_leftovers(out.parent, out.name)
-    if eval_out is not None:
-        clean_leftovers(eval_out.parent, eval_out.name)
-    _retire_previous_run(rpath)
-    workers = workers or os.cpu_count() or 1
-    columns = {"qa": ["input_ids", "labels"], "wiki": ["input_ids"]}[dataset_type]
-    if packing != "none":
-        columns.append(DOC_ENDS)
-    schema = {name: {"type": "int32", "shape": [-1]} for name in columns}
-    sink = MindRecordSink(out, file_partition, schema, dataset_type, FIELD_PAD)
-    result = PreprocessResult(
-        output_file=str(output_file), console_path=console_path, records_written=0, seq_length=seq_length,
-        dataset_type=dataset_type, masking=masking, file_partition=file_partition,
-        repeat=params["repeat"], tokenizer={"path": str(model_file), "sha256": file_sha256(model_file)},
-        inputs=[{"path": f, "sha256": file_sha256(f)} for f in files],
-    )  # fmt: skip
-    eval_sink: MindRecordSink | None = None
-    published: list[Path] = []
-    try:
-        if eval_out is not None:
-            eval_sink = MindRecordSink(eval_out, file_partition, schema, dataset_type, FIELD_PAD)
-            result.holdout = {"fraction": holdout_fraction, "output_file": str(eval_file)}
-        if dataset_type == "qa":
-            splits = [_Split(s, Packer(s, seq_length + 1) if packing != "none" else None)
-                      for s in (sink, eval_sink) if s is not None]  # fmt: skip
-            job = QaJob(str(model_file), seq_length, masking, files)
-            _run_qa(job, workers, splits, holdout_fraction, result)
-        else:
-            _run_wiki(files, str(model_file), seq_length, params["repeat"], workers, sink, result)
-        finals = sink.publish()
-        published += finals
-        eval_finals = eval_sink.publish() if eval_sink is not None else []
-    except BaseException:
-        for s in (sink, eval_sink):
-            if s is not None:
-                s.discard()
-        for path in published:  # the split is published whole or not at all
-            remove_path(path)
-        raise
-    result.outputs = [str(p) for p in finals]
-    if eval_sink is not None:
-        result.holdout["outputs"] = [str(p) for p in eval_finals]
-    result.seconds = round(time.monotonic() - t0, 3)
-    write_manifest(
-        rpath, stage=STAGE, key=key.value(), outputs=[*finals, *eval_finals], extra={"result": asdict(result)}
+
+class _Outputs:
+    """The stage's MindRecord outputs while they are written: training, and held-out when split."""
+
+    def __init__(self, train: MindRecordSink, heldout: MindRecordSink | None) -> None:
+        self.train, self.heldout = train, heldout
+
+    @classmethod
+    def open(cls, req: _Request) -> _Outputs:
+        """Clear what a previous run left, then open the sinks."""
+        clean_leftovers(req.out.parent, req.out.name)
+        if req.eval_out is not None:
+            clean_leftovers(req.eval_out.parent, req.eval_out.name)
+        _retire_previous_run(req.report)
+        columns = {"qa": ["input_ids", "labels"], "wiki": ["input_ids"]}[req.dataset_type]
+        if req.packing != "none":
+            columns.append(DOC_ENDS)
+        schema = {name: {"type": "int32", "shape": [-1]} for name in columns}
+
+        def sink(path: Path) -> MindRecordSink:
+            return MindRecordSink(path, req.file_partition, schema, req.dataset_type, FIELD_PAD)
+
+        train = sink(req.out)
+        try:
+            return cls(train, sink(req.eval_out) if req.eval_out is not None else None)
+        except BaseException:
+            train.discard()
+            raise
+
+    def sinks(self) -> list[MindRecordSink]:
+        return [s for s in (self.train, self.heldout) if s is not None]
+
+    def publish(self) -> tuple[list[Path], list[Path]]:
+        """Rename both into place: the split is published whole or not at all."""
+        finals = self.train.publish()
+        try:
+            return finals, self.heldout.publish() if self.heldout is not None else []
+        except BaseException:
+            for path in finals:
+                remove_path(path)
+            raise
+
+    def discard(self) -> None:
+        for s in self.sinks():
+            s.discard()
+
+
+def _run(req: _Request, outputs: _Outputs, workers: int, result: PreprocessResult) -> None:
+    """Tokenize the inputs into the outputs; fill the result's counts."""
+    if req.dataset_type == "wiki":
+        _run_wiki(req.files, str(req.tokenizer.path), req.seq_length, result.repeat, workers, outputs.train,
+                  result)  # fmt: skip
+        return
+    packed = req.packing != "none"
+    splits = [_Split(s, Packer(s, req.seq_length + 1) if packed else None) for s in outputs.sinks()]
+    job = QaJob(
+        str(req.tokenizer.path), req.seq_length, req.masking, req.files, req.chat_template or TEMPLATE
     )
-    _print_done(result)
-    return result
+    _run_qa(job, workers, splits, req.holdout_fraction, result)
 
 
 def _retire_previous_run(rpath: Path) -> None:
@@ -445,7 +563,12 @@ def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> ar
     )
     parser.add_argument("--dataset_type", choices=("qa", "wiki"), default="wiki")
     parser.add_argument("--input_glob", required=True, help="input file(s); a glob matches several (sorted)")
-    parser.add_argument("--model_file", required=True, help="sentencepiece tokenizer.model")
+    parser.add_argument(
+        "--model_file",
+        required=True,
+        help="tokenizer: a sentencepiece or Llama 3 tiktoken tokenizer.model, an HF tokenizer folder or "
+        "tokenizer.json",
+    )
     parser.add_argument("--seq_length", type=int, default=2048, help="records hold seq_length+1 ids")
     parser.add_argument("--output_file", required=True, help="MindRecord path (PATH0..K-1 when sharded)")
     parser.add_argument("--file_partition", type=int, default=1, help="number of MindRecord shards")
@@ -474,7 +597,14 @@ def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> ar
         "--masking",
         choices=sorted(MASKING_OFFSET),
         default="mindformers",
-        help="instruction masking: mindformers (reference, -3) or fastchat (-2)",
+        help="instruction masking of vicuna_v1.1: mindformers (reference, -3) or fastchat (-2)",
+    )
+    parser.add_argument(
+        "--chat_template",
+        choices=CHAT_TEMPLATES,
+        default=None,
+        help="qa: how conversations become tokens (default: the tokenizer's: vicuna_v1.1 for sentencepiece, "
+        "llama3 for Llama 3's tiktoken file, hf for an HF tokenizer with a chat_template)",
     )
     return parser
 
@@ -485,6 +615,7 @@ def stage_from_args(args: argparse.Namespace) -> PreprocessResult:
         args.dataset_type, args.input_glob, args.model_file, args.output_file, seq_length=args.seq_length,
         file_partition=args.file_partition, repeat=args.repeat, workers=args.workers, masking=args.masking,
         packing=args.packing, holdout_fraction=args.holdout_fraction, eval_output_file=args.eval_output_file,
+        chat_template=args.chat_template,
     )  # fmt: skip
 
 

@@ -27,6 +27,10 @@ round instead of the reference's three, and is exact when no vocabulary piece co
 mark after other text (`splits_at_spaces`, checked on the loaded model; it holds for the Llama 2
 tokenizer; otherwise the literal two encodes are used). All texts of a chunk of records are
 encoded in one call.
+
+The other chat formats (`llama_core.data.chat`: llama3, hf, chatml) have none of these quirks: a
+record is its conversation's ids with the assistants' tokens and end-of-turn tokens as labels
+(`DialogFormat.encode_dialog`), cut to seq_length+1, with the same padding, statistics and report.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from llama_core.data.chat import DialogFormat, chat_format
 from llama_core.data.mindrecord_sink import Row
-from llama_core.data.prompts import TEMPLATE, record_id, vicuna_prompt
-from llama_core.data.tokenizer import BOS, EOS, load_tokenizer, splits_at_spaces
+from llama_core.data.prompts import TEMPLATE, conversation_messages, record_id, record_label, vicuna_prompt
+from llama_core.data.tokenizer import BOS, EOS, load_tokenizer, open_tokenizer, splits_at_spaces
+from llama_core.errors import InputError
 
 IGNORE = -100
 PAD = 0
@@ -53,6 +59,7 @@ class QaJob:
     seq_length: int
     masking: str
     files: list[str]
+    chat_template: str = TEMPLATE  # resolved: never None here
 
 
 @dataclass
@@ -77,6 +84,12 @@ Plan = list[tuple[int, int, list[int] | None]]
 
 def init_qa_worker(job: QaJob) -> None:
     """Load the tokenizer and the template once per worker process."""
+    _STATE.clear()  # one worker in the calling process serves one run after another
+    if job.chat_template != TEMPLATE:
+        fmt = chat_format(open_tokenizer(job.model_file), job.chat_template)
+        assert isinstance(fmt, DialogFormat)  # every format but vicuna_v1.1 makes records
+        _STATE.update(job=job, fmt=fmt)
+        return
     from fastchat.conversation import get_conv_template
 
     sp = load_tokenizer(job.model_file)
@@ -94,6 +107,8 @@ def qa_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[Row], list[RecordS
     """Tokenize and label a chunk of `(file number, index, record)`; return the records' rows
     (see `MindRecordSink.write`) and stats, in order."""
     job: QaJob = _STATE["job"]
+    if "fmt" in _STATE:
+        return _dialog_chunk(items)
     texts: list[str] = []
     plans = [
         _plan_rounds(vicuna_prompt(_STATE["conv"], job.files[file_no], index, record), texts)
@@ -199,3 +214,35 @@ def _record(
         long_labels=len(labels) > length,
     )
     return row, stats
+
+
+def _dialog_chunk(items: list[tuple[int, int, Any]]) -> tuple[list[Row], list[RecordStats]]:
+    """`qa_chunk` for the formats of `llama_core.data.chat`: labels are the ids of the supervised
+    spans; a record without one (no assistant turn, or cut away) is reported as fully masked."""
+    job: QaJob = _STATE["job"]
+    fmt: DialogFormat = _STATE["fmt"]
+    length = job.seq_length + 1
+    rows, stats = [], []
+    for file_no, index, record in items:
+        path = job.files[file_no]
+        messages = conversation_messages(path, index, record)
+        try:
+            ids, spans = fmt.encode_dialog(messages)
+        except InputError as exc:
+            raise InputError(f"{record_label(path, index, record)}: {exc}") from None
+        arr = np.asarray(ids, dtype=np.int32)
+        labels = np.full(len(arr), IGNORE, dtype=np.int32)
+        for start, end in spans:
+            labels[start:end] = arr[start:end]
+        labels = labels[:length]
+        supervised = int(np.count_nonzero(labels != IGNORE))
+        masked = None
+        if not spans:
+            masked = "no assistant turn to supervise"
+        elif not supervised:
+            masked = f"every answer token lies beyond seq_length+1={length} (truncated away)"
+        kept = labels if masked is None else labels[:0]
+        rows.append({"input_ids": (arr[:length].tobytes(), length), "labels": (kept.tobytes(), length)})
+        rid = record_id(path, index, record)
+        stats.append(RecordStats(rid, masked, len(arr) > length, supervised, long_labels=False))
+    return rows, stats

@@ -1,5 +1,6 @@
-"""The fschat vicuna_v1.1 prompt of a conversation record, after MindFormers' role checks
-(docs/REFERENCE.md, token layout), and how records are named in errors and reports."""
+"""The turns of a conversation record after MindFormers' role checks (docs/REFERENCE.md, token
+layout): as the fschat vicuna_v1.1 prompt, or as chat messages for the other chat formats
+(`llama_core.data.chat`); and how records are named in errors and reports."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from llama_core.errors import InputError
 
 TEMPLATE = "vicuna_v1.1"
 ROLE_NAMES = {"human": 0, "gpt": 1}
+MESSAGE_ROLES = ("user", "assistant")  # the chat-message role of each of ROLE_NAMES' values
 
 
 def record_label(path: str, index: int, record: Any) -> str:
@@ -24,12 +26,10 @@ def record_id(path: str, index: int, record: Any) -> str:
     return str(rid) if isinstance(rid, (str, int)) else f"{path}#{index}"
 
 
-def vicuna_prompt(conv: Any, path: str, index: int, record: Any) -> str:
-    """The prompt of one record built with fschat template `conv` (its messages are replaced).
-
-    A gpt turn first in the conversation is dropped, as the reference does; the remaining roles
-    must alternate from human. Bad records fail naming the file, record and field.
-    """
+def checked_turns(path: str, index: int, record: Any) -> list[tuple[int, str]]:
+    """The (role, text) turns of a conversation record, role 0 human and 1 gpt, after the reference's
+    checks: a gpt turn first in the conversation is dropped and the remaining roles must alternate
+    from human. Bad records fail naming the file, record and field."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     label = record_label(path, index, record)
     if not isinstance(turns, list) or not turns:
@@ -46,12 +46,25 @@ def vicuna_prompt(conv: Any, path: str, index: int, record: Any) -> str:
             raise InputError(f"{label}: field 'conversations[{t}].value' must be a string, got {got}")
         roles.append(ROLE_NAMES[turn["from"]])
     start = 1 if roles[0] != 0 else 0
-    conv.messages = []
     for j, t in enumerate(range(start, len(turns))):
         if roles[t] != j % 2:
             raise InputError(
                 f"{label}: roles do not alternate: conversations[{t}] is "
                 f"'{turns[t]['from']}' where '{('human', 'gpt')[j % 2]}' was expected"
             )
-        conv.append_message(conv.roles[j % 2], turns[t]["value"])
+    return [(roles[t], turns[t]["value"]) for t in range(start, len(turns))]
+
+
+def vicuna_prompt(conv: Any, path: str, index: int, record: Any) -> str:
+    """The prompt of one record built with fschat template `conv` (its messages are replaced)."""
+    conv.messages = []
+    for role, text in checked_turns(path, index, record):
+        conv.append_message(conv.roles[role], text)
     return conv.get_prompt()
+
+
+def conversation_messages(path: str, index: int, record: Any) -> list[dict[str, str]]:
+    """The record's turns as chat messages: human -> user, gpt -> assistant (`checked_turns`)."""
+    return [
+        {"role": MESSAGE_ROLES[role], "content": text} for role, text in checked_turns(path, index, record)
+    ]
