@@ -7,7 +7,8 @@ at zero it computes the base model exactly, then the fine-tuned weights are load
 
 `python -m llama_core.evaluation --config CFG --base_checkpoint B --finetuned_checkpoint F
      --output_path OUT.json [--eval_data D] [--prompt P ...] [--prompts_file JSON_LIST]
-     [--tokenizer T] [--max_new_tokens N] [--seq_length N] [--device_target CPU|Ascend]`
+     [--tokenizer T] [--chat_template NAME] [--max_new_tokens N] [--seq_length N]
+     [--device_target CPU|Ascend]`
 
 prints the result as its last stdout line. Cached like the other stages: `OUT.json.manifest.json`
 (written last) records the key of the inputs' content and the settings; an identical re-run
@@ -37,6 +38,7 @@ from llama_core.checkpoint.names import lora_pairs
 from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, load_config, set_key
 from llama_core.data.alpaca_converter import PROMPT_NO_INPUT
+from llama_core.data.chat import CHAT_TEMPLATES, ChatFormat, Message, chat_format
 from llama_core.data.prompts import TEMPLATE
 from llama_core.errors import ConfigError, InputError
 from llama_core.results import to_jsonable
@@ -116,29 +118,24 @@ def require_lora(path: Path) -> int:
     return len(pairs)
 
 
-def chat_prompt(instruction: str) -> str:
+def instruction_messages(instruction: str) -> list[Message]:
     """An instruction as the model saw it in training: the Alpaca preamble around it (as
-    `alpaca_to_conversation` writes a record without input), in fastchat's vicuna_v1.1 conversation
-    with the assistant's turn left open ("... USER: Below is an instruction ... ASSISTANT:")."""
-    from fastchat.conversation import get_conv_template
-
-    conv = get_conv_template(TEMPLATE)
-    conv.append_message(conv.roles[0], PROMPT_NO_INPUT.format_map({"instruction": instruction}))
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
+    `alpaca_to_conversation` writes a record without input), as the user's message."""
+    return [{"role": "user", "content": PROMPT_NO_INPUT.format_map({"instruction": instruction})}]
 
 
-def encode_prompts(sp: Any, prompts: Sequence[str], seq_length: int, bos_id: int) -> list[list[int]]:
-    """Token ids of each chat-wrapped prompt, bos first (as in training); a prompt that leaves no
+def encode_prompts(fmt: ChatFormat, prompts: Sequence[str], seq_length: int) -> list[list[int]]:
+    """Token ids of each prompt in chat format `fmt`, the assistant's turn opened (as in training:
+    vicuna_v1.1 gives "<s>... USER: Below is an instruction ... ASSISTANT:"); a prompt that leaves no
     room to generate within seq_length fails naming its index."""
     out = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise InputError(f"prompt {i}: must be a string, got {type(prompt).__name__}")
-        ids = [bos_id, *sp.encode(chat_prompt(prompt))]
+        ids = fmt.encode_prompt(instruction_messages(prompt))
         if len(ids) >= seq_length:
             raise InputError(
-                f"prompt {i}: {len(ids)} tokens with the {TEMPLATE} template; it must be shorter than "
+                f"prompt {i}: {len(ids)} tokens with the {fmt.name} template; it must be shorter than "
                 f"seq_length {seq_length} to leave room for the answer"
             )
         out.append(ids)
@@ -182,45 +179,52 @@ def _zero_lora_b(model: Any) -> int:
     return changed
 
 
-def _side(
-    model: Any,
-    tc: TrainConfig,
-    checkpoint: Path,
-    data: Any,
-    prompts: Sequence[str],
-    prompt_ids: list[list[int]],
-    sp: Any,
-    max_new_tokens: int,
-) -> ModelEvaluation:
+def _side(model: Any, plan: _Plan, checkpoint: Path, data: Any, stop_ids: frozenset[int]) -> ModelEvaluation:
     """Eval loss and completions of the weights the model holds now."""
     from llama_core.train.predict import greedy_generate
     from llama_core.train.trainer import evaluate
 
+    tc, tok = plan.tc, plan.fmt.tok if plan.fmt is not None else None  # no tokenizer: no prompts
     loss = ppl = None
     if data is not None:
         loss, ppl = evaluate(model, data, tc.batch_size, tc.seq_length)
     model.set_train(False)  # evaluate leaves the model in training mode (LoRA dropout on)
-    mc = tc.model_config
     generations = []
     # Decoding pads every step to one length (one compiled graph), so the length is what each new token
     # costs: the longest prompt plus its answer, rounded up to 128, instead of a 4096-token sequence.
-    longest = max((len(ids) for ids in prompt_ids), default=0) + max_new_tokens
+    longest = max((len(ids) for ids in plan.prompt_ids), default=0) + plan.new_tokens
     length = min(tc.seq_length, -(-longest // GENERATION_ALIGN) * GENERATION_ALIGN)
-    for prompt, ids in zip(prompts, prompt_ids, strict=True):
+    for prompt, ids in zip(plan.prompts, plan.prompt_ids, strict=True):
         new = greedy_generate(
             model,
             ids,
             seq_length=length,
-            max_new_tokens=max_new_tokens,
-            eos_id=int(mc.get("eos_token_id", 2)),
-            pad_id=int(mc.get("pad_token_id", 0)),
-            vocab_limit=sp.get_piece_size(),
+            max_new_tokens=plan.new_tokens,
+            stop_ids=stop_ids,
+            pad_id=int(tc.model_config.get("pad_token_id", 0)),
+            vocab_limit=tok.vocab_size,
         )
-        generations.append({"prompt": prompt, "output": sp.decode(new)})
+        generations.append({"prompt": prompt, "output": tok.decode(new)})
     return ModelEvaluation(str(checkpoint), loss, ppl, generations)
 
 
 # -- the stage
+@dataclass
+class _Plan:
+    """A checked evaluation request: config, inputs, encoded prompts and cache key."""
+
+    tc: TrainConfig
+    out: Path
+    base_file: Path
+    tuned_file: Path
+    eval_data: str | os.PathLike[str] | None
+    prompts: list[str]
+    new_tokens: int
+    fmt: ChatFormat | None  # None: no tokenizer (then no prompts)
+    prompt_ids: list[list[int]]
+    key: StageKey
+
+
 def evaluate_finetune(
     config: str | os.PathLike[str] | Mapping[str, Any],
     base_checkpoint: str | os.PathLike[str],
@@ -230,6 +234,7 @@ def evaluate_finetune(
     eval_data: str | os.PathLike[str] | None = None,
     prompts: Sequence[str] = (),
     tokenizer: str | os.PathLike[str] | None = None,
+    chat_template: str | None = None,
     max_new_tokens: int | None = None,
     seq_length: int | None = None,
     device_target: str | None = None,
@@ -237,11 +242,49 @@ def evaluate_finetune(
     """Evaluate the base and the fine-tuned model side by side; write the result JSON at
     `output_path` (atomic, cached) and return it.
 
-    `tokenizer` defaults to the config's processor.tokenizer.vocab_file; `max_new_tokens` to
-    model_config.max_decode_length.
+    `tokenizer` (any `open_tokenizer` reads) defaults to the config's processor.tokenizer.vocab_file;
+    `chat_template` (how prompts are wrapped, what ends an answer) to the tokenizer's
+    (`default_chat_template`); `max_new_tokens` to model_config.max_decode_length.
     """
     t0 = time.monotonic()
-    out = Path(output_path)
+    plan = _plan(config, base_checkpoint, finetuned_checkpoint, output_path, eval_data, prompts, tokenizer,
+                 chat_template, max_new_tokens, seq_length, device_target)  # fmt: skip
+    if (cached := _cached_result(plan)) is not None:
+        return cached
+    clean_leftovers(plan.out.parent, plan.out.name)
+    manifest_path_for(plan.out).unlink(missing_ok=True)  # the output is about to change
+    base, tuned, eval_batches = _compare(plan)
+    result = EvaluationResult(
+        output_path=str(plan.out),
+        eval_data=str(eval_data) if eval_data is not None else None,
+        eval_batches=eval_batches,
+        prompts=plan.prompts,
+        max_new_tokens=plan.new_tokens,
+        base=base,
+        finetuned=tuned,
+        seconds=round(time.monotonic() - t0, 3),
+        cached=False,
+    )
+    _log_comparison(result)
+    write_json_atomic(plan.out, to_jsonable(result))
+    write_manifest(manifest_path_for(plan.out), stage=STAGE, key=plan.key.value(), outputs=[plan.out])
+    return result
+
+
+def _plan(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    base_checkpoint: str | os.PathLike[str],
+    finetuned_checkpoint: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    eval_data: str | os.PathLike[str] | None,
+    prompts: Sequence[str],
+    tokenizer: str | os.PathLike[str] | None,
+    chat_template: str | None,
+    max_new_tokens: int | None,
+    seq_length: int | None,
+    device_target: str | None,
+) -> _Plan:
+    """Check every argument (before any model is built) and compute the cache key."""
     tc = resolve_config(config, seq_length, device_target)
     mc = tc.model_config
     if not tc.pet_config:
@@ -251,23 +294,19 @@ def evaluate_finetune(
     if new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {new_tokens}")
     tokenizer = tokenizer or tc.vocab_file or None
-    sp, prompt_ids = None, []
-    if prompts:
-        if tokenizer is None:
-            raise ConfigError(
-                "prompts need a tokenizer: pass --tokenizer or set processor.tokenizer.vocab_file"
-            )
-        from llama_core.data.tokenizer import load_tokenizer
+    if prompts and tokenizer is None:
+        raise ConfigError("prompts need a tokenizer: pass --tokenizer or set processor.tokenizer.vocab_file")
+    fmt = None
+    if tokenizer is not None:
+        from llama_core.data.tokenizer import open_tokenizer
 
-        sp = load_tokenizer(tokenizer)
-        prompt_ids = encode_prompts(sp, prompts, tc.seq_length, int(mc.get("bos_token_id", 1)))
+        fmt = chat_format(open_tokenizer(tokenizer), chat_template)
+    prompt_ids = encode_prompts(fmt, prompts, tc.seq_length) if fmt is not None else []
     base_file = checkpoint_file(base_checkpoint, "base checkpoint")
     tuned_file = checkpoint_file(finetuned_checkpoint, "fine-tuned checkpoint")
     require_lora(tuned_file)
     data_files = eval_data_files(eval_data) if eval_data is not None else []
-
-    manifest_path = manifest_path_for(out)
-    inputs = [base_file, tuned_file, *data_files, *([tokenizer] if tokenizer else [])]
+    out = Path(output_path)
     params = {
         "prompts": prompts,
         "max_new_tokens": new_tokens,
@@ -276,61 +315,59 @@ def evaluate_finetune(
         "pet_config": tc.pet_config,
         "batch_size": tc.batch_size,  # the eval loss is a mean over batches
         "device_target": tc.device_target,
-        "template": TEMPLATE,
+        "template": fmt.name if fmt is not None else TEMPLATE,  # without a tokenizer there are no prompts
         "eval_files": len(data_files),
         "tokenizer": bool(tokenizer),
     }
-    key = StageKey(manifest_path, STAGE, FORMAT_VERSION, inputs, params)
-    if key.hit() is not None:
-        try:
-            result = EvaluationResult.from_dict(json.loads(out.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("%s: cached result unreadable (%s); evaluating again", out, exc)
-        else:
-            logger.info("%s is up to date (cache hit, key %s): nothing to do", out, key.value()[:12])
-            result.output_path, result.cached = str(out), True
-            return result
-    clean_leftovers(out.parent, out.name)
-    manifest_path.unlink(missing_ok=True)  # the output is about to change
+    inputs = [base_file, tuned_file, *data_files, *(fmt.tok.files if fmt is not None else ())]
+    key = StageKey(manifest_path_for(out), STAGE, FORMAT_VERSION, inputs, params)
+    return _Plan(tc, out, base_file, tuned_file, eval_data, prompts, new_tokens, fmt, prompt_ids, key)
 
+
+def _cached_result(plan: _Plan) -> EvaluationResult | None:
+    """The stored result when the key hits and the output reads back."""
+    if plan.key.hit() is None:
+        return None
+    try:
+        result = EvaluationResult.from_dict(json.loads(plan.out.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("%s: cached result unreadable (%s); evaluating again", plan.out, exc)
+        return None
+    logger.info("%s is up to date (cache hit, key %s): nothing to do", plan.out, plan.key.value()[:12])
+    result.output_path, result.cached = str(plan.out), True
+    return result
+
+
+def _compare(plan: _Plan) -> tuple[ModelEvaluation, ModelEvaluation, int]:
+    """Both sides on one compiled LoRA model (LoRA B zeroed for the base); and the eval batches."""
     import mindspore as ms
 
     from llama_core.model.weights import load_weights
     from llama_core.train.dataset import inspect_dataset
     from llama_core.train.trainer import build_model, setup_context
 
+    tc = plan.tc
     setup_context(tc)
     ms.set_seed(tc.seed)
-    data = inspect_dataset(eval_data) if eval_data is not None else None
+    data = inspect_dataset(plan.eval_data) if plan.eval_data is not None else None
     model = build_model(tc)  # the LoRA model: one graph for both sides
     model.set_train(False)
+    # the model's own eos ends an answer too (vicuna_v1.1's only stop, as before chat formats)
+    stop_ids = frozenset(
+        {int(tc.model_config.get("eos_token_id", 2)), *(plan.fmt.stop_ids if plan.fmt else ())}
+    )
 
-    load_weights(model, base_file)
+    load_weights(model, plan.base_file)
     if changed := _zero_lora_b(model):
         logger.warning(
             "%s holds %d non-zero LoRA B weights: ignored, the base side is the model without adapter",
-            base_file,
+            plan.base_file,
             changed,
         )
-    base = _side(model, tc, base_file, data, prompts, prompt_ids, sp, new_tokens)
-    load_weights(model, tuned_file, lora_over_base=True)
-    tuned = _side(model, tc, tuned_file, data, prompts, prompt_ids, sp, new_tokens)
-
-    result = EvaluationResult(
-        output_path=str(out),
-        eval_data=str(eval_data) if eval_data is not None else None,
-        eval_batches=math.ceil(data.num_records / tc.batch_size) if data is not None else 0,
-        prompts=prompts,
-        max_new_tokens=new_tokens,
-        base=base,
-        finetuned=tuned,
-        seconds=round(time.monotonic() - t0, 3),
-        cached=False,
-    )
-    _log_comparison(result)
-    write_json_atomic(out, to_jsonable(result))
-    write_manifest(manifest_path, stage=STAGE, key=key.value(), outputs=[out])
-    return result
+    base = _side(model, plan, plan.base_file, data, stop_ids)
+    load_weights(model, plan.tuned_file, lora_over_base=True)
+    tuned = _side(model, plan, plan.tuned_file, data, stop_ids)
+    return base, tuned, math.ceil(data.num_records / tc.batch_size) if data is not None else 0
 
 
 def _log_comparison(result: EvaluationResult) -> None:
@@ -380,7 +417,16 @@ def build_parser(prog: str = "python -m llama_core.evaluation") -> argparse.Argu
     p.add_argument("--eval_data", help="MindRecord file or folder (llama_preprocess output)")
     p.add_argument("--prompt", action="append", default=[], help="an instruction (repeatable)")
     p.add_argument("--prompts_file", help="JSON list of instructions (after the --prompt ones)")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: processor.tokenizer.vocab_file)")
+    p.add_argument(
+        "--tokenizer",
+        help="sentencepiece or Llama 3 tokenizer.model, or HF tokenizer folder (default: "
+        "processor.tokenizer.vocab_file)",
+    )
+    p.add_argument(
+        "--chat_template",
+        choices=CHAT_TEMPLATES,
+        help="chat format of the prompts and their stop tokens (default: the tokenizer's, as in training)",
+    )
     p.add_argument("--max_new_tokens", type=int, help="default: model_config.max_decode_length")
     p.add_argument("--seq_length", type=int, help="overrides model.model_config.seq_length")
     p.add_argument(
@@ -400,6 +446,7 @@ def stage_from_args(args: argparse.Namespace) -> EvaluationResult:
         eval_data=args.eval_data,
         prompts=prompts,
         tokenizer=args.tokenizer,
+        chat_template=args.chat_template,
         max_new_tokens=args.max_new_tokens,
         seq_length=args.seq_length,
         device_target=args.device_target,

@@ -57,6 +57,7 @@ class _EvaluationRunner(StageOperator):
         prompts: list[str],
         max_new_tokens: int | str | None,
         eval_data: str | None = None,
+        chat_template: str | None = None,
     ) -> dict[str, Any]:
         """Run `llama_core.evaluation` in a child process in `work` (its output in the task log, stopped
         by `on_kill`) and return the result it wrote to `output`."""
@@ -75,6 +76,8 @@ class _EvaluationRunner(StageOperator):
         ]  # fmt: skip
         if eval_data:
             cmd += ["--eval_data", eval_data]
+        if chat_template:
+            cmd += ["--chat_template", chat_template]
         if prompts:
             cmd += ["--prompts_file", str(write_json_atomic(work / "evaluation_prompts.json", prompts))]
         if max_new_tokens not in (None, ""):
@@ -102,8 +105,8 @@ class EvaluateOperator(_EvaluationRunner):
     """
 
     template_fields: Sequence[str] = (
-        "config", "overrides", "base_checkpoint", "run_dir", "eval_data", "tokenizer", "prompts",
-        "max_new_tokens", "seq_length", "device_target",
+        "config", "overrides", "base_checkpoint", "run_dir", "eval_data", "tokenizer", "chat_template",
+        "prompts", "max_new_tokens", "seq_length", "device_target",
     )  # fmt: skip
     ui_color = "#fdebd0"
 
@@ -114,6 +117,7 @@ class EvaluateOperator(_EvaluationRunner):
         base_checkpoint: str,
         run_dir: str,
         tokenizer: str,
+        chat_template: str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
         eval_data: str | None = None,
         prompts: Sequence[str] | str = (),
@@ -125,6 +129,7 @@ class EvaluateOperator(_EvaluationRunner):
         self.config, self.overrides, self.base_checkpoint = config, overrides, base_checkpoint
         self.run_dir, self.eval_data, self.tokenizer, self.prompts = run_dir, eval_data, tokenizer, prompts
         self.max_new_tokens, self.seq_length = max_new_tokens, seq_length
+        self.chat_template = chat_template
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         config_path, _ = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
@@ -138,6 +143,7 @@ class EvaluateOperator(_EvaluationRunner):
             prompts=json.loads(self.prompts) if isinstance(self.prompts, str) else list(self.prompts or []),
             max_new_tokens=self.max_new_tokens,
             eval_data=self.eval_data,
+            chat_template=self.chat_template or None,  # a null param may render as ""
         )
         base, tuned = evaluation["base"], evaluation["finetuned"]
         self.log.info(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import mindspore as ms
@@ -54,14 +54,17 @@ def greedy_generate(
     *,
     seq_length: int,
     max_new_tokens: int,
-    eos_id: int,
     pad_id: int,
+    eos_id: int | None = None,
+    stop_ids: Collection[int] = (),
     vocab_limit: int | None = None,
 ) -> list[int]:
     """Greedy decoding without a KV cache: the sequence is padded to `seq_length` (one compiled shape;
     causal attention makes the padding invisible to earlier positions) and the next token is the
     argmax at the last real position, over ids < `vocab_limit` (a model vocab may be padded beyond
-    the tokenizer's pieces). Returns only the new tokens (eos excluded)."""
+    the tokenizer's pieces). Generation ends at `eos_id` or any of `stop_ids` (a chat format's end of
+    turn). Returns only the new tokens (the stop token excluded)."""
+    stops = {*stop_ids, *(() if eos_id is None else (eos_id,))}
     ids = list(prompt_ids)
     if len(ids) >= seq_length:
         raise InputError(f"prompt has {len(ids)} tokens; it must be shorter than seq_length {seq_length}")
@@ -71,7 +74,7 @@ def greedy_generate(
         buf[0, : len(ids)] = ids
         logits = model(ms.Tensor(buf)).asnumpy()
         nxt = int(np.argmax(logits[0, len(ids) - 1, :vocab_limit]))
-        if nxt == eos_id:
+        if nxt in stops:
             break
         ids.append(nxt)
         new.append(nxt)
