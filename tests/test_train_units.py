@@ -155,14 +155,10 @@ def test_greedy_generate_stops_at_eos_and_limits() -> None:
         model, [8], seq_length=5, max_new_tokens=2, eos_id=6, pad_id=0, vocab_limit=10
     ) == [9, 0]
     # a chat format's stop ids (its end of turn) end the answer too, with or without eos
-    assert greedy_generate(model, [1, 2], seq_length=12, max_new_tokens=9, stop_ids={9, 5}, pad_id=0) == [
-        3,
-        4,
-    ]
-    assert greedy_generate(model, [1], seq_length=12, max_new_tokens=9, eos_id=4, stop_ids={9}, pad_id=0) == [
-        2,
-        3,
-    ]
+    stopped = greedy_generate(model, [1, 2], seq_length=12, max_new_tokens=9, stop_ids={9, 5}, pad_id=0)
+    assert stopped == [3, 4]
+    stopped = greedy_generate(model, [1], seq_length=12, max_new_tokens=9, eos_id=4, stop_ids={9}, pad_id=0)
+    assert stopped == [2, 3]
     with pytest.raises(InputError, match="shorter than seq_length"):
         greedy_generate(model, [1] * 5, seq_length=5, max_new_tokens=1, eos_id=6, pad_id=0)
 
