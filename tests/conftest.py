@@ -37,3 +37,56 @@ def alpaca_path() -> Path:
 def _isolated_digest_memo(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the file-digest memo out of the user's home during tests."""
     monkeypatch.setenv("LLAMA_CORE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "llama_core_cache"))
+
+
+# -- the tokenizers of the chat formats (tests/chat_tokenizers.py)
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    """Meta's Llama 3 tokenizer.model (tiktoken BPE), from the llama-models package."""
+    from chat_tokenizers import llama3_model
+
+    return llama3_model()
+
+
+def _alpaca_texts(alpaca_path: Path) -> list[str]:
+    import json
+
+    return [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in json.loads(alpaca_path.read_text())]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, alpaca_path: Path) -> Path:
+    """A Qwen-style HF tokenizer folder whose chat_template is ChatML with a default system message."""
+    from chat_tokenizers import SYSTEM, build_hf_tokenizer, chatml_template
+
+    folder = tmp_path_factory.mktemp("hf_tokenizer")
+    return build_hf_tokenizer(folder, _alpaca_texts(alpaca_path), chatml_template(SYSTEM))
+
+
+@pytest.fixture(scope="session")
+def plain_hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer_dir: Path) -> Path:
+    """The same tokenizer without a chat_template (the built-in chatml format's case)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("plain_hf_tokenizer")
+    for f in hf_tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+CHAT_TOKENIZERS = {
+    "vicuna_v1.1": "tokenizer_path",
+    "llama3": "llama3_tokenizer_path",
+    "hf": "hf_tokenizer_dir",
+    "chatml": "plain_hf_tokenizer_dir",
+}
+
+
+@pytest.fixture
+def chat_case(request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """(tokenizer, chat_template) for the chat format the test is parametrized with (indirect)."""
+    return request.getfixturevalue(CHAT_TOKENIZERS[request.param]), request.param

@@ -254,21 +254,29 @@ def split_docs(path: Path) -> Counter[tuple[bytes, bytes]]:
     return docs
 
 
+def docs_by_side(
+    plain_out: Path, held: list[bool]
+) -> tuple[dict[bool, Counter[tuple[bytes, bytes]]], Counter[bool]]:
+    """The unsplit records with a supervised token, cut at their last non-pad id, by side (held out
+    or not); and the count of those without one, by side."""
+    expected: dict[bool, Counter[tuple[bytes, bytes]]] = {True: Counter(), False: Counter()}
+    unsupervised: Counter[bool] = Counter()
+    for (ids, labels), side in zip(read(plain_out), held, strict=True):
+        if not (labels != IGN).any():
+            unsupervised[side] += 1
+            continue
+        n = int(np.flatnonzero(ids)[-1]) + 1
+        expected[side][(ids[:n].tobytes(), labels[:n].tobytes())] += 1
+    return expected, unsupervised
+
+
 def test_packed_split_holds_every_document_once(
     tmp_path: Path, data: SimpleNamespace, tokenizer_path: Path
 ) -> None:
     out = tmp_path / "p.mindrecord"
     res = preprocess("qa", str(data.conv), tokenizer_path, out, seq_length=SEQ, workers=2, packing="pack",
                      holdout_fraction=FRACTION)  # fmt: skip
-    # the unsplit records with a supervised token, cut at their last non-pad id, by side
-    expected: dict[bool, Counter[tuple[bytes, bytes]]] = {True: Counter(), False: Counter()}
-    unsupervised = Counter()
-    for (ids, labels), held in zip(read(data.plain_out), data.held, strict=True):
-        if not (labels != IGN).any():
-            unsupervised[held] += 1
-            continue
-        n = int(np.flatnonzero(ids)[-1]) + 1
-        expected[held][(ids[:n].tobytes(), labels[:n].tobytes())] += 1
+    expected, unsupervised = docs_by_side(data.plain_out, data.held)
     assert sum(unsupervised.values()) > 0  # at SEQ some records lose every answer token
     train_docs, held_docs = split_docs(out), split_docs(tmp_path / "p-heldout.mindrecord")
     assert held_docs == expected[True] and train_docs == expected[False]
@@ -280,6 +288,34 @@ def test_packed_split_holds_every_document_once(
     assert res.packing["documents"] == train_docs.total() and res.records_written == len(read(out))
     assert res.packing["skipped_unsupervised"]["count"] == unsupervised[False]
     assert hold["packing"]["skipped_unsupervised"]["count"] == unsupervised[True]
+
+
+@pytest.mark.parametrize("chat_case", ["llama3", "hf", "chatml"], indirect=True)
+def test_split_and_packed_split_in_each_chat_format(
+    tmp_path: Path, data: SimpleNamespace, chat_case: tuple[Path, str]
+) -> None:
+    """Whatever the chat format, the held-out records are those whose hash falls below the fraction:
+    the split's rows are the unsplit rows of those records, the packed split holds their documents."""
+    tokenizer, template = chat_case
+
+    def run(name: str, **kw: object) -> Path:
+        out = tmp_path / name / "alpaca.mindrecord"
+        preprocess(
+            "qa", str(data.conv), tokenizer, out, seq_length=SEQ, workers=2, chat_template=template, **kw
+        )
+        return out
+
+    plain = run("plain")
+    split = run("split", holdout_fraction=FRACTION)
+    packed = run("packed", holdout_fraction=FRACTION, packing="pack")
+    plain_rows = rows(plain)
+    assert rows(split.with_name("alpaca-heldout.mindrecord")) == [
+        row for row, held in zip(plain_rows, data.held, strict=True) if held
+    ]
+    assert rows(split) == [row for row, held in zip(plain_rows, data.held, strict=True) if not held]
+    expected, _ = docs_by_side(plain, data.held)
+    assert split_docs(packed.with_name("alpaca-heldout.mindrecord")) == expected[True]
+    assert split_docs(packed) == expected[False]
 
 
 def test_bad_fraction_wiki_and_same_file_are_refused(

@@ -44,22 +44,22 @@ def conversations(tmp_path_factory: pytest.TempPathFactory, alpaca_path: Path) -
     return out
 
 
-@pytest.mark.parametrize("seq", [4096, 256])
+@pytest.mark.parametrize(
+    ("chat_case", "seq"),
+    [("vicuna_v1.1", 4096), ("vicuna_v1.1", 256), ("llama3", 160), ("hf", 256), ("chatml", 256)],
+    indirect=["chat_case"],
+)
 def test_packed_rows_hold_every_conversation_of_the_unpacked_output_whole(
-    tmp_path: Path, conversations: Path, tokenizer_path: Path, seq: int
+    tmp_path: Path, conversations: Path, chat_case: tuple[Path, str], seq: int
 ) -> None:
-    """At 4096 nothing is truncated; at 256 many records are (each then fills a row alone) and
-    some lose every answer token (left out of the packed rows, listed in the report)."""
-    plain = preprocess(
-        "qa", str(conversations), tokenizer_path, tmp_path / "plain.mindrecord", seq_length=seq
-    )
+    """In every chat format. At 4096 nothing is truncated; at 256 (160 with Llama 3's longer tokens)
+    many records are (each then fills a row alone) and some lose every answer token (left out of the
+    packed rows, listed in the report)."""
+    tokenizer, template = chat_case
+    kw = {"seq_length": seq, "chat_template": template}
+    plain = preprocess("qa", str(conversations), tokenizer, tmp_path / "plain.mindrecord", **kw)
     packed = preprocess(
-        "qa",
-        str(conversations),
-        tokenizer_path,
-        tmp_path / "packed.mindrecord",
-        seq_length=seq,
-        packing="pack",
+        "qa", str(conversations), tokenizer, tmp_path / "packed.mindrecord", packing="pack", **kw
     )
     # the unpacked records with a supervised token, cut at their last non-pad id
     expected: Counter[tuple[bytes, bytes]] = Counter()
