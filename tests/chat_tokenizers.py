@@ -4,9 +4,9 @@
   `Tokenizer` and `ChatFormat`, the reference).
 - HF: a small Qwen-style tokenizer folder built here: a byte-level BPE trained on the Alpaca sample
   with Qwen2's pre-tokenizer layout (NFC, a split regex, byte-level), `<|endoftext|>`, `<|im_start|>`
-  and `<|im_end|>` added after the vocabulary, eos `<|im_end|>`, and a ChatML template of our own
-  with a default system message (as Qwen's has). The template marks the assistant's content and its
-  `<|im_end|>` with transformers' `{% generation %}` tags, so `apply_chat_template(...,
+  and `<|im_end|>` added after the vocabulary, eos `<|im_end|>`, and a ChatML template with a
+  default system message (as Qwen's has). ChatML marks the assistant's content and its `<|im_end|>`
+  with transformers' `{% generation %}` tags, so `apply_chat_template(...,
   return_assistant_tokens_mask=True)` gives the reference labels.
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_core.data.chat import CHATML_TEMPLATE
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # the split regex of Qwen2's tokenizer.json (digits one at a time, unlike Llama 3's \p{N}{1,3})
 SPLIT_PATTERN = (
@@ -28,26 +30,13 @@ SPLIT_PATTERN = (
 SYSTEM = "You are a careful assistant. Answer the request below as well as you can."
 
 
-def chatml_template(system: str | None) -> str:
-    """ChatML, with `system` as the default system message (none when None) and the assistant's
-    content + `<|im_end|>` inside generation tags."""
-    default = (
-        "{%- if messages[0]['role'] != 'system' %}"
-        "{{- '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
-        "{%- endif %}"
-        if system is not None
-        else ""
-    )
-    return (
-        default + "{%- for message in messages %}"
-        "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-        "{%- if message['role'] == 'assistant' %}"
-        "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
-        "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
-        "{{- '\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-    )
+# Our own ChatML template with a default system message, as Qwen's has: the system turn, then the
+# built-in ChatML (whose generation tags mark the assistant's content and <|im_end|>)
+CHATML_WITH_SYSTEM = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}" + CHATML_TEMPLATE
+)
 
 
 def llama3_model() -> Path:

@@ -57,10 +57,10 @@ def _alpaca_texts(alpaca_path: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, alpaca_path: Path) -> Path:
     """A Qwen-style HF tokenizer folder whose chat_template is ChatML with a default system message."""
-    from chat_tokenizers import SYSTEM, build_hf_tokenizer, chatml_template
+    from chat_tokenizers import CHATML_WITH_SYSTEM, build_hf_tokenizer
 
     folder = tmp_path_factory.mktemp("hf_tokenizer")
-    return build_hf_tokenizer(folder, _alpaca_texts(alpaca_path), chatml_template(SYSTEM))
+    return build_hf_tokenizer(folder, _alpaca_texts(alpaca_path), CHATML_WITH_SYSTEM)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-from chat_tokenizers import chatml_template
 
 from llama_core.data.alpaca_converter import PROMPT_NO_INPUT, convert_alpaca
 from llama_core.data.chat import CHATML_TEMPLATE, JinjaFormat, chat_format, default_chat_template
@@ -229,22 +228,20 @@ def test_hf_records_equal_transformers(hf_tokenizer_dir: Path, hf_ref, records: 
         assert (ids, labels_of(ids, spans)) == hf_record(hf_ref, messages), messages
 
 
-def test_chatml_is_a_plain_chatml_template(
-    tmp_path: Path, plain_hf_tokenizer_dir: Path, hf_ref, records: list[dict]
+def test_chatml_is_chatml_for_a_tokenizer_without_template(
+    plain_hf_tokenizer_dir: Path, hf_ref, records: list[dict]
 ) -> None:
-    """The built-in chatml (no template in the tokenizer) = the hf format of a ChatML template without a
-    system message, = transformers' rendering of that template."""
-    chatml = chat_format(open_tokenizer(plain_hf_tokenizer_dir), "chatml")
-    tok = open_tokenizer(plain_hf_tokenizer_dir)
-    plain = JinjaFormat(tok, "hf", chatml_template(None))
-    for messages in messages_of(records):
-        ids, spans = chatml.encode_dialog(messages)
-        assert (ids, spans) == plain.encode_dialog(messages)
-        assert ids == hf_ref.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=True,
-                                                 return_dict=False)  # fmt: skip
-    assert (
-        chatml.stop_ids == plain.stop_ids == {tok.special_id("<|im_end|>"), tok.special_id("<|endoftext|>")}
+    """The built-in chatml: ChatML's text, and transformers' ids and assistant tokens of that template."""
+    fmt = chat_format(open_tokenizer(plain_hf_tokenizer_dir), "chatml")
+    assert isinstance(fmt, JinjaFormat)
+    assert fmt.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
     )
+    for messages in messages_of(records):
+        ids, spans = fmt.encode_dialog(messages)
+        assert (ids, labels_of(ids, spans)) == hf_record(hf_ref, messages, chat_template=CHATML_TEMPLATE)
+    ids = [hf_ref.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    assert fmt.stop_ids == set(ids)
 
 
 @pytest.mark.parametrize("chat_case", ["llama3", "hf", "chatml"], indirect=True)
@@ -262,8 +259,8 @@ def test_preprocess_writes_the_reference_records(
     res = preprocess("qa", str(src), tokenizer, out, seq_length=SEQ, workers=2, chat_template=template)
     if template == "llama3":
         expected = [meta_record(meta, m) for m in messages_of(records)]
-    else:  # chatml's reference: the same ChatML with generation tags (same tokenizer as hf_ref's)
-        kw = {"chat_template": chatml_template(None)} if template == "chatml" else {}
+    else:  # chatml's tokenizer is hf_ref's without a template: the reference is given ChatML
+        kw = {"chat_template": CHATML_TEMPLATE} if template == "chatml" else {}
         expected = [hf_record(hf_ref, m, **kw) for m in messages_of(records)]
     length = SEQ + 1
     rows = ds.MindDataset(str(out), shuffle=False).create_tuple_iterator(output_numpy=True, num_epochs=1)

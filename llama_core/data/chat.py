@@ -40,9 +40,14 @@ from llama_core.errors import InputError
 CHAT_TEMPLATES = ("vicuna_v1.1", "llama3", "hf", "chatml")
 DEFAULTS = {"sentencepiece": "vicuna_v1.1", "tiktoken": "llama3"}  # hf: its own template
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+# ChatML; the generation tags mark what is supervised (transformers' assistant mask reads them too)
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
