@@ -168,18 +168,26 @@ class JinjaFormat(DialogFormat):
 
     def encode_dialog(self, messages: Sequence[Message]) -> tuple[list[int], list[Span]]:
         text = self.render(messages)
-        ids, offsets = self.tok.encode_offsets(text)
-        spans, i = [], 0
-        for start, end in self._assistant_text(messages, text):
-            while i < len(ids) and offsets[i][1] <= start:
-                i += 1
-            first = i
-            while i < len(ids) and offsets[i][0] < end:
-                i += 1
-                if ids[i - 1] in self.stop_ids:
-                    break
-            spans.append((first, i))
-        return ids, spans
+        enc = self.tok.encoding(text)
+        bounds = self._assistant_text(messages, text)
+        return enc.ids, [self._token_span(enc, len(text), start, end) for start, end in bounds]
+
+    def _token_span(self, enc: Any, n_chars: int, start: int, end: int) -> Span:
+        """The tokens overlapping text[start:end], up to and including the first end-of-turn token.
+
+        Looked up by character in the encoding, without a Python loop over the tokens (this is the
+        stage's hot path); when a character is in no token (offsets trimmed of spaces), by the offsets."""
+        ids = enc.ids
+        first = enc.char_to_token(start)
+        last = enc.char_to_token(end) if end < n_chars else len(ids)
+        if first is None or last is None:
+            offsets = enc.offsets
+            first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(ids))
+            last = next((i for i, (s, _) in enumerate(offsets) if s >= end), len(ids))
+        while last < len(ids) and enc.token_to_chars(last)[0] < end:  # a token across the end
+            last += 1
+        stops = [_index(ids, s, first, last) for s in self.stop_ids]
+        return first, min((i + 1 for i in stops if i >= 0), default=last)
 
     def _assistant_text(self, messages: Sequence[Message], text: str) -> list[tuple[int, int]]:
         """The character span of each assistant message (its content and end of turn) in `text`."""
@@ -227,6 +235,14 @@ def chat_format(tok: Tokenizer, name: str | None = None) -> ChatFormat:
     if tok.chat_template is None:
         raise InputError(f"{tok.path}: chat_template hf, but this tokenizer has no chat_template")
     return JinjaFormat(tok, name, tok.chat_template)
+
+
+def _index(ids: list[int], value: int, lo: int, hi: int) -> int:
+    """The first index of `value` in ids[lo:hi], -1 when absent."""
+    try:
+        return ids.index(value, lo, hi)
+    except ValueError:
+        return -1
 
 
 # -- Jinja as transformers sets it up for chat templates (transformers.utils.chat_template_utils)

@@ -267,10 +267,9 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.model.encode(text, add_special_tokens=False).ids
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of `text` (no specials added) and each token's character span in it."""
-        enc = self.model.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
+    def encoding(self, text: str) -> Any:
+        """The `tokenizers.Encoding` of `text` (no specials added): ids and where each token is."""
+        return self.model.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.model.decode(list(ids), skip_special_tokens=True)

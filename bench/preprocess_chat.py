@@ -1,0 +1,211 @@
+"""Benchmark the chat formats beside vicuna_v1.1 at the quick-start scale: bench.preprocess's input
+(999 Alpaca records x 52 = 51,948 conversations) at seq 4096, through the same CLI.
+
+- vicuna_v1.1: Llama 2's sentencepiece model; today's path, measured again here as the baseline.
+- llama3: Meta's Llama 3 tokenizer.model (tiktoken BPE, 128,256 tokens), from llama-models.
+- hf: a Qwen-sized HF tokenizer.json: Meta's Llama 3 BPE converted by transformers'
+  TikTokenConverter, with ChatML's tokens added; its chat_template is ChatML with a default system
+  message, the layout of Qwen's.
+
+The formats take turns for RUNS rounds (other jobs' load hits them alike); medians are reported.
+Then every distinct record (the input repeats the same 999) is checked against the reference:
+`bench.preprocess.literal_qa` for vicuna_v1.1, Meta's ChatFormat for llama3, transformers'
+apply_chat_template (ids, and the assistant mask of ChatML's generation tags) for hf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.preprocess import REPEAT, SEQ, literal_qa, run_measured
+from bench.report import SHARED_DIR, WORK_DIR, update_section
+from llama_core.atomic import remove_path, write_bytes_atomic, write_json_atomic
+from llama_core.data.alpaca_converter import convert_alpaca
+from llama_core.data.chat import CHATML_TEMPLATE
+from llama_core.data.prompts import conversation_messages
+
+RUNS = 3
+COMMAND = "python -m bench.preprocess_chat"
+IGNORE = -100
+SYSTEM_TURN = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+)
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def llama3_model() -> Path:
+    """Meta's Llama 3 tokenizer.model inside the installed llama_models package."""
+    import llama_models.llama3
+
+    return Path(llama_models.llama3.__file__).parent / "tokenizer.model"
+
+
+def make_hf_tokenizer(folder: Path) -> Path:
+    """The hf format's tokenizer folder (see the module doc)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from llama_core.data.tokenizer import LLAMA3_PATTERN
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = sum(1 for line in llama3_model().read_bytes().splitlines() if line.strip())
+    specials = {t: n + i for i, t in enumerate(CHATML_TOKENS)}
+    converter = TikTokenConverter(
+        vocab_file=str(llama3_model()), pattern=LLAMA3_PATTERN, extra_special_tokens=specials
+    )
+    write_bytes_atomic(folder / "tokenizer.json", converter.converted().to_str().encode())
+    write_json_atomic(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "chat_template": SYSTEM_TURN + CHATML_TEMPLATE,
+        },
+    )
+    return folder
+
+
+def meta_rows(records: list[dict[str, Any]], model: Path) -> Iterator[tuple[list[int], list[int]]]:
+    """Meta's ids ([bos] + ChatFormat.encode_message of each message, content stripped) and labels (an
+    assistant message's tokens after its header), cut to seq_length+1."""
+    from llama_models.datatypes import RawMessage, ToolPromptFormat
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    tok = Tokenizer(model)
+    fmt = ChatFormat(tok)
+    for i, rec in enumerate(records):
+        ids, labels = [tok.bos_id], [IGNORE]
+        for m in conversation_messages("in", i, rec):
+            toks, _ = fmt.encode_message(
+                RawMessage(role=m["role"], content=m["content"].strip()), ToolPromptFormat.json
+            )
+            empty, _ = fmt.encode_message(RawMessage(role=m["role"], content=""), ToolPromptFormat.json)
+            header = len(empty) - 1
+            ids += toks
+            labels += [IGNORE] * header + (
+                toks[header:] if m["role"] == "assistant" else [IGNORE] * (len(toks) - header)
+            )
+        yield ids[: SEQ + 1], labels[: SEQ + 1]
+
+
+def transformers_rows(records: list[dict[str, Any]], folder: Path) -> Iterator[tuple[list[int], list[int]]]:
+    """transformers' apply_chat_template ids and assistant mask, cut to seq_length+1."""
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(folder))
+    for i, rec in enumerate(records):
+        out = ref.apply_chat_template(
+            conversation_messages("in", i, rec),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        ids = list(out["input_ids"])
+        labels = [x if m else IGNORE for x, m in zip(ids, out["assistant_masks"], strict=True)]
+        yield ids[: SEQ + 1], labels[: SEQ + 1]
+
+
+def mismatches(out: Path, expected: Iterator[tuple[list[int], list[int]]], n: int) -> list[int]:
+    """Indices among the first `n` records whose row differs from the reference's (padded) one."""
+    import mindspore.dataset as ds
+
+    length = SEQ + 1
+    rows = ds.MindDataset(str(out), shuffle=False, num_samples=n).create_tuple_iterator(output_numpy=True)
+    bad = []
+    for i, ((ids, labels), (exp_ids, exp_labels)) in enumerate(zip(rows, expected, strict=False)):
+        exp_ids = exp_ids + [0] * (length - len(exp_ids))
+        exp_labels = exp_labels + [IGNORE] * (length - len(exp_labels))
+        if ids.tolist() != exp_ids or labels.tolist() != exp_labels:
+            bad.append(i)
+    return bad
+
+
+def main() -> None:
+    import sentencepiece as spm
+
+    work = WORK_DIR / "preprocess_chat"
+    remove_path(work)
+    work.mkdir(parents=True)
+    source = json.loads((SHARED_DIR / "data" / "alpaca_en_demo.json").read_text())
+    write_bytes_atomic(work / "alpaca_x52.json", json.dumps(source * REPEAT, ensure_ascii=False).encode())
+    conv_path = work / "conversations.json"
+    convert_alpaca(work / "alpaca_x52.json", conv_path)
+    sp_model = SHARED_DIR / "data" / "llama2-tokenizer.model"
+    hf_dir = make_hf_tokenizer(work / "hf-tokenizer")
+    formats: dict[str, Path] = {"vicuna_v1.1": sp_model, "llama3": llama3_model(), "hf": hf_dir}
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "llama_core.data.llama_preprocess", "--dataset_type", "qa",
+                "--input_glob", str(conv_path), "--model_file", str(formats[name]), "--seq_length", str(SEQ),
+                "--output_file", str(work / name / "alpaca.mindrecord"), "--chat_template", name]  # fmt: skip
+
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in formats}
+    for _ in range(RUNS):
+        for name in formats:
+            remove_path(work / name)
+            runs[name].append(run_measured(command(name)))
+
+    distinct = json.loads(conv_path.read_text())[: len(source)]
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    references: dict[str, Callable[[], Iterator[tuple[list[int], list[int]]]]] = {
+        "vicuna_v1.1": lambda: literal_qa(distinct, sp, SEQ),
+        "llama3": lambda: meta_rows(distinct, formats["llama3"]),
+        "hf": lambda: transformers_rows(distinct, hf_dir),
+    }
+    rows, failed = [], {}
+    base_wall = statistics.median(r["wall_s"] for r in runs["vicuna_v1.1"])
+    for name, measured in runs.items():
+        out = work / name / "alpaca.mindrecord"
+        report = json.loads(out.with_name(out.name + ".report.json").read_text())["result"]
+        wall = statistics.median(r["wall_s"] for r in measured)
+        cpu = statistics.median(r["cpu_s"] for r in measured)
+        main_cpu = statistics.median(r["main_cpu_s"] for r in measured)
+        bad = mismatches(out, references[name](), len(distinct))
+        if bad:
+            failed[name] = bad[:10]
+        rows.append(
+            f"| {name} | {wall:.1f} s ({', '.join(format(r['wall_s'], '.1f') for r in measured)}) | "
+            f"{base_wall / wall:.2f}x | {report['records_written'] / wall:,.0f} | {cpu:.1f} s "
+            f"(workers {cpu - main_cpu:.1f} s) | {max(r['peak_rss'] for r in measured) / 1e9:.2f} GB | "
+            f"{report['supervised_tokens']:,} | {len(distinct)}, mismatches {len(bad)} |"
+        )
+    body = "\n".join(
+        [
+            f"Input: alpaca_en_demo.json ({len(source)} records) x {REPEAT} = {len(source) * REPEAT:,} "
+            f"conversations; seq_length {SEQ}; preprocess workers = all cores ({os.cpu_count()}); "
+            f"{RUNS} rounds, the formats taking turns, medians. vicuna_v1.1 is today's path "
+            "(bench.preprocess), measured again here under the same load.",
+            "",
+            "| chat format | preprocess wall (runs) | speed vs vicuna_v1.1 | records/s | CPU, all "
+            "processes | peak RSS | supervised tokens | distinct records checked against the reference |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Tokenizers: vicuna_v1.1 Llama 2's sentencepiece model; llama3 Meta's Llama 3 "
+            "tokenizer.model (tiktoken, 128,256 tokens, from llama-models); hf a Qwen-sized "
+            "tokenizer.json (Meta's Llama 3 BPE converted by transformers' TikTokenConverter, ChatML's "
+            "tokens added) whose chat_template is ChatML with a default system message, rendered per "
+            "record in full and up to the assistant's turn. References: bench.preprocess.literal_qa "
+            "(MindFormers' layout), Meta's ChatFormat.encode_message, transformers' apply_chat_template "
+            "with its assistant mask. The input repeats the same 999 records, so the first 999 rows hold "
+            "every distinct record.",
+        ]
+    )
+    update_section("preprocess_chat", "Data stage: the chat formats (vicuna_v1.1, llama3, hf)", COMMAND, body)
+    print(body)
+    if failed:
+        raise SystemExit(f"rows differ from the reference: {failed}")
+
+
+if __name__ == "__main__":
+    main()
