@@ -444,7 +444,7 @@ def _md_evaluation(report: Mapping[str, Any]) -> list[str]:
             if out is None:
                 lines += ["Not run.", ""]
             elif not out.strip():
-                lines += ["(no text: the model ended its answer at once, with `</s>`)", ""]
+                lines += ["(no text: the model ended its answer at once)", ""]
             else:
                 lines += [_fenced(out), ""]
     return lines[:-1]
@@ -496,7 +496,11 @@ def _md_data(report: Mapping[str, Any]) -> list[str]:
         rows.append(("layout", text))
     else:
         rows.append(("layout", "—"))
-    for key, label in (("dataset_type", "dataset type"), ("masking", "masking")):
+    for key, label in (
+        ("dataset_type", "dataset type"),
+        ("chat_template", "chat template"),
+        ("masking", "masking"),
+    ):
         if data.get(key) is not None:
             rows.append((label, str(data[key])))
     if data.get("output_file"):

@@ -232,7 +232,11 @@ def _params(p: Pipeline) -> dict[str, Any]:
     c = p.cluster
     return {
         **source("alpaca", "Alpaca records (JSON list or JSON Lines)"),
-        **source("tokenizer", "the Llama sentencepiece tokenizer.model"),
+        **source(
+            "tokenizer",
+            "the tokenizer: a sentencepiece or Llama 3 tokenizer.model, or an HF tokenizer folder "
+            "(hf://ORG/REPO fetches only its tokenizer files)",
+        ),
         **source("weights", "base weights: a MindSpore .ckpt, or a Hugging Face Llama folder or repo"),
         "storage_conn_id": Param(
             p.sources.storage_conn_id,
@@ -425,6 +429,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
                 dest=f"{work}/downloads/{name}",
                 sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
                 conn_id="{{ params.storage_conn_id or '' }}",
+                tokenizer=name == "tokenizer",  # hf://ORG/REPO: its tokenizer files, not its weights
             )
             for name in ("alpaca", "tokenizer", "weights")
         }

@@ -116,22 +116,34 @@ class FetchOperator(StageOperator):
 
     `conn_id` names an Airflow connection whose credentials are handed to the fetch: an AWS
     connection (login = access key, password = secret, extra `endpoint_url` for OBS/MinIO) for
-    s3://, or any connection whose password is a Hugging Face token for hf://.
+    s3://, or any connection whose password is a Hugging Face token for hf://. `tokenizer`: the
+    source is a tokenizer, so an hf:// repo fetches only its tokenizer files (`tokenizer_source`).
     """
 
     template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id")
     ui_color = "#d6eaf8"
 
     def __init__(
-        self, *, source: str, dest: str, sha256: str | None = None, conn_id: str | None = None, **kwargs: Any
+        self,
+        *,
+        source: str,
+        dest: str,
+        sha256: str | None = None,
+        conn_id: str | None = None,
+        tokenizer: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.source, self.dest, self.sha256, self.conn_id = source, dest, sha256, conn_id
+        self.tokenizer = tokenizer
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.fetch import Credentials, fetch
+        from llama_core.fetch.hf import tokenizer_source
 
         source = render_dated(self, self.source, context)
+        if self.tokenizer:
+            source = tokenizer_source(source)
         credentials = None
         if self.conn_id:
             conn = BaseHook.get_connection(self.conn_id)

@@ -372,3 +372,45 @@ def test_generation_prompts_and_stops_follow_the_chat_format(
     assert hf.stop_ids == {hf_ref.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     with pytest.raises(InputError, match=r"prompt 1: .* tokens with the llama3 template"):
         encode_prompts(llama3, ["short", "long " * 100], 64)
+
+
+# -- fetching a tokenizer
+def test_an_hf_repo_as_tokenizer_source_fetches_only_its_tokenizer_files(
+    tmp_path: Path, hf_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub is unreachable here: snapshot_download is replaced by one that delivers the files of a
+    fake repo (the test tokenizer's, beside weights) that its allow_patterns select."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from llama_core.fetch import fetch
+    from llama_core.fetch.hf import TOKENIZER_FILES, tokenizer_source
+
+    repo = {p.name: p.read_bytes() for p in hf_tokenizer_dir.iterdir()}
+    repo.update({"model.safetensors": b"w" * 10, "config.json": b"{}", "README.md": b"# model"})
+
+    def fake_snapshot_download(repo_id: str, **kw: object) -> str:
+        local = Path(str(kw["local_dir"]))
+        local.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(repo, allow_patterns=kw["allow_patterns"]):
+            (local / name).write_bytes(repo[name])
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    url = tokenizer_source("hf://Qwen/Qwen2.5-7B")
+    assert url == "hf://Qwen/Qwen2.5-7B?include=" + ",".join(TOKENIZER_FILES)
+    result = fetch(url, tmp_path)
+    assert sorted(f.path.name for f in result.files) == sorted(n for n in repo if n in TOKENIZER_FILES)
+    tok = open_tokenizer(result.path)
+    assert tok.kind == "hf" and chat_format(tok).name == "hf"
+    assert tok.encode(TEXTS[2]) == open_tokenizer(hf_tokenizer_dir).encode(TEXTS[2])
+    # a source that already says what to fetch, or is not hf://, is left as it is
+    for given in (
+        "hf://o/r?include=tokenizer.model",
+        "hf://o/r/tokenizer.model",
+        "https://h/tokenizer.model",
+    ):
+        assert tokenizer_source(given) == given
+    assert tokenizer_source("hf://o/r@v1?exclude=*.bin").startswith(
+        "hf://o/r@v1?exclude=*.bin&include=tokenizer.json,"
+    )

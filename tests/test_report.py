@@ -97,6 +97,7 @@ def make_inputs(tmp_path: Path) -> dict[str, Any]:
         "records_written": 949,
         "supervised_tokens": 80123,
         "seq_length": 512,
+        "chat_template": "llama3",
         "records_fully_masked": {"count": 2, "first_ids": ["identity_12", "identity_40"]},
         "records_truncated": {"count": 7},
         "packing": {"mode": "pack", "documents": 949, "rows": 310, "fill_ratio": 0.93},
@@ -253,6 +254,7 @@ def test_markdown_has_every_section_stage_output_and_loss(
     data = section(md, "Data")
     for value in ("949", "50", "80,123", "512", "pack"):
         assert value in data
+    assert "| chat template | llama3 |" in data
     assert "![loss curve](loss_curve.png)" in section(md, "Loss curve")
 
 

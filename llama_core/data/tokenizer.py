@@ -108,7 +108,7 @@ LLAMA3_PATTERN = (
 _TIKTOKEN_MAX_CHARS, _TIKTOKEN_MAX_RUN = 400_000, 25_000
 _LONG_RUN = re.compile(rf"\s{{{_TIKTOKEN_MAX_RUN + 1},}}|\S{{{_TIKTOKEN_MAX_RUN + 1},}}")
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
-HF_FILES = (  # what makes an HF tokenizer folder (the first is required); all of them are fetched
+HF_FILES = (  # what makes an HF tokenizer folder (the first is required)
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json",
 )  # fmt: skip

@@ -1,4 +1,9 @@
-"""hf:// sources through huggingface_hub.snapshot_download (its own resume, retries and cache)."""
+"""hf:// sources through huggingface_hub.snapshot_download (its own resume, retries and cache).
+
+A tokenizer source `hf://ORG/REPO` names a whole repo; `tokenizer_source` narrows it to the
+tokenizer's files (TOKENIZER_FILES, those the repo has), fetched into one folder that
+`llama_core.data.tokenizer.open_tokenizer` reads.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,25 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llama_core.cache import file_sha256
+from llama_core.data.tokenizer import HF_FILES
 from llama_core.fetch.remote import FetchError
 from llama_core.fetch.results import FetchedFile
-from llama_core.fetch.source import FetchRequest
+from llama_core.fetch.source import FetchRequest, parse_source
+
+# What makes a tokenizer in an HF repo: an HF tokenizer folder's files, or a tokenizer.model
+# (sentencepiece, or Llama 3's tiktoken file)
+TOKENIZER_FILES = (*HF_FILES, "tokenizer.model")
+
+
+def tokenizer_source(url: str) -> str:
+    """`url` as a tokenizer source: an hf:// repo that names no file and no include patterns gets
+    `include=` TOKENIZER_FILES (not the repo's weights); any other source is returned as it is."""
+    if not url.lower().startswith("hf://"):
+        return url
+    src = parse_source(url)
+    if src.include:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}include={','.join(TOKENIZER_FILES)}"
 
 
 def fetch_hf(req: FetchRequest, store: Path) -> list[FetchedFile]:
