@@ -181,6 +181,7 @@ class AdapterCheckOperator(_EvaluationRunner):
             finetuned=imported.output_path,
             output=check_dir / f"{context['run_id']}.json".replace(":", "_"),
             tokenizer=extra["tokenizer"],
+            chat_template=extra.get("chat_template"),  # the run's, so the answers can be equal
             prompts=extra.get("prompts") or [],
             max_new_tokens=extra.get("max_new_tokens"),  # the answers' length the run evaluated
         )

@@ -42,7 +42,7 @@ class ExportAdapterOperator(_PublishingOperator):
 
     template_fields: Sequence[str] = (
         "run_dir", "config", "overrides", "base_model", "base_checkpoint", "tokenizer", "seq_length",
-        "prompts", "max_new_tokens",
+        "prompts", "max_new_tokens", "chat_template",
     )  # fmt: skip
     ui_color = "#d5f5e3"
 
@@ -58,12 +58,14 @@ class ExportAdapterOperator(_PublishingOperator):
         seq_length: int | str | None = None,
         prompts: Sequence[str] | str = (),
         max_new_tokens: int | str | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.run_dir, self.config, self.overrides, self.base_model = run_dir, config, overrides, base_model
         self.base_checkpoint, self.tokenizer, self.seq_length = base_checkpoint, tokenizer, seq_length
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
+        self.chat_template = chat_template
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.export_peft import export_peft
@@ -84,6 +86,7 @@ class ExportAdapterOperator(_PublishingOperator):
                 "config": str(config_path),
                 "config_digest": config_digest(cfg),
                 "tokenizer": self.tokenizer,
+                "chat_template": self.chat_template or None,  # how the prompts were wrapped (None: default)
                 "prompts": list(self.prompts or []),
                 "max_new_tokens": None if self.max_new_tokens in (None, "") else int(self.max_new_tokens),
                 "lora_rank": result.rank,

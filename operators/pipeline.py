@@ -511,6 +511,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             base_model="{{ params.base_model }}",
             base_checkpoint=base,
             tokenizer=tokenizer,
+            chat_template="{{ params.chat_template }}",
             seq_length="{{ params.seq_length }}",
             prompts="{{ params.prompts }}",
             max_new_tokens="{{ params.max_new_tokens }}",

@@ -4,6 +4,9 @@ The module name mirrors MindFormers' script. `qa` turns each conversation into t
 prompt (fschat's template), tokenizes it with sentencepiece and writes `input_ids` and `labels`
 (int32, length seq_length+1, pad 0, ignore -100, schema description "qa"); the reference's
 masking quirks are kept and listed in `llama_core.data.masking` (docs/REFERENCE.md, masking).
+`--chat_template` picks another chat format (`llama_core.data.chat`: llama3, hf, chatml) for a
+Llama 3 tiktoken tokenizer.model or an HF tokenizer folder: the same records, with only the
+assistants' tokens and end-of-turn tokens as labels; by default the tokenizer's own format.
 `wiki` cleans wikitext, tokenizes each paragraph, concatenates, repeats `--repeat` times and cuts
 chunks of seq_length+1 (`input_ids` only, tail dropped).
 
@@ -238,6 +241,7 @@ class _Request:
         eval_output_file: str | os.PathLike[str] | None,
         chat_template: str | None,
     ) -> _Request:
+        """Find the inputs, open the tokenizer, resolve the chat format; name the outputs and the key."""
         files = sorted(glob.glob(input_glob))
         if not files:
             raise InputError(f"{input_glob}: no input file matches")
