@@ -30,13 +30,17 @@ SPLIT_PATTERN = (
 SYSTEM = "You are a careful assistant. Answer the request below as well as you can."
 
 
-# Our own ChatML template with a default system message, as Qwen's has: the system turn, then the
-# built-in ChatML (whose generation tags mark the assistant's content and <|im_end|>)
-CHATML_WITH_SYSTEM = (
-    "{%- if messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif %}" + CHATML_TEMPLATE
-)
+def chatml_template(system: str | None) -> str:
+    """Our own ChatML template with `system` as its default system message (as Qwen's has; none when
+    None): the system turn, then the built-in ChatML (whose generation tags mark the assistant's
+    content and <|im_end|>)."""
+    if system is None:
+        return CHATML_TEMPLATE
+    turn = "{{- '<|im_start|>system\\n" + system + "<|im_end|>\\n' }}"
+    return "{%- if messages[0]['role'] != 'system' %}" + turn + "{%- endif %}" + CHATML_TEMPLATE
+
+
+CHATML_WITH_SYSTEM = chatml_template(SYSTEM)
 
 
 def llama3_model() -> Path:
