@@ -86,9 +86,19 @@ def family(request, tmp_path_factory):
 def test_logits_match_transformers(family) -> None:
     name, hf, folder, ids = family
     expected = hf_logits(hf, ids)
-    got = ms_logits(ms_model(folder / "hf", folder / "base.ckpt"), ids)
+    model = ms_model(folder / "hf", folder / "base.ckpt")
+    got = ms_logits(model, ids)
     assert np.abs(expected).max() > 1.0
     assert np.abs(got - expected).max() <= TOL, name
+    # the (chunked) training loss, a tied head included, is the cross-entropy of those logits
+    labels = np.where(np.arange(SEQ) % 3 == 0, -100, ids)
+    records = np.concatenate([ids, ids[:, :1]], axis=1), np.concatenate([labels, ids[:, :1]], axis=1)
+    loss = float(model(*(ms.Tensor(r, ms.int32) for r in records)).asnumpy())
+    targets, keep = records[1][:, 1:], records[1][:, 1:] != -100
+    log_probs = expected - np.log(np.exp(expected - expected.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    log_probs -= expected.max(-1, keepdims=True)
+    nll = -np.take_along_axis(log_probs, np.where(keep, targets, 0)[..., None], -1)[..., 0]
+    assert abs(loss - nll[keep & (ids != 0)].mean()) <= TOL, name
 
 
 def test_hf_ms_hf_is_bit_exact(family) -> None:

@@ -29,6 +29,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from llama_core.model.config import DTYPE_NAMES, LlamaConfig
+from llama_core.model.loss import ChunkedCrossEntropy
 
 DTYPES = {name: getattr(mstype, name) for name in DTYPE_NAMES}
 
@@ -38,6 +39,9 @@ INIT_STD = 0.02
 _MASK_VALUE = {mstype.float32: -1.0e9, mstype.float16: -6.0e4, mstype.bfloat16: -1.0e9}
 # flash_attention_score's compressed causal mask (sparse_mode 2) is always 2048 x 2048.
 _FLASH_MASK_SIZE = 2048
+# Tokens per chunk of the loss: a 128k-vocab head's fp32 logits are never held for a whole batch
+# (at seq 4096: 2.5 GB peak instead of 6.6 GB, docs/BENCHMARKS.md "loss memory").
+LOSS_CHUNK_TOKENS = 1024
 
 
 class Linear(nn.Cell):
@@ -368,11 +372,11 @@ class LlamaForCausalLM(nn.Cell):
     `construct(input_ids)` returns fp32 logits [batch, seq, vocab].
     `construct(input_ids, labels)` takes stored records of length seq_length+1 and returns the scalar loss
     of docs/REFERENCE.md (model and loss): inputs ids[:, :-1], targets labels[:, 1:],
-    mask = (input != pad) and (target != ignore), loss = sum(ce * mask) / (sum(mask) + 1e-8).
-    `doc_ends` (either way) marks packed rows' documents. A packed batch's loss is then the mean over
-    every supervised token of the batch, as for padded rows: the mean of its documents' own losses
-    weighted by their supervised token counts (a document's first label is always ignored, so no
-    target crosses a boundary).
+    mask = (input != pad) and (target != ignore), loss = sum(ce * mask) / (sum(mask) + 1e-8), computed
+    LOSS_CHUNK_TOKENS tokens at a time (`llama_core.model.loss`). `doc_ends` (either way) marks packed
+    rows' documents. A packed batch's loss is then the mean over every supervised token of the batch,
+    as for padded rows: the mean of its documents' own losses weighted by their supervised token
+    counts (a document's first label is always ignored, so no target crosses a boundary).
     """
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -383,6 +387,7 @@ class LlamaForCausalLM(nn.Cell):
         # of its own and takes no LoRA
         self.tied = config.tie_word_embeddings
         self.lm_head = None if self.tied else Linear(config.hidden_size, config.vocab_size, config)
+        self.cross_entropy = ChunkedCrossEntropy(LOSS_CHUNK_TOKENS)
         self.pad_token_id = config.pad_token_id
         self.ignore_token_id = config.ignore_token_id
 
@@ -398,11 +403,6 @@ class LlamaForCausalLM(nn.Cell):
             return self.logits(input_ids, doc_ends)
         tokens = input_ids[:, :-1]
         targets = labels[:, 1:]
-        logits = self.logits(tokens, doc_ends)
         mask = ops.logical_and(tokens != self.pad_token_id, targets != self.ignore_token_id)
-        mask = mask.astype(mstype.float32)
-        # ignored targets (-100) are out of range for the gather; they are masked out afterwards
-        safe_targets = ops.where(targets == self.ignore_token_id, ops.zeros_like(targets), targets)
-        log_probs = ops.log_softmax(logits, axis=-1)
-        nll = -ops.gather_elements(log_probs, -1, safe_targets.expand_dims(-1)).squeeze(-1)
-        return ops.sum(nll * mask) / (ops.sum(mask) + 1e-8)
+        head = self.model.tok_embeddings if self.tied else self.lm_head
+        return self.cross_entropy(self.model(tokens, doc_ends), head, targets, mask.astype(mstype.float32))

@@ -105,8 +105,8 @@ class ChunkedCrossEntropy(nn.Cell):
 
     `construct(hidden, head, targets, mask)`:
     - hidden [..., hidden_size]: the final norm's output (compute dtype);
-    - head: the `lm_head` cell, a `Linear` (tied or not) or a `LoraLinear` (its dropout included);
-      a head bias is not supported (no Llama or Qwen head has one);
+    - head: the `lm_head` cell, a `Linear` or a `LoraLinear` (its dropout included), or for a tied
+      head the `Embedding` whose table it is; a head bias is not supported (no Llama or Qwen head has one);
     - targets [...] integer ids; where mask is 0 any value (the ignore id) is fine;
     - mask [...] float, 1 for supervised tokens.
     Returns sum(nll * mask) / (sum(mask) + 1e-8) with nll from fp32 logits, as the model's loss.
@@ -126,7 +126,7 @@ class ChunkedCrossEntropy(nn.Cell):
         targets = targets.reshape(-1).astype(mstype.int32)
         # ignored targets (-100) are out of range for the gather and scatter; their rows weigh 0
         targets = ops.where(mask > 0, targets, ops.zeros_like(targets))
-        weight = head.weight.astype(dtype)
+        weight = (head.embedding_weight if hasattr(head, "embedding_weight") else head.weight).astype(dtype)
         if hasattr(head, "mindpet_delta_lora_b"):
             # LoraLinear's adapter input, [tokens, rank]: autodiff takes it from here to A and x
             down = head.project(head.dropout(x), head.mindpet_delta_lora_a) * head.scaling
