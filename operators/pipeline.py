@@ -448,6 +448,8 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
             holdout_fraction="{{ params.holdout_fraction }}",
             chat_template="{{ params.chat_template }}",
+            config="{{ params.config }}",  # its pad_token_id pads the records
+            overrides="{{ params.overrides }}",
             # each layout and split keeps its own file: switching back and forth re-tokenizes nothing
             output_file=f"{data}/seq{{{{ params.seq_length }}}}/alpaca{layout}{holdout}.mindrecord",
         )

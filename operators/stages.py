@@ -177,11 +177,12 @@ class TokenizeToMindRecordOperator(StageOperator):
     """Conversations -> MindRecord `input_ids`/`labels`, token-identical to MindFormers; `packing`
     "pack" packs several conversations per row instead; `holdout_fraction` > 0 writes a held-out
     evaluation split (chosen by record content) to a second file; `chat_template` picks the chat
-    format (empty: the tokenizer's default)."""
+    format (empty: the tokenizer's default). Records are padded with the pad_token_id of the run
+    config (`config` + `overrides`) when given, so the trainer finds the padding by it."""
 
     template_fields: Sequence[str] = (
         "input_glob", "model_file", "seq_length", "output_file", "packing", "holdout_fraction",
-        "chat_template",
+        "chat_template", "config", "overrides",
     )  # fmt: skip
     output_field = "output_file"
 
@@ -196,11 +197,14 @@ class TokenizeToMindRecordOperator(StageOperator):
         packing: str = "none",
         holdout_fraction: float | str = 0.0,
         chat_template: str | None = None,
+        config: str | None = None,
+        overrides: Mapping[str, Any] | str | None = None,
         file_partition: int = 1,
         workers: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.config, self.overrides = config, overrides
         self.input_glob, self.model_file, self.output_file = input_glob, model_file, output_file
         self.seq_length, self.dataset_type, self.packing = seq_length, dataset_type, packing
         self.file_partition, self.workers = file_partition, workers
@@ -208,7 +212,11 @@ class TokenizeToMindRecordOperator(StageOperator):
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.data.llama_preprocess import preprocess
+        from llama_core.model.config import LlamaConfig
 
+        pad_id = 0
+        if self.config:
+            pad_id = LlamaConfig.from_run_config(resolved_config(self.config, self.overrides)).pad_token_id
         result = preprocess(
             dataset_type=self.dataset_type,
             input_glob=self.input_glob,
@@ -220,6 +228,7 @@ class TokenizeToMindRecordOperator(StageOperator):
             packing=self.packing,
             holdout_fraction=float(self.holdout_fraction or 0),
             chat_template=self.chat_template or None,  # a null param may render as ""
+            pad_id=pad_id,
         )
         return to_jsonable(result)
 

@@ -157,7 +157,23 @@ def finetuned(request: pytest.FixtureRequest, airflow_env: dict[str, str]) -> di
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (report_path,) = (inputs / "work" / "runs").glob("*/report.json")
-    return {"family": family, "inputs": inputs, "report": json.loads(report_path.read_text()), "hf": hf}
+    return {"family": family, "inputs": inputs, "report": json.loads(report_path.read_text()), "hf": hf,
+            "pad_id": specials["pad_token_id"]}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_records_are_padded_with_the_models_pad_id(finetuned: dict) -> None:
+    """Not 0, a real token of these vocabularies: the loss mask and the length buckets find the
+    padding by the model's pad_token_id."""
+    from mindspore.mindrecord import FileReader
+
+    (train_file,) = [p for p in (finetuned["inputs"] / "work" / "data").rglob("*.mindrecord")
+                     if "heldout" not in p.name]  # fmt: skip
+    reader = FileReader(str(train_file))
+    rows = [row["input_ids"] for row in reader.get_next()]
+    reader.close()
+    assert rows and all(len(r) == SEQ_LENGTH + 1 for r in rows)
+    assert all(r[-1] == finetuned["pad_id"] for r in rows)  # every record is shorter than a row
 
 
 @pytest.mark.slow

@@ -62,7 +62,8 @@ log = logging.getLogger("llama_core.data.llama_preprocess")
 
 STAGE = "llama_preprocess"
 FORMAT_VERSION = 2  # 2: records whose answers are truncated away count as fully masked
-FIELD_PAD = {"input_ids": PAD, "labels": IGNORE, DOC_ENDS: 0}  # what fills each field up to its length
+# what fills each field up to its length (input_ids: the request's pad_id)
+FIELD_PAD = {"input_ids": PAD, "labels": IGNORE, DOC_ENDS: 0}
 MAX_LISTED = 50  # record ids listed in the report and logged one by one; counts are always exact
 QA_CHUNK = 256  # records per task sent to a worker
 WIKI_CHUNK = 512  # paragraphs per task
@@ -94,6 +95,7 @@ class PreprocessResult:
     dataset_type: str = "qa"
     masking: str = "mindformers"
     chat_template: str | None = TEMPLATE  # None for wiki; outputs made before the setting are vicuna_v1.1
+    pad_id: int = PAD  # what fills input_ids after a record: the model's pad_token_id
     packing: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
     holdout: dict[str, Any] = field(default_factory=_no_holdout)
     file_partition: int = 1
@@ -140,18 +142,22 @@ def preprocess(
     holdout_fraction: float = 0.0,
     eval_output_file: str | os.PathLike[str] | None = None,
     chat_template: str | None = None,
+    pad_id: int = PAD,
 ) -> PreprocessResult:
     """Tokenize conversation records (`qa`) or wikitext (`wiki`) into MindRecord files; `packing`
     "pack" puts several conversations in a row (qa). `holdout_fraction` > 0 (qa) writes the
     records whose conversation hash falls below it to `eval_output_file` (default: the output
     name with `-heldout` before its suffix) instead of the training output. `model_file` is any
     tokenizer `open_tokenizer` reads; `chat_template` (qa) one of `CHAT_TEMPLATES`, default the
-    tokenizer's (`default_chat_template`)."""
+    tokenizer's (`default_chat_template`). `pad_id` fills input_ids after each record: it must be the
+    model's pad_token_id (Llama 3: 128002, Qwen: 151643), for the loss mask and the length buckets
+    find the padding by it; 0 (Llama 2's, the reference's) is a real token in those vocabularies."""
     t0 = time.monotonic()
     holdout_fraction = _check_settings(dataset_type, masking, packing, holdout_fraction, seq_length,
                                        file_partition, repeat)  # fmt: skip
-    req = _Request.make(dataset_type, input_glob, model_file, output_file, seq_length, file_partition, repeat,
-                        masking, packing, holdout_fraction, eval_output_file, chat_template)  # fmt: skip
+    req = _Request.make(dataset_type, input_glob, model_file, output_file, seq_length, file_partition,
+                        repeat, masking, packing, holdout_fraction, eval_output_file, chat_template,
+                        pad_id)  # fmt: skip
     hit = req.key.hit()
     if hit is not None:
         result = PreprocessResult(**{**hit.extra["result"], "cached": True})
@@ -213,6 +219,7 @@ class _Request:
     model_file: str | os.PathLike[str]  # as given (the report shows it)
     tokenizer: Tokenizer
     chat_template: str | None  # resolved for qa; None for wiki
+    pad_id: int
     seq_length: int
     file_partition: int
     masking: str
@@ -240,6 +247,7 @@ class _Request:
         holdout_fraction: float,
         eval_output_file: str | os.PathLike[str] | None,
         chat_template: str | None,
+        pad_id: int,
     ) -> _Request:
         """Find the inputs, open the tokenizer, resolve the chat format; name the outputs and the key."""
         files = sorted(glob.glob(input_glob))
@@ -257,6 +265,8 @@ class _Request:
         # Settings added since keep the keys of outputs made without them: they still hit.
         if template not in (None, TEMPLATE):
             params["chat_template"] = template
+        if pad_id != PAD:
+            params["pad_id"] = pad_id
         if packing != "none":
             params["packing"] = packing
         eval_file = default_eval_path(output_file) if eval_output_file is None else eval_output_file
@@ -273,8 +283,9 @@ class _Request:
                 eval_output_file,
             )
         key = StageKey(report_path(out), STAGE, FORMAT_VERSION, [*files, *tok.files], params)
-        return cls(dataset_type, files, model_file, tok, template, seq_length, file_partition, masking,
-                   packing, holdout_fraction, output_file, out, eval_file, eval_out, params, key)  # fmt: skip
+        return cls(dataset_type, files, model_file, tok, template, pad_id, seq_length, file_partition,
+                   masking, packing, holdout_fraction, output_file, out, eval_file, eval_out, params,
+                   key)  # fmt: skip
 
     @property
     def report(self) -> Path:
@@ -291,6 +302,7 @@ class _Request:
             output_file=str(self.output_file), records_written=0, seq_length=self.seq_length,
             console_path=str(self.output_file) + ("0" if self.file_partition > 1 else ""),
             dataset_type=self.dataset_type, masking=self.masking, chat_template=self.chat_template,
+            pad_id=self.pad_id,
             file_partition=self.file_partition, repeat=self.params["repeat"], tokenizer=tokenizer,
             inputs=[{"path": f, "sha256": file_sha256(f)} for f in self.files],
         )  # fmt: skip
@@ -318,7 +330,8 @@ class _Outputs:
         schema = {name: {"type": "int32", "shape": [-1]} for name in columns}
 
         def sink(path: Path) -> MindRecordSink:
-            return MindRecordSink(path, req.file_partition, schema, req.dataset_type, FIELD_PAD)
+            pad = {**FIELD_PAD, "input_ids": req.pad_id}
+            return MindRecordSink(path, req.file_partition, schema, req.dataset_type, pad)
 
         train = sink(req.out)
         try:
@@ -610,6 +623,12 @@ def build_parser(prog: str = "python -m llama_core.data.llama_preprocess") -> ar
         help="qa: how conversations become tokens (default: the tokenizer's: vicuna_v1.1 for sentencepiece, "
         "llama3 for Llama 3's tiktoken file, hf for an HF tokenizer with a chat_template)",
     )
+    parser.add_argument(
+        "--pad_id",
+        type=int,
+        default=PAD,
+        help="id that fills input_ids after a record: the model's pad_token_id (default 0, Llama 2's)",
+    )
     return parser
 
 
@@ -619,7 +638,7 @@ def stage_from_args(args: argparse.Namespace) -> PreprocessResult:
         args.dataset_type, args.input_glob, args.model_file, args.output_file, seq_length=args.seq_length,
         file_partition=args.file_partition, repeat=args.repeat, workers=args.workers, masking=args.masking,
         packing=args.packing, holdout_fraction=args.holdout_fraction, eval_output_file=args.eval_output_file,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, pad_id=args.pad_id,
     )  # fmt: skip
 
 
