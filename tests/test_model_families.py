@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 ms = pytest.importorskip("mindspore")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from tiny_hf import tiny_hf_family  # noqa: E402
+from tiny_hf import llama3_rope, tiny_hf_family  # noqa: E402
 
 from llama_core.checkpoint.convert import convert_hf_to_ms, convert_ms_to_hf  # noqa: E402
 from llama_core.checkpoint.export_peft import export_peft  # noqa: E402
@@ -27,14 +27,7 @@ from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lo
 ms.set_context(mode=ms.GRAPH_MODE)
 TOL = 1e-4
 SEQ = 96  # past the rope-scaled model's original_max_position_embeddings (16)
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
+LLAMA3_ROPE = llama3_rope(16)
 # The families' distinguishing features, each on a tiny random model.
 FAMILIES = {
     "llama3.1-rope-scaling": ("llama", {"rope_parameters": LLAMA3_ROPE}),

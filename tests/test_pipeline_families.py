@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from chat_tokenizers import SYSTEM, build_hf_tokenizer, chatml_template, llama3_model  # noqa: E402
-from tiny_hf import tiny_hf_family  # noqa: E402
+from tiny_hf import llama3_rope, tiny_hf_family  # noqa: E402
 
 from llama_core.data.alpaca_converter import alpaca_to_conversation  # noqa: E402
 from llama_core.demo import alpaca_records  # noqa: E402
@@ -32,14 +32,7 @@ from llama_core.model.config import LlamaConfig  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LENGTH = 160
 RECORDS = 96
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,  # below SEQ_LENGTH: the scaled band is exercised
-}
+LLAMA3_ROPE = llama3_rope(64)  # below SEQ_LENGTH: the scaled band is exercised
 # family -> (HF model_type, config fields beyond the vocabulary and special ids)
 FAMILIES = {
     "llama3": ("llama", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),

@@ -82,3 +82,16 @@ def tiny_hf_family(model_type: str, *, seed: int = 0, **config: Any) -> torch.nn
     model = model_class(config_class(**values)).eval()
     spread_weights(model)
     return model
+
+
+def llama3_rope(original_max_positions: int) -> dict[str, Any]:
+    """Llama 3.1's RoPE parameters (theta 5e5, scaling factor 8) for a tiny model whose positions go
+    past `original_max_positions`, so the scaled frequency band matters."""
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_max_positions,
+    }
