@@ -3,6 +3,7 @@ on tiny random checkpoints of each family, and its checkpoints convert both ways
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -205,3 +206,31 @@ def test_convert_cli_takes_the_architecture_from_config_json(tmp_path: Path) -> 
                  "--reversed", "--config", str(tmp_path / "hf" / "config.json")]) == 0  # fmt: skip
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (config["model_type"], config["head_dim"]) == ("qwen3", 32)
+
+
+def test_shard_for_tensor_parallel_and_back_is_exact(family) -> None:
+    """model_parallel 2 x pipeline 1: biases split with their rows, q/k norms replicated, a tied
+    head's table split once; unsharded, every tensor is the original."""
+    from llama_core.checkpoint.msckpt import load_ckpt_dict
+    from llama_core.checkpoint.shard import shard_checkpoint
+    from llama_core.checkpoint.unshard import unshard_checkpoint
+
+    name, _, folder, _ = family
+    config = LlamaConfig.from_hf_config(json.loads((folder / "hf" / "config.json").read_text()))
+    run_config = {
+        "parallel_config": {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1},
+        "model": {"model_config": dataclasses.asdict(config)},
+    }
+    shard_checkpoint(folder / "base.ckpt", run_config, folder / "sharded")
+    rank0 = load_ckpt_dict(next((folder / "sharded" / "rank_0").glob("*.ckpt")))
+    original = load_ckpt_dict(folder / "base.ckpt")
+    for key, value in rank0.items():  # each rank holds half of every split tensor
+        assert value.size in (original[key].size, original[key].size // 2), key
+    split = {k for k, v in rank0.items() if v.size != original[k].size}
+    assert {"model.layers.0.attention.wq.weight", "model.tok_embeddings.embedding_weight"} <= split
+    assert ("model.layers.0.attention.wk.bias" in split) == config.qkv_has_bias
+    assert ("model.layers.0.attention.q_norm.weight" in rank0) == config.qk_norm  # replicated
+    unshard_checkpoint(folder / "sharded", folder / "unsharded.ckpt")
+    back = load_ckpt_dict(folder / "unsharded.ckpt")
+    assert sorted(back) == sorted(original), name
+    assert all(np.array_equal(back[k], v) for k, v in original.items()), name
