@@ -315,10 +315,21 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'context.device_target' must be CPU, Ascend or GPU, got {self.device_target!r}"
             )
-        if self.model_parallel != 1 or self.pipeline_stage != 1:
+        if self.pipeline_stage != 1:
             raise ConfigError(
-                "only data parallelism is implemented: parallel_config.model_parallel and "
-                f"parallel_config.pipeline_stage must be 1 (got {self.model_parallel}, {self.pipeline_stage})"
+                "pipeline parallelism is not implemented: parallel_config.pipeline_stage must be 1 "
+                f"(got {self.pipeline_stage}); use parallel_config.model_parallel to split a model"
+            )
+        if self.model_parallel > 1 and not self.use_parallel:
+            raise ConfigError(
+                f"parallel_config.model_parallel = {self.model_parallel} needs use_parallel: True "
+                "(ranks launched with msrun)"
+            )
+        if self.model_parallel > 1 and not self.pet_config and self.model_config.get("qk_norm"):
+            # q/k norm weights are shared by heads that ranks split: their gradients would be partial
+            raise ConfigError(
+                "parallel_config.model_parallel > 1 trains a q/k-norm model (Qwen3) with LoRA only: "
+                "set model.model_config.pet_config"
             )
         for size in self.length_bucket_sizes:
             if not isinstance(size, int) or isinstance(size, bool) or size < 1:

@@ -26,6 +26,9 @@ from llama_core.model.config import LlamaDims
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llama_core.shard/1"
+# A tensor-parallel training run's checkpoint folder: its layout and model, for reading it back whole.
+TRAINED_LAYOUT_NAME = "parallel.json"
+TRAINED_LAYOUT_FORMAT = "llama_core.trained/1"
 
 
 def check_layout(layout: Layout, dims: LlamaDims) -> None:
@@ -101,14 +104,41 @@ def place(name: str, shape: tuple[int, ...], dims: LlamaDims, pp: int) -> Placem
     if len(shape) != 2 or (ab == "a" and shape[1] != in_features) or (ab == "b" and shape[0] != out_features):
         want = f"[r, {in_features}]" if ab == "a" else f"[{out_features}, r]"
         raise InputError(f"tensor {name!r}: shape {list(shape)} does not match the config, expected {want}")
-    # LoRA B [out, r] follows a row split of its linear, A [r, in] a column split.
-    axis = {("a", 1): 1, ("b", 0): 0}.get((ab, m.param.tp_axis))
-    return Placement(axis, (stage,))
+    return Placement(_lora_axis(ab, m.param.tp_axis), (stage,))
+
+
+def _lora_axis(ab: str, linear_axis: int | None) -> int | None:
+    """LoRA B [out, r] follows a row split of its linear, A [r, in] a column split."""
+    return {("a", 1): 1, ("b", 0): 0}.get((ab, linear_axis))
+
+
+def split_axis(name: str, dims: LlamaDims) -> int | None:
+    """The axis tensor parallelism splits tensor `name` along (None: replicated), from its name
+    alone: what a rank's slice must be concatenated along to rebuild the whole tensor."""
+    for prefix in OPTIMIZER_PREFIXES:
+        if name.startswith(prefix):
+            return split_axis(name[len(prefix) :], dims)
+    if "." not in name:  # a training scalar
+        return None
+    lora = split_lora_name(name)
+    m = match_ms(f"{lora[0]}.weight" if lora else name, dims)
+    if m is None:
+        raise InputError(f"tensor {name!r}: not a Llama weight, LoRA weight, optimizer state or step counter")
+    return m.param.tp_axis if lora is None else _lora_axis(lora[2], m.param.tp_axis)
 
 
 def slice_bounds(size: int, parts: int) -> list[tuple[int, int]]:
     step = size // parts
     return [(i * step, (i + 1) * step) for i in range(parts)]
+
+
+def read_trained_layout(folder: Path) -> dict[str, Any] | None:
+    """The layout file a tensor-parallel training run writes beside its rank folders, or None."""
+    try:
+        doc = json.loads((folder / TRAINED_LAYOUT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if doc.get("format") == TRAINED_LAYOUT_FORMAT else None
 
 
 def read_shard_manifest(folder: Path) -> dict[str, Any] | None:

@@ -1,10 +1,12 @@
 """A checkpoint to read whole tensors from: a complete .ckpt, or a distributed folder of rank_<i>/.
 
-A distributed folder written by `shard` (it has the shard manifest) is reassembled tensor by
-tensor from its slices, so re-sharding never materialises the complete checkpoint. A folder
-without that manifest (e.g. the trainer's data-parallel output) must hold the complete model on
-every rank; rank 0's newest checkpoint (`train.outputs.newest_checkpoint`) is read and the others
-are checked to hold the same tensors.
+A distributed folder written by `shard` (it has the shard manifest) is reassembled tensor by tensor
+from its slices, so re-sharding never materialises the complete checkpoint. So is a tensor-parallel
+training run's checkpoint folder (it has the trainer's `parallel.json`), from the newest checkpoint
+of each rank of its first tensor-parallel group, which must all be of the same step. A folder with
+neither (the trainer's data-parallel output) must hold the complete model on every rank; rank 0's
+newest checkpoint (`train.outputs.newest_checkpoint`) is read and the others are checked to hold
+the same tensors.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from llama_core.checkpoint.dtypes import storage_dtype
-from llama_core.checkpoint.layout import read_shard_manifest
+from llama_core.checkpoint.layout import read_shard_manifest, read_trained_layout, split_axis
 from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer, scan_ckpt
 from llama_core.config import Layout
 from llama_core.errors import InputError
-from llama_core.train.outputs import find_rank_folders, newest_checkpoint
+from llama_core.model.config import LlamaDims
+from llama_core.train.outputs import CheckpointName, find_rank_folders, newest_checkpoint
 
 log = logging.getLogger("llama_core.checkpoint.sources")
 
@@ -74,6 +77,9 @@ class CheckpointSource:
         elif self.manifest is not None:
             self.kind = "sharded"
             self._init_sharded()
+        elif (trained := read_trained_layout(self.path)) is not None:
+            self.kind = "sharded"
+            self._init_trained(trained)
         else:
             self.kind = "replicated"
             self._init_replicated()
@@ -120,6 +126,30 @@ class CheckpointSource:
             unique.setdefault((st.st_dev, st.st_ino), f)
         self.files = [self.path / "manifest.json", *unique.values()]
         self.crc = bool(doc["source"].get("crc", False))
+
+    def _init_trained(self, doc: dict) -> None:
+        lay = doc["layout"]
+        self.layout = Layout(lay["data_parallel"], lay["model_parallel"], lay["pipeline_stage"])
+        dims = LlamaDims(**doc["model"])
+        folders = rank_folders(self.path, self.layout.world_size)
+        self._rank_files = [newest_checkpoint(f) for f in folders]
+        group = [self._rank_files[self.layout.rank(0, 0, m)] for m in range(self.layout.mp)]
+        steps = {(n.epoch, n.step) if (n := CheckpointName.parse(f.name)) else f.name for f in group}
+        if len(steps) > 1:
+            raise InputError(
+                f"{self.path}: the tensor-parallel ranks' newest checkpoints are of different steps "
+                f"({', '.join(f.name for f in group)}); a run saves them together, so one is missing"
+            )
+        self.tensors, self._placement = [], {}
+        for e in self._reader(group[0]).entries.values():
+            axis = split_axis(e.name, dims)
+            shape = list(e.shape)
+            if axis is not None:
+                shape[axis] *= self.layout.mp
+            self.tensors.append(TensorMeta(e.name, tuple(shape), e.dtype))
+            self._placement[e.name] = (axis, 0)
+        self.files = [self.path / "parallel.json", *group]
+        self.crc = has_crc_trailer(group[0])
 
     # -- reading
     def read(self, meta: TensorMeta, out: np.ndarray | None = None) -> np.ndarray:

@@ -30,6 +30,13 @@ from mindspore.common.initializer import Normal, One, Zero, initializer
 
 from llama_core.model.config import DTYPE_NAMES, LlamaConfig
 from llama_core.model.loss import ChunkedCrossEntropy
+from llama_core.model.parallel import (
+    NO_PARALLEL,
+    CopyToParallel,
+    GatherLastAxis,
+    ReduceFromParallel,
+    TensorParallel,
+)
 
 DTYPES = {name: getattr(mstype, name) for name in DTYPE_NAMES}
 
@@ -48,7 +55,10 @@ class Linear(nn.Cell):
     """y = x W^T (+ b) with W [out, in] stored in param_init_type and multiplied in compute_dtype.
 
     `weight` / `bias` given: reuse those Parameters (a tied head, a LoRA wrapper over loaded weights);
-    `has_bias` without `bias`: a fresh zero bias.
+    `has_bias` without `bias`: a fresh zero bias. Under tensor parallelism (`tp`) `split` says which
+    dimension this rank holds a slice of: "out" (column parallel: the input is replicated, the
+    output split) or "in" (row parallel: the input split, the partial outputs summed over ranks).
+    `in_features` / `out_features` are then this rank's sizes, `full_features` the whole layer's.
     """
 
     def __init__(
@@ -60,8 +70,16 @@ class Linear(nn.Cell):
         *,
         has_bias: bool = False,
         bias: Parameter | None = None,
+        tp: TensorParallel = NO_PARALLEL,
+        split: str | None = None,
     ) -> None:
         super().__init__()
+        self.full_features = (in_features, out_features)
+        self.tp, self.split = tp, split
+        if split == "out":
+            out_features = tp.part(out_features, "output features")
+        elif split == "in":
+            in_features = tp.part(in_features, "input features")
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = DTYPES[config.compute_dtype]
@@ -75,6 +93,9 @@ class Linear(nn.Cell):
             bias = Parameter(initializer(Zero(), (out_features,), param_dtype), name="bias")
         self.bias = bias
         self.matmul = ops.MatMul(transpose_b=True)
+        parallel = tp.enabled and split is not None
+        self.copy_input = CopyToParallel(tp) if parallel and split == "out" else None
+        self.reduce_output = ReduceFromParallel(tp) if parallel and split == "in" else None
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
         """x [..., in] @ weight[out, in]^T, flattened to 2-D for the matmul kernel."""
@@ -82,11 +103,20 @@ class Linear(nn.Cell):
         y = self.matmul(x.reshape(-1, x.shape[-1]), weight.astype(self.compute_dtype))
         return y.reshape((*lead, weight.shape[0]))
 
+    def scatter_input(self, x: Tensor) -> Tensor:
+        """A replicated input entering this rank's output slice (column parallel)."""
+        return x if self.copy_input is None else self.copy_input(x)
+
+    def gather_output(self, y: Tensor) -> Tensor:
+        """This rank's partial sum completed over the ranks (row parallel)."""
+        return y if self.reduce_output is None else self.reduce_output(y)
+
     def add_bias(self, y: Tensor) -> Tensor:
         return y if self.bias is None else y + self.bias.astype(self.compute_dtype)
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.add_bias(self.project(x.astype(self.compute_dtype), self.weight))
+        x = self.scatter_input(x.astype(self.compute_dtype))
+        return self.add_bias(self.gather_output(self.project(x, self.weight)))
 
 
 class RMSNorm(nn.Cell):
@@ -162,12 +192,14 @@ class RotaryEmbedding(nn.Cell):
 
 class Attention(nn.Cell):
     """Causal self-attention with grouped-query KV heads (each KV head serves num_heads/n_kv_heads heads);
-    q/k/v biases (Qwen2) and a per-head RMSNorm of q and k before RoPE (Qwen3) when the config says so."""
+    q/k/v biases (Qwen2) and a per-head RMSNorm of q and k before RoPE (Qwen3) when the config says so.
+    Under tensor parallelism each rank computes its share of the heads and of the kv heads; the output
+    projection sums the ranks' parts."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_heads = tp.part(config.num_heads, "model.model_config.num_heads")
+        self.num_kv_heads = tp.part(config.num_kv_heads, "model.model_config.n_kv_heads")
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.compute_dtype = DTYPES[config.compute_dtype]
@@ -175,11 +207,11 @@ class Attention(nn.Cell):
         self.mask_value = _MASK_VALUE[self.softmax_dtype]
         self.use_flash_attention = config.use_flash_attention
         hidden, bias = config.hidden_size, config.qkv_has_bias
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.wq = Linear(hidden, q_dim, config, has_bias=bias)
-        self.wk = Linear(hidden, kv_dim, config, has_bias=bias)
-        self.wv = Linear(hidden, kv_dim, config, has_bias=bias)
-        self.wo = Linear(q_dim, hidden, config)
+        q_dim, kv_dim = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
+        self.wq = Linear(hidden, q_dim, config, has_bias=bias, tp=tp, split="out")
+        self.wk = Linear(hidden, kv_dim, config, has_bias=bias, tp=tp, split="out")
+        self.wv = Linear(hidden, kv_dim, config, has_bias=bias, tp=tp, split="out")
+        self.wo = Linear(q_dim, hidden, config, tp=tp, split="in")
         self.qk_norm = config.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config)
@@ -268,14 +300,15 @@ class Attention(nn.Cell):
 
 
 class FeedForward(nn.Cell):
-    """SwiGLU: w2(silu(w1 x) * w3 x); w1 gate, w3 up, w2 down."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 gate, w3 up, w2 down (each rank a slice of the FFN width
+    under tensor parallelism)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
         hidden, ffn = config.hidden_size, config.ffn_hidden_size
-        self.w1 = Linear(hidden, ffn, config)
-        self.w2 = Linear(ffn, hidden, config)
-        self.w3 = Linear(hidden, ffn, config)
+        self.w1 = Linear(hidden, ffn, config, tp=tp, split="out")
+        self.w2 = Linear(ffn, hidden, config, tp=tp, split="in")
+        self.w3 = Linear(hidden, ffn, config, tp=tp, split="out")
 
     def construct(self, x: Tensor) -> Tensor:
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
@@ -284,12 +317,12 @@ class FeedForward(nn.Cell):
 class DecoderLayer(nn.Cell):
     """Pre-norm block: h = x + attention(norm(x)); y = h + feed_forward(norm(h))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config)
-        self.attention = Attention(config)
+        self.attention = Attention(config, tp)
         self.ffn_norm = RMSNorm(config.hidden_size, config)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = FeedForward(config, tp)
 
     def construct(self, x: Tensor, docs: Documents | None = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), docs)
@@ -297,25 +330,34 @@ class DecoderLayer(nn.Cell):
 
 
 class Embedding(nn.Cell):
-    """Token lookup; the table is `embedding_weight` [vocab, hidden] as in MindFormers."""
+    """Token lookup; the table is `embedding_weight` [vocab, hidden] as in MindFormers.
 
-    def __init__(self, config: LlamaConfig) -> None:
+    Under tensor parallelism a rank holds the vocabulary rows [index * V/mp, (index + 1) * V/mp):
+    it looks up the ids it holds, zeros the others, and the ranks' rows are summed."""
+
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
         self.compute_dtype = DTYPES[config.compute_dtype]
+        rows = tp.part(config.vocab_size, "model.model_config.vocab_size")
         self.embedding_weight = Parameter(
-            initializer(
-                Normal(INIT_STD), (config.vocab_size, config.hidden_size), DTYPES[config.param_init_type]
-            ),
+            initializer(Normal(INIT_STD), (rows, config.hidden_size), DTYPES[config.param_init_type]),
             name="embedding_weight",
         )
-
+        self.first_row = tp.index * rows
+        self.reduce = ReduceFromParallel(tp) if tp.enabled else None
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, input_ids: Tensor) -> Tensor:
-        return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
+        if self.reduce is None:
+            return ops.gather(self.embedding_weight, input_ids, 0).astype(self.compute_dtype)
+        local = input_ids - self.first_row
+        held = ops.logical_and(local >= 0, local < self.embedding_weight.shape[0])
+        rows = ops.gather(self.embedding_weight, ops.where(held, local, ops.zeros_like(local)), 0)
+        return self.reduce((rows * held.expand_dims(-1).astype(rows.dtype)).astype(self.compute_dtype))
 
     def attend(self, h: Tensor) -> Tensor:
-        """h [..., hidden] against every row of the table: the tied output head's logits."""
+        """h [..., hidden] against every row of the table: the tied output head's logits (this
+        rank's vocabulary slice under tensor parallelism)."""
         lead = h.shape[:-1]
         table = self.embedding_weight.astype(self.compute_dtype)
         return self.matmul(h.reshape(-1, h.shape[-1]), table).reshape((*lead, table.shape[0]))
@@ -352,10 +394,10 @@ def documents(doc_ends: Tensor, seq: int) -> Documents:
 class LlamaModel(nn.Cell):
     """Embedding, decoder layers and the final norm: token ids [batch, seq] -> hidden states."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
-        self.tok_embeddings = Embedding(config)
-        self.layers = nn.CellList([DecoderLayer(config) for _ in range(config.num_layers)])
+        self.tok_embeddings = Embedding(config, tp)
+        self.layers = nn.CellList([DecoderLayer(config, tp) for _ in range(config.num_layers)])
         self.norm_out = RMSNorm(config.hidden_size, config)
 
     def construct(self, input_ids: Tensor, doc_ends: Tensor | None = None) -> Tensor:
@@ -377,23 +419,46 @@ class LlamaForCausalLM(nn.Cell):
     rows' documents. A packed batch's loss is then the mean over every supervised token of the batch,
     as for padded rows: the mean of its documents' own losses weighted by their supervised token
     counts (a document's first label is always ignored, so no target crosses a boundary).
+
+    `tp`: this rank's place in a tensor-parallel group (`llama_core.model.parallel`); every rank
+    then holds its slices of the weights, returns the whole logits and the same loss.
     """
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.tp = tp
+        self.model = LlamaModel(config, tp)
         # a tied head is the embedding table itself (one Parameter, one name), so it has no Linear
         # of its own and takes no LoRA
         self.tied = config.tie_word_embeddings
-        self.lm_head = None if self.tied else Linear(config.hidden_size, config.vocab_size, config)
-        self.cross_entropy = ChunkedCrossEntropy(LOSS_CHUNK_TOKENS)
+        self.lm_head = (
+            None if self.tied else Linear(config.hidden_size, config.vocab_size, config, tp=tp, split="out")
+        )
+        self.cross_entropy = ChunkedCrossEntropy(LOSS_CHUNK_TOKENS, tp)
+        self.gather_vocab = GatherLastAxis(tp) if tp.enabled else None
         self.pad_token_id = config.pad_token_id
         self.ignore_token_id = config.ignore_token_id
+
+    def split_parameter_names(self) -> set[str]:
+        """The parameters this rank holds a slice of under tensor parallelism (the others are
+        replicated over the group): split linears' weights, a column-parallel layer's bias and
+        LoRA B, a row-parallel layer's LoRA A, the embedding table."""
+        if not self.tp.enabled:
+            return set()
+        held = {"out": ("weight", "bias", "mindpet_delta_lora_b"), "in": ("weight", "mindpet_delta_lora_a")}
+        names = {self.model.tok_embeddings.embedding_weight.name}
+        for _, cell in self.cells_and_names():
+            if isinstance(cell, Linear) and cell.split is not None:
+                params = (getattr(cell, attr, None) for attr in held[cell.split])
+                names.update(p.name for p in params if isinstance(p, Parameter))
+        return names
 
     def logits(self, input_ids: Tensor, doc_ends: Tensor | None = None) -> Tensor:
         h = self.model(input_ids, doc_ends)
         logits = self.model.tok_embeddings.attend(h) if self.tied else self.lm_head(h)
+        if self.gather_vocab is not None:
+            logits = self.gather_vocab(logits)
         return logits.astype(mstype.float32)
 
     def construct(

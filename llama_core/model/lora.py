@@ -5,6 +5,10 @@ gains `mindpet_delta_lora_a` [r, in] and `mindpet_delta_lora_b` [out, r]; forwar
 `W x + B(A(dropout(x))) * alpha / r`. A starts He-uniform (kaiming uniform with a=sqrt(5), as MindPet
 and PEFT), B zeros, so a fresh adapter changes nothing. A tied output head is the embedding table,
 not a Linear, so it takes no LoRA.
+
+Under tensor parallelism the adapter follows its layer's split: a column-parallel layer (output
+split) has A whole and B split by output rows; a row-parallel layer (input split) has A split by
+input columns, its partial products summed over the ranks before B, which is whole.
 """
 
 from __future__ import annotations
@@ -90,7 +94,9 @@ class LoraLinear(Linear):
 
     def __init__(self, base: Linear, cfg: LoraConfig, config: LlamaConfig) -> None:
         # the same weight (and bias) Parameters: base weights already loaded stay in place
-        super().__init__(base.in_features, base.out_features, config, weight=base.weight, bias=base.bias)
+        super().__init__(
+            *base.full_features, config, weight=base.weight, bias=base.bias, tp=base.tp, split=base.split
+        )
         param_dtype = DTYPES[config.param_init_type]
         self.mindpet_delta_lora_a = Parameter(
             initializer(HeUniform(negative_slope=math.sqrt(5)), (cfg.rank, base.in_features), param_dtype),
@@ -104,9 +110,12 @@ class LoraLinear(Linear):
 
     def construct(self, x: Tensor) -> Tensor:
         x = x.astype(self.compute_dtype)
-        # scaled at rank width ([tokens, r]) rather than output width: the same product, less work
-        down = self.project(self.dropout(x), self.mindpet_delta_lora_a) * self.scaling
-        return self.add_bias(self.project(x, self.weight)) + self.project(down, self.mindpet_delta_lora_b)
+        # scaled at rank width ([tokens, r]) rather than output width: the same product, less work.
+        # Tensor parallel: a row-parallel A's partial products are summed here, and a column-parallel
+        # B takes the replicated `down` as its input, as the base weight takes x.
+        down = self.gather_output(self.project(self.dropout(x), self.mindpet_delta_lora_a)) * self.scaling
+        base = self.add_bias(self.gather_output(self.project(self.scatter_input(x), self.weight)))
+        return base + self.project(self.scatter_input(down), self.mindpet_delta_lora_b)
 
 
 def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
+from llama_core.model.parallel import NO_PARALLEL, TensorParallel
+
 _zero_accum = ops.MultitypeFuncGraph("zero_accum")
 _add_accum = ops.MultitypeFuncGraph("add_accum")
 _square_sum = ops.MultitypeFuncGraph("square_sum")
@@ -46,6 +48,11 @@ class TrainStep(nn.Cell):
     ranks (`reducer`: sum or mean as `parallel.gradients_mean` says), then clipped to `clip_norm`
     (global L2 norm; None = off). The returned loss is this micro-batch's loss, averaged over ranks
     when data parallel; grad_norm is the norm before clipping (0 on steps without an update).
+
+    `data_parallel`: (ranks, group; None = all ranks) the loss is averaged over.
+    `tensor_parallel`: (this rank's `TensorParallel`, the names of the parameters it holds a slice
+    of): the global norm sums the squares of the slices over the group and counts each
+    replicated parameter once (every rank holds the same gradient of it).
     """
 
     def __init__(
@@ -57,7 +64,8 @@ class TrainStep(nn.Cell):
         loss_scale: float = 1.0,
         clip_norm: float | None = 1.0,
         reducer: nn.Cell | None = None,
-        group_size: int = 1,
+        data_parallel: tuple[int, str | None] = (1, None),
+        tensor_parallel: tuple[TensorParallel, set[str]] = (NO_PARALLEL, set()),
     ) -> None:
         super().__init__(auto_prefix=False)
         self.network = network
@@ -69,12 +77,19 @@ class TrainStep(nn.Cell):
         self.inv_accum = 1.0 / accumulation_steps
         self.clip_norm = clip_norm
         self.reducer = reducer
-        self.group_size = group_size
+        self.data_parallel = data_parallel[0]
         self.hyper_map = ops.HyperMap()
         if accumulation_steps > 1:
             self.accum = self.weights.clone(prefix="accu_grads", init="zeros")
-        if group_size > 1:
-            self.allreduce = ops.AllReduce()
+        if self.data_parallel > 1:
+            group = data_parallel[1]
+            self.allreduce = ops.AllReduce() if group is None else ops.AllReduce(group=group)
+        tp, split = tensor_parallel
+        self.norm_over_ranks = None
+        if tp.enabled:
+            self.norm_over_ranks = ops.AllReduce(group=tp.group)
+            # a replicated gradient's square, summed over the group, counts 1/size per rank
+            self.square_weights = tuple(1.0 if p.name in split else 1.0 / tp.size for p in self.weights)
 
     def construct(
         self,
@@ -85,8 +100,8 @@ class TrainStep(nn.Cell):
     ):
         loss, grads = self.grad_fn(input_ids, labels, doc_ends)
         loss = loss * self.inv_scale
-        if self.group_size > 1:
-            loss = self.allreduce(loss) / self.group_size
+        if self.data_parallel > 1:
+            loss = self.allreduce(loss) / self.data_parallel
         norm = ops.zeros((), ms.float32)
         if self.accumulation_steps > 1:
             done = self.hyper_map(_add_accum, self.accum, grads)
@@ -97,7 +112,12 @@ class TrainStep(nn.Cell):
         grads = self.hyper_map(ops.partial(ops.mul, scale), grads)
         if self.reducer is not None:
             grads = self.reducer(grads)
-        norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        squares = self.hyper_map(_square_sum, grads)
+        if self.norm_over_ranks is None:
+            norm = ops.sqrt(ops.addn(squares))
+        else:
+            weighted = self.hyper_map(ops.mul, squares, self.square_weights)
+            norm = ops.sqrt(self.norm_over_ranks(ops.addn(weighted)))
         if self.clip_norm is not None:
             factor = self.clip_norm / ops.maximum(norm, self.clip_norm)
             grads = self.hyper_map(ops.partial(ops.mul, factor), grads)

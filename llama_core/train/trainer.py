@@ -1,11 +1,13 @@
 """The training recipe: one run as named phases, in the order `TrainRecipe.run` calls them.
 
   check config  what would fail later fails before any work
-  setup         MindSpore context, data parallel over the msrun ranks, seed
-  model         Llama (+ LoRA, base frozen), base weights from `load_checkpoint`
-  data          this rank's share of every global batch, steps per epoch; packed rows carry
+  setup         MindSpore context; the msrun ranks as data_parallel x model_parallel groups; seed
+  model         Llama (+ LoRA, base frozen), this rank's tensor-parallel slices, base weights
+                from `load_checkpoint` (a sharded folder: each rank reads only its own file)
+  data          this data-parallel group's share of every global batch (the ranks of one
+                tensor-parallel group read the same rows), steps per epoch; packed rows carry
                 their document ends to the model
-  optimizer     lr schedule, AdamW, gradient reduction over ranks, the step cell
+  optimizer     lr schedule, AdamW, gradient reduction over data-parallel ranks, the step cell
   resume        the newest checkpoint every rank can read
   loop          epochs of steps: a log line per step, checkpoints and evals when due; each global
                 batch trimmed to its length bucket (one compiled graph per bucket, counted)
@@ -33,6 +35,7 @@ from mindspore import nn, ops
 from llama_core.atomic import write_json_atomic
 from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
+from llama_core.model.parallel import NO_PARALLEL, TensorParallel, group_ranks
 from llama_core.progress import human_seconds
 from llama_core.train import state as train_state
 from llama_core.train.dataset import (
@@ -80,14 +83,38 @@ class TrainResult:
 
 @dataclass
 class Runtime:
-    """Rank and world size once the MindSpore context is set."""
+    """Rank and world size once the MindSpore context is set; with model_parallel > 1 the rank's
+    tensor-parallel group (`tp`) and the data-parallel group of the ranks holding the same slices."""
 
     rank: int = 0
     world_size: int = 1
+    dp: int = 1
+    dp_index: int = 0
+    dp_group: str | None = None  # None: every rank (model_parallel 1)
+    tp: TensorParallel = NO_PARALLEL
+
+
+def create_groups(rt: Runtime, dp: int, mp: int) -> Runtime:
+    """This rank's tensor-parallel and data-parallel communication groups (`parallel.group_ranks`)."""
+    from mindspore.communication import create_group
+
+    mp_ranks, dp_ranks = group_ranks(dp, mp, rt.rank)
+    tp_group = f"tp_{mp_ranks[0]}"
+    create_group(tp_group, mp_ranks)
+    dp_group = None
+    if dp > 1:
+        dp_group = f"dp_{dp_ranks[0]}"
+        create_group(dp_group, dp_ranks)
+    tp = TensorParallel(size=mp, index=mp_ranks.index(rt.rank), group=tp_group)
+    logger.info(
+        "rank %d: tensor parallel with ranks %s, data parallel with ranks %s", rt.rank, mp_ranks, dp_ranks
+    )
+    return Runtime(rt.rank, rt.world_size, dp, dp_ranks.index(rt.rank), dp_group, tp)
 
 
 def setup_context(tc: TrainConfig) -> Runtime:
-    """Set graph/PyNative mode and device; under msrun initialise communication and DATA_PARALLEL."""
+    """Set graph/PyNative mode and device; under msrun initialise communication, data parallel and
+    the tensor-parallel groups."""
     kwargs: dict[str, Any] = {"mode": tc.mode, "device_target": tc.device_target}
     if tc.max_device_memory and tc.device_target != "CPU":
         kwargs["max_device_memory"] = tc.max_device_memory
@@ -99,11 +126,12 @@ def setup_context(tc: TrainConfig) -> Runtime:
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
-    rt = Runtime(rank=get_rank(), world_size=get_group_size())
-    if rt.world_size != tc.data_parallel:
+    rt = Runtime(rank=get_rank(), world_size=get_group_size(), dp=get_group_size(), dp_index=get_rank())
+    if rt.world_size != tc.layout.world_size:
         raise ConfigError(
-            f"parallel_config.data_parallel is {tc.data_parallel} but {rt.world_size} ranks were launched "
-            f"(set --parallel_config.data_parallel {rt.world_size})"
+            f"parallel_config.data_parallel x model_parallel is {tc.data_parallel} x {tc.model_parallel} "
+            f"but {rt.world_size} ranks were launched (set --parallel_config.data_parallel "
+            f"{max(rt.world_size // tc.model_parallel, 1)})"
         )
     ms.reset_auto_parallel_context()
     ms.set_auto_parallel_context(
@@ -113,28 +141,40 @@ def setup_context(tc: TrainConfig) -> Runtime:
     )
     if tc.parallel_mode != 0:
         logger.info(
-            "parallel.parallel_mode %d: running pure data parallel (model_parallel 1)", tc.parallel_mode
+            "parallel.parallel_mode %d: running data parallel x %d-way tensor parallel as written in "
+            "llama_core.model.parallel",
+            tc.parallel_mode,
+            tc.model_parallel,
         )
+    if tc.model_parallel > 1:
+        rt = create_groups(rt, tc.data_parallel, tc.model_parallel)
     return rt
 
 
-def build_model(tc: TrainConfig) -> nn.Cell:
-    """LlamaForCausalLM with LoRA applied (and base weights frozen) when `pet_config` is set.
+def build_model(tc: TrainConfig, tp: TensorParallel = NO_PARALLEL) -> nn.Cell:
+    """LlamaForCausalLM (this rank's slices under tensor parallelism `tp`) with LoRA applied (and
+    base weights frozen) when `pet_config` is set.
 
     Initial weights come from the global seed, so every rank starts identical.
     """
     from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora
 
-    model = LlamaForCausalLM(LlamaConfig.from_dict(tc.model_config))  # it leaves pet_config to LoRA
+    model = LlamaForCausalLM(LlamaConfig.from_dict(tc.model_config), tp)  # it leaves pet_config to LoRA
     if tc.pet_config:
         apply_lora(model, LoraConfig.from_pet_config(tc.pet_config))
     return model
 
 
 def load_base(model: nn.Cell, tc: TrainConfig, rank: int) -> None:
-    """`load_checkpoint`: a file, or a folder with rank_<i>/ sub-folders (this rank's file)."""
+    """`load_checkpoint`: a file, or a folder with rank_<i>/ sub-folders (this rank's file). Under
+    tensor parallelism it must be the shard stage's folder: each rank reads only its own slices."""
     from llama_core.model.weights import load_weights
 
+    if tc.load_checkpoint and tc.model_parallel > 1 and not Path(tc.load_checkpoint).is_dir():
+        raise ConfigError(
+            f"load_checkpoint {tc.load_checkpoint} is one file, but parallel_config.model_parallel = "
+            f"{tc.model_parallel} loads each rank's slices: shard it first (llama-lora shard)"
+        )
     if tc.load_checkpoint:
         load_weights(model, train_state.base_checkpoint_file(tc.load_checkpoint, rank))
     elif tc.run_mode == "finetune":
@@ -274,9 +314,23 @@ class TrainRecipe:
         ms.set_seed(self.tc.seed)
 
     def setup_model(self) -> None:
-        self.model = build_model(self.tc)
+        self.model = build_model(self.tc, self.rt.tp)
         load_base(self.model, self.tc, self.rt.rank)
         self.model.set_train(True)
+        if self.rt.tp.enabled and self.rt.rank == 0:
+            self.write_parallel_layout()
+
+    def write_parallel_layout(self) -> None:
+        """OUTPUT/checkpoint/parallel.json: the layout and model the ranks' checkpoints are slices
+        of, so unshard (and evaluate, export) can rebuild the whole tensors."""
+        from llama_core.checkpoint.layout import TRAINED_LAYOUT_FORMAT, TRAINED_LAYOUT_NAME
+
+        doc = {
+            "format": TRAINED_LAYOUT_FORMAT,
+            "layout": self.tc.layout.as_dict(),
+            "model": self.model.config.dims.describe(),
+        }
+        write_json_atomic(rank_dir(self.tc.output_dir, 0).parent / TRAINED_LAYOUT_NAME, doc)
 
     def setup_data(self) -> None:
         tc, accum = self.tc, self.tc.gradient_accumulation_steps
@@ -290,8 +344,8 @@ class TrainRecipe:
         plan = ShardPlan(
             num_records=self.data.num_records,
             batch_size=tc.batch_size,
-            num_shards=self.rt.world_size,
-            shard_id=self.rt.rank,
+            num_shards=self.rt.dp,
+            shard_id=self.rt.dp_index,
             shuffle=tc.train_shuffle,
             seed=tc.seed,
         )
@@ -329,9 +383,10 @@ class TrainRecipe:
         self.trainable_names = {p.name for p in trainable}
         optimizer = adamw(trainable, tc, self.lrs)
         reducer = None
-        if rt.world_size > 1:
+        if rt.dp > 1:
+            group = {} if rt.dp_group is None else {"group": rt.dp_group}
             reducer = nn.DistributedGradReducer(
-                optimizer.parameters, mean=tc.gradients_mean, degree=rt.world_size
+                optimizer.parameters, mean=tc.gradients_mean, degree=rt.dp, **group
             )
         self.step_cell = TrainStep(
             self.model,
@@ -340,7 +395,8 @@ class TrainRecipe:
             loss_scale=tc.scale_sense,
             clip_norm=tc.max_grad_norm if tc.use_clip_grad else None,
             reducer=reducer,
-            group_size=rt.world_size,
+            data_parallel=(rt.dp, rt.dp_group),
+            tensor_parallel=(rt.tp, self.model.split_parameter_names()),
         )
         self.step_cell.set_train(True)
 
