@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama_core.checkpoint.layout import check_layout
 from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
@@ -140,12 +141,20 @@ def check_config(
     try:  # as the ranks will see it: the finetune task sets the model's seq_length to the records'
         cfg = apply_overrides(cfg, [("model.model_config.seq_length", seq_length)])
         layout = TrainConfig.from_dict(cfg).layout
-        LlamaConfig.from_run_config(cfg).validate()
+        model = LlamaConfig.from_run_config(cfg)
+        model.validate()
+        check_layout(layout, model.dims)  # heads, kv heads, FFN and vocabulary split over model_parallel
     except ConfigError as exc:
         raise _param_error("config", f"{config} with the overrides: {exc}") from exc
     if layout.world_size % nodes:
         raise _param_error(
             "nodes", f"{nodes} nodes cannot share the {layout.world_size} ranks of parallel_config evenly"
+        )
+    if (layout.world_size // nodes) % layout.mp:
+        raise _param_error(
+            "nodes",
+            f"parallel_config.model_parallel = {layout.mp} must fit inside one node: {nodes} node(s) "
+            f"of {layout.world_size // nodes} ranks cannot hold whole tensor-parallel groups",
         )
     if not 1 <= layout.world_size // nodes <= MAX_RANKS[device_target]:
         raise _param_error(

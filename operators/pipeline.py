@@ -32,7 +32,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llama_core.config import layout_from_config, load_config
 from llama_core.data.chat import CHAT_TEMPLATES
+from llama_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "configs" / "pipelines"
@@ -119,8 +121,22 @@ class Pipeline(_Strict):
 
     @property
     def overrides(self) -> dict[str, Any]:
-        """The config overrides the form starts from: the file's, and `cluster.ranks` as data_parallel."""
-        extra = {"parallel_config.data_parallel": self.cluster.ranks} if self.cluster.ranks else {}
+        """The config overrides the form starts from: the file's, and `cluster.ranks` as the
+        data_parallel that fills them (ranks / model_parallel)."""
+        extra = {}
+        if self.cluster.ranks:
+            mp = self.training.overrides.get("parallel_config.model_parallel")
+            if mp is None:
+                try:
+                    mp = layout_from_config(load_config(self.config_path)).mp
+                except ConfigError as exc:
+                    raise PipelineError(f"key 'training.config': {exc}") from None
+            if self.cluster.ranks % mp:
+                raise PipelineError(
+                    f"key 'cluster.ranks': {self.cluster.ranks} is not a multiple of the training "
+                    f"config's parallel_config.model_parallel = {mp}"
+                )
+            extra = {"parallel_config.data_parallel": self.cluster.ranks // mp}
         return {**self.training.overrides, **extra}
 
 
@@ -151,6 +167,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     try:
         pipeline = Pipeline.model_validate(doc)
         _schedule(pipeline)  # a cron expression is only checked by building its timetable
+        pipeline.overrides  # noqa: B018 (reads the config: cluster.ranks against its model_parallel)
     except ValidationError as exc:
         problems = sorted({f"key '{_key_path(e['loc'])}': {e['msg']}" for e in exc.errors()})
         raise PipelineError(f"{path} (DAG {name}): " + "; ".join(problems)) from None
