@@ -4,8 +4,9 @@ Airflow's `CronTriggerTimetable` with `catchup=False` runs the latest past tick 
 tick was missed: after unpausing a DAG that was paused over a tick, and after a backfill (Airflow
 counts backfill runs as the newest automated run). A fine-tune holds a node's NPUs for hours, so an
 operator who unpauses or backfills must not get a run they did not ask for: this timetable moves a
-missed tick to the next future one. A tick that is due now (the scheduler is only a moment late) still
-runs. It is registered with Airflow through the `airflow.plugins` entry point in pyproject.toml, so
+missed tick to the next future one. A tick that is due now (the scheduler is only a moment late, up
+to `LATE_TOLERANCE`) still runs; one further past was missed, even when it follows the last run (a
+backfill's newest date is then days old). It is registered with Airflow through the `airflow.plugins` entry point in pyproject.toml, so
 the dag-processor and the scheduler of any deployment that installs this project know it.
 """
 
@@ -15,6 +16,10 @@ import pendulum
 from airflow.plugins_manager import AirflowPlugin
 from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction
 from airflow.timetables.trigger import CronTriggerTimetable
+
+
+# How late the scheduler may take up a tick and still run it: its loop runs every few seconds.
+LATE_TOLERANCE = pendulum.duration(minutes=5)
 
 
 class FutureTicksTimetable(CronTriggerTimetable):
@@ -29,8 +34,7 @@ class FutureTicksTimetable(CronTriggerTimetable):
         if info is None or restriction.catchup:
             return info
         now = pendulum.now("UTC")
-        successor = last_automated_data_interval and self._get_next(last_automated_data_interval.end)
-        if info.run_after == successor or info.run_after >= now:  # the tick after the last run, or ahead
+        if info.run_after >= now - LATE_TOLERANCE:  # ahead, or due a moment ago
             return info
         future = self._align_to_next(now)  # a missed tick (or a first run on a past one): the next one
         return DagRunInfo.interval(future - self._interval, future)

@@ -44,10 +44,18 @@ def test_the_first_run_is_the_next_tick(ticks) -> None:
     assert _next(FutureTicksTimetable(HOURLY, timezone="UTC"), None) == future
 
 
-def test_the_tick_after_the_last_run_still_runs_when_the_scheduler_is_late(ticks) -> None:
+def test_a_tick_due_a_moment_ago_still_runs() -> None:
+    now = pendulum.now("UTC")
+    tick = now.start_of("minute")  # at most a minute ago: the scheduler is only a moment late
+    every_minute = FutureTicksTimetable("* * * * *", timezone="UTC")
+    assert _next(every_minute, tick - datetime.timedelta(minutes=1)) == tick
+
+
+def test_the_tick_after_the_last_run_is_skipped_when_long_past(ticks) -> None:
+    """A backfill's newest date is the last automated run: the tick after it is days old, and not run."""
     past, future = ticks
     timetable = FutureTicksTimetable(HOURLY, timezone="UTC")
-    assert _next(timetable, past - datetime.timedelta(hours=1)) == past  # due now: not skipped
+    assert _next(timetable, past - datetime.timedelta(hours=2)) == future
     assert _next(timetable, past) == future
 
 
