@@ -6,8 +6,9 @@ counts backfill runs as the newest automated run). A fine-tune holds a node's NP
 operator who unpauses or backfills must not get a run they did not ask for: this timetable moves a
 missed tick to the next future one. A tick that is due now (the scheduler is only a moment late, up
 to `LATE_TOLERANCE`) still runs; one further past was missed, even when it follows the last run (a
-backfill's newest date is then days old). It is registered with Airflow through the `airflow.plugins` entry point in pyproject.toml, so
-the dag-processor and the scheduler of any deployment that installs this project know it.
+backfill's newest date is then days old). It is registered with Airflow through the `airflow.plugins`
+entry point in pyproject.toml, so the dag-processor and the scheduler of any deployment that
+installs this project know it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import pendulum
 from airflow.plugins_manager import AirflowPlugin
 from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction
 from airflow.timetables.trigger import CronTriggerTimetable
-
 
 # How late the scheduler may take up a tick and still run it: its loop runs every few seconds.
 LATE_TOLERANCE = pendulum.duration(minutes=5)
