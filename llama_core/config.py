@@ -320,11 +320,6 @@ class TrainConfig:
                 "pipeline parallelism is not implemented: parallel_config.pipeline_stage must be 1 "
                 f"(got {self.pipeline_stage}); use parallel_config.model_parallel to split a model"
             )
-        if self.model_parallel > 1 and not self.use_parallel:
-            raise ConfigError(
-                f"parallel_config.model_parallel = {self.model_parallel} needs use_parallel: True "
-                "(ranks launched with msrun)"
-            )
         if self.model_parallel > 1 and not self.pet_config and self.model_config.get("qk_norm"):
             # q/k norm weights are shared by heads that ranks split: their gradients would be partial
             raise ConfigError(

@@ -35,6 +35,7 @@ from llama_core.atomic import clean_leftovers, write_json_atomic
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import scan_ckpt
 from llama_core.checkpoint.names import lora_pairs
+from llama_core.checkpoint.unshard import complete_checkpoint
 from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, load_config, set_key
 from llama_core.data.alpaca_converter import PROMPT_NO_INPUT
@@ -303,7 +304,7 @@ def _plan(
         fmt = chat_format(open_tokenizer(tokenizer), chat_template)
     prompt_ids = encode_prompts(fmt, prompts, tc.seq_length) if fmt is not None else []
     base_file = checkpoint_file(base_checkpoint, "base checkpoint")
-    tuned_file = checkpoint_file(finetuned_checkpoint, "fine-tuned checkpoint")
+    tuned_file = complete_checkpoint(finetuned_checkpoint, "fine-tuned checkpoint")
     require_lora(tuned_file)
     data_files = eval_data_files(eval_data) if eval_data is not None else []
     out = Path(output_path)

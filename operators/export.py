@@ -69,12 +69,12 @@ class ExportAdapterOperator(_PublishingOperator):
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.checkpoint.export_peft import export_peft
+        from llama_core.checkpoint.unshard import complete_checkpoint
         from llama_core.report import config_digest
         from llama_core.results import to_jsonable
-        from llama_core.train.outputs import checkpoint_file
 
         config_path, cfg = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
-        final = checkpoint_file(self.run_dir, "run folder")  # its final checkpoint
+        final = complete_checkpoint(self.run_dir, "run folder")  # its final checkpoint, whole
         result = export_peft(final, Path(self.run_dir) / "adapter", self.base_model, config=cfg)
         self.publish(
             context,
@@ -130,11 +130,11 @@ class ExportMergedOperator(_PublishingOperator):
             raise AirflowSkipException("export_merged is off for this run (param export_merged)")
         from llama_core.checkpoint.convert import convert_ms_to_hf
         from llama_core.checkpoint.merge_lora import merge_lora
+        from llama_core.checkpoint.unshard import complete_checkpoint
         from llama_core.report import config_digest
-        from llama_core.train.outputs import checkpoint_file
 
         config_path, cfg = write_resolved_config(self.run_dir, self.config, self.overrides, self.seq_length)
-        final = checkpoint_file(self.run_dir, "run folder")  # its final checkpoint
+        final = complete_checkpoint(self.run_dir, "run folder")  # its final checkpoint, whole
         folder = Path(self.run_dir) / "merged"
         merged = merge_lora(self.base_checkpoint, folder / "llama2_lora_merged.ckpt", final, config=cfg)
         hf = convert_ms_to_hf(merged.output_path, folder / "hf", config=cfg)

@@ -200,6 +200,11 @@ class MsrunFinetuneOperator(StageOperator):
             summary = json.loads(summary_path.read_text())
             summary.pop("loss_series", None)  # thousands of points: it stays in the summary file
             out.update(summary)
+            # tensor parallel: the whole final checkpoint, written once here (its first group's
+            # ranks are on this node) rather than by the evaluate and export tasks at the same time
+            from llama_core.checkpoint.unshard import complete_checkpoint
+
+            out["final_checkpoint"] = str(complete_checkpoint(output_dir, "run folder"))
         return out
 
     def rendezvous(

@@ -80,6 +80,14 @@ LONG_OVERRIDES = {
     "callbacks.1.save_checkpoint_steps": 10,
     "eval_step_interval": 100000,  # the held-out split only at the end: periodic evals would slow it down
 }
+# The run that is stopped and cleared: the same training on 2 ranks as one tensor-parallel group
+# (each rank half of every weight; global batch 2, so half the epochs for as many steps).
+TENSOR_PARALLEL_OVERRIDES = {
+    **LONG_OVERRIDES,
+    "parallel_config.data_parallel": 1,
+    "parallel_config.model_parallel": 2,
+    "runner_config.epochs": LONG_OVERRIDES["runner_config.epochs"] // 2,
+}
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -247,12 +255,16 @@ def demo_run(airflow: AirflowLive, demo_inputs: Path, work_root: Path) -> dict[s
 
 
 def stop_mid_training(
-    airflow: AirflowLive, demo_inputs: Path, work_dir: Path, stop: Callable[[str, int], None]
+    airflow: AirflowLive,
+    demo_inputs: Path,
+    work_dir: Path,
+    stop: Callable[[str, int], None],
+    overrides: dict[str, Any] = LONG_OVERRIDES,
 ) -> dict[str, Any]:
     """Trigger a long run, wait until its ranks have saved a checkpoint, `stop(run_id, launcher pid)`,
     and time how long the job's processes take to be gone (60 s at most)."""
     ensure_unpaused(airflow)
-    conf = demo_conf(demo_inputs, work_dir, {"overrides": LONG_OVERRIDES})
+    conf = demo_conf(demo_inputs, work_dir, {"overrides": overrides})
     run_id = airflow.trigger(conf).json()["dag_run_id"]
     out = run_dir(work_dir, run_id)
     launcher = wait_training(airflow, run_id, out)
@@ -279,12 +291,14 @@ def stop_mid_training(
 
 @pytest.fixture(scope="module")
 def stopped_run(airflow: AirflowLive, demo_run: dict[str, Any], demo_inputs: Path) -> dict[str, Any]:
-    """A long run: finetune marked failed mid-training, then cleared and waited for to the end."""
-    stopped = stop_mid_training(  # the demo run's work_dir: its cache leaves only finetune to do
+    """A long tensor-parallel run: finetune marked failed mid-training, then cleared and waited for
+    to the end (evaluate and the exports then read its sharded checkpoints)."""
+    stopped = stop_mid_training(  # the demo run's work_dir: its cache leaves shard and finetune to do
         airflow,
         demo_inputs,
         demo_run["work_dir"],
         lambda run_id, _launcher: airflow.set_ti_state(run_id, "finetune", "failed"),
+        TENSOR_PARALLEL_OVERRIDES,
     )
     run_id = stopped["run_id"]
     ti1 = airflow.wait_ti(run_id, "finetune", {"failed"}, 60)
@@ -597,8 +611,13 @@ def test_cleared_finetune_resumes_from_its_checkpoint_and_succeeds(
     summary = json.loads((stopped_run["out"] / "train_summary.json").read_text())
     assert summary.get("resumed_from"), f"train_summary.json has no resumed_from: {summary}"
     records = json.loads(Path(f"{holdout_file(stopped_run['work_dir'])}.report.json").read_text())
-    steps_per_epoch = records["result"]["records_written"] // 4  # global batch: 2 per rank x 2 ranks
-    assert summary["steps"] == LONG_OVERRIDES["runner_config.epochs"] * steps_per_epoch, summary
+    steps_per_epoch = records["result"]["records_written"] // 2  # global batch: 2 on one TP group
+    assert summary["steps"] == TENSOR_PARALLEL_OVERRIDES["runner_config.epochs"] * steps_per_epoch, summary
+    # each rank trained and saved its half of the adapter; the final one was rebuilt whole
+    layout = json.loads((stopped_run["out"] / "checkpoint" / "parallel.json").read_text())
+    assert layout["layout"]["model_parallel"] == 2
+    complete = list((stopped_run["out"] / "checkpoint" / "complete").glob("*_rank_0-*.ckpt"))
+    assert len(complete) == 1, complete
     lines = airflow.log_lines(run_id, "finetune", 2)
     for rank in (0, 1):
         resumed = [x["event"] for x in rank_lines(lines, rank) if "resumed from" in str(x["event"])]

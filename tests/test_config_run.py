@@ -174,5 +174,5 @@ def test_bad_values_name_their_key() -> None:
         TrainConfig.from_dict(apply_overrides(cfg, [("runner_config.batch_size", 0)]))
     with pytest.raises(ConfigError, match=r"'optimizer\.eps' must be float"):
         TrainConfig.from_dict(apply_overrides(cfg, [("optimizer.eps", "tiny")]))
-    with pytest.raises(ConfigError, match="only data parallelism"):
-        TrainConfig.from_dict(apply_overrides(cfg, [("parallel_config.model_parallel", 2)]))
+    with pytest.raises(ConfigError, match="pipeline parallelism is not implemented"):
+        TrainConfig.from_dict(apply_overrides(cfg, [("parallel_config.pipeline_stage", 2)]))

@@ -195,7 +195,9 @@ def assert_same_training(reference: Path, parallel: Path, steps: int) -> None:
     """Per-step losses and gradient norms within 1e-5 (relative), and the LoRA weights and their
     optimizer state that the parallel run's checkpoint folder rebuilds whole within 1e-5 of the
     reference's."""
-    from llama_core.checkpoint.sources import CheckpointSource
+    import mindspore as ms
+
+    from llama_core.checkpoint.unshard import complete_checkpoint
 
     ref, par = (
         json.loads((p / "train_summary.json").read_text())["loss_series"] for p in (reference, parallel)
@@ -206,12 +208,13 @@ def assert_same_training(reference: Path, parallel: Path, steps: int) -> None:
         np.testing.assert_allclose(b, a, rtol=1e-5, err_msg=key)
     assert np.ptp([r["loss"] for r in ref]) > 1e-3  # the curve moves
     whole = lora_weights(reference)
-    with CheckpointSource(parallel / "checkpoint") as src:
-        rebuilt = {t.name: src.read(t) for t in src.tensors if "lora" in t.name}
+    final = complete_checkpoint(parallel, "run folder")  # what evaluate and the exports read
+    assert final.parent == parallel / "checkpoint" / "complete"
+    rebuilt = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(final)).items() if "lora" in k}
     # A and B of 7 linears x 2 layers and of the head, each with its two AdamW moments
     assert rebuilt.keys() == whole.keys() and len(whole) == 3 * (2 * 7 * 2 + 2)
     for name, w in whole.items():
-        np.testing.assert_allclose(rebuilt[name].reshape(w.shape), w, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(rebuilt[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
     assert max(np.abs(w).max() for name, w in whole.items() if "lora_b" in name) > 1e-3
 
 
@@ -247,3 +250,18 @@ def test_model_parallel_2_by_data_parallel_2_trains_as_one_process(tmp_path: Pat
     one = train_mp(tmp_path, base, "mp1", 1, 1, [*args, "--batch_size", "4"])
     four = train_mp(tmp_path, base, "mp2dp2", 2, 2, [*args, "--batch_size", "2"])
     assert_same_training(one, four, steps=22)
+
+
+def test_a_tensor_parallel_rank_refuses_the_whole_checkpoint(base: dict) -> None:
+    """Each rank reads only its own slices: given the complete checkpoint, it stops before reading."""
+    from llama_core.config import TrainConfig, apply_overrides, load_config
+    from llama_core.errors import ConfigError
+    from llama_core.train.trainer import load_base
+
+    cfg = apply_overrides(
+        load_config(base["config"]),
+        [("use_parallel", True), ("parallel_config.model_parallel", 2), ("parallel_config.data_parallel", 1),
+         ("load_checkpoint", str(base["full"]))],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="model_parallel = 2 loads each rank's slices: shard it first"):
+        load_base(None, TrainConfig.from_dict(cfg), rank=0)

@@ -4,8 +4,9 @@
 
 For a folder written by `shard` the slices are concatenated back tensor by tensor, in the source's
 order, with its CRC trailer if it had one: the result is byte-identical to a source written by
-MindSpore or by this package. A folder without the shard manifest (data-parallel training output)
-must hold the full model on each rank; rank 0's tensors are written.
+MindSpore or by this package. So is a tensor-parallel training run's checkpoint folder (its newest
+step). A folder with neither (data-parallel training output) must hold the full model on each
+rank; rank 0's tensors are written.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 
 from llama_core.atomic import atomic_path, clean_leftovers
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
+from llama_core.checkpoint.layout import read_trained_layout
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
 from llama_core.cli import exit_code
 from llama_core.progress import Progress
+from llama_core.train.outputs import CHECKPOINT_DIR, checkpoint_file, newest_checkpoint
 
 log = logging.getLogger("llama_core.checkpoint.unshard")
 
@@ -69,6 +72,18 @@ def unshard_checkpoint(
             extra={"source": str(src.path.resolve()), "kind": src.kind, "tensors": len(src.tensors)},
         )
     return UnshardResult(out, manifest_path, len(src.tensors), writer.bytes_written, False)
+
+
+def complete_checkpoint(path: str | os.PathLike[str], what: str) -> Path:
+    """A checkpoint argument as one complete file (`train.outputs.checkpoint_file`), where a
+    tensor-parallel run's folder (its `checkpoint/parallel.json`) is first unsharded, once, into
+    `checkpoint/complete/` under its rank 0 newest checkpoint's name."""
+    path = Path(path)
+    folder = next((f for f in (path, path / CHECKPOINT_DIR) if read_trained_layout(f) is not None), None)
+    if folder is None:
+        return checkpoint_file(path, what)
+    newest = newest_checkpoint(folder / "rank_0")
+    return unshard_checkpoint(folder, folder / "complete" / newest.name).output_path
 
 
 def build_parser(prog: str = "python -m llama_core.checkpoint.unshard") -> argparse.ArgumentParser:

@@ -122,6 +122,11 @@ def setup_context(tc: TrainConfig) -> Runtime:
         kwargs["device_id"] = tc.device_id
     ms.set_context(**kwargs)
     if not tc.use_parallel:
+        if tc.model_parallel > 1:
+            raise ConfigError(
+                f"parallel_config.model_parallel = {tc.model_parallel} runs on ranks launched with msrun "
+                "(llama-lora launch, or --use_parallel True under msrun)"
+            )
         return Runtime()
     from mindspore.communication import get_group_size, get_rank, init
 
