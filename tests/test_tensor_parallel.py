@@ -1,9 +1,9 @@
 """Tensor parallelism (`llama_core.model.parallel`) on 2 CPU msrun ranks against the whole model.
 
-- model: for a tiny Llama with GQA, a Qwen2-style one (q/k/v bias, tied head) and a Qwen3-style
-  one (q/k norm, explicit head_dim), each with LoRA on all seven projections and the head, the
-  ranks' logits, loss and LoRA gradients equal the whole model's within 1e-5, and each rank holds
-  half the base weights' bytes;
+- model: for a tiny Llama with GQA, one with a single kv head (replicated over the ranks), a
+  Qwen2-style one (q/k/v bias, tied head) and a Qwen3-style one (q/k norm, explicit head_dim), each
+  with LoRA on all seven projections and the head, the ranks' logits, loss and LoRA gradients
+  equal the whole model's within 1e-5, and each rank holds half the split base weights' bytes;
 - training: model_parallel 2 (2 ranks) and model_parallel 2 x data_parallel 2 (4 ranks) follow
   model_parallel 1 step by step, bucketed and packed, and their unsharded LoRA weights match.
 """
@@ -45,6 +45,8 @@ TINY = {
 }  # fmt: skip
 FAMILIES = {
     "llama": TINY,
+    # one kv head for 2 ranks: k/v computed whole on each rank, their gradient summed over the ranks
+    "llama_mqa": {**TINY, "n_kv_heads": 1},
     "qwen2": {**TINY, "qkv_has_bias": True, "tie_word_embeddings": True, "theta": 1.0e6},
     "qwen3": {**TINY, "qk_norm": True, "head_dim": 32},
 }
@@ -122,8 +124,14 @@ def test_each_rank_holds_half_the_base_weights(model_check: dict) -> None:
     for family, config in FAMILIES.items():
         params = LlamaForCausalLM(LlamaConfig.from_dict(config)).get_parameters()
         sizes = {p.name: p.asnumpy().nbytes for p in params}
-        # the RMSNorm weights are replicated on every rank, everything else is split in two
-        replicated = sum(n for name, n in sizes.items() if "norm" in name)
+        # the RMSNorm weights are replicated on every rank (and k/v with fewer kv heads than
+        # ranks), everything else is split in two
+        kv_whole = config.get("n_kv_heads", config["num_heads"]) % 2 != 0
+        replicated = sum(
+            n
+            for name, n in sizes.items()
+            if "norm" in name or (kv_whole and (".attention.wk." in name or ".attention.wv." in name))
+        )
         expected = (sum(sizes.values()) - replicated) // 2 + replicated
         for rank, out in enumerate(model_check[family]):
             assert int(out["base_bytes"]) == expected, f"{family} rank {rank}"

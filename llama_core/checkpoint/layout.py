@@ -15,6 +15,7 @@ from typing import Any
 
 from llama_core.checkpoint.names import (
     OPTIMIZER_PREFIXES,
+    Match,
     check_shape,
     is_training_scalar,
     match_ms,
@@ -31,12 +32,18 @@ TRAINED_LAYOUT_NAME = "parallel.json"
 TRAINED_LAYOUT_FORMAT = "llama_core.trained/1"
 
 
+def kv_replicated(dims: LlamaDims, mp: int) -> bool:
+    """Whether k/v projections are whole on every rank: fewer kv heads than model_parallel ranks
+    (each rank then uses the one kv head its query heads read; `check_layout` requires mp to be a
+    multiple of the kv heads)."""
+    return dims.kv_heads % mp != 0
+
+
 def check_layout(layout: Layout, dims: LlamaDims) -> None:
     """Fail, naming the config key and the tensor, when a size does not split over the layout."""
     mp = layout.mp
     splits = [
         ("model.model_config.num_heads", dims.heads, "model.layers.0.attention.wq.weight"),
-        ("model.model_config.n_kv_heads", dims.kv_heads, "model.layers.0.attention.wk.weight"),
         ("FFN width (intermediate_size / multiple_of)", dims.ffn, "model.layers.0.feed_forward.w1.weight"),
         ("model.model_config.vocab_size", dims.vocab, "model.tok_embeddings.embedding_weight"),
     ]
@@ -46,6 +53,13 @@ def check_layout(layout: Layout, dims: LlamaDims) -> None:
                 f"{key} = {size} is not divisible by parallel_config.model_parallel = {mp} "
                 f"(tensor {tensor!r} cannot be split)"
             )
+    if kv_replicated(dims, mp) and mp % dims.kv_heads:
+        raise ConfigError(
+            f"model.model_config.n_kv_heads = {dims.kv_heads} is not divisible by "
+            f"parallel_config.model_parallel = {mp}, nor is model_parallel a multiple of it (tensor "
+            "'model.layers.0.attention.wk.weight' can be neither split by kv heads nor replicated one "
+            "kv head per rank)"
+        )
     if dims.tied and layout.pp > 1:
         raise ConfigError(
             "model.model_config.tie_word_embeddings: a tied output head (the embedding table, on the "
@@ -77,12 +91,12 @@ class Placement:
     stages: tuple[int, ...]
 
 
-def place(name: str, shape: tuple[int, ...], dims: LlamaDims, pp: int) -> Placement:
+def place(name: str, shape: tuple[int, ...], dims: LlamaDims, pp: int, mp: int = 1) -> Placement:
     """Placement of one tensor of a complete checkpoint; InputError (naming it) if it does not fit."""
     all_stages = tuple(range(pp))
     for prefix in OPTIMIZER_PREFIXES:
         if name.startswith(prefix):
-            return place(name[len(prefix) :], shape, dims, pp)
+            return place(name[len(prefix) :], shape, dims, pp, mp)
     numel = 1
     for d in shape:
         numel *= d
@@ -96,15 +110,22 @@ def place(name: str, shape: tuple[int, ...], dims: LlamaDims, pp: int) -> Placem
     stage = {"first": 0, "last": pp - 1}.get(m.param.stage)
     if stage is None:
         stage = stage_of_layer(m.layer or 0, dims.layers, pp)
+    axis = _linear_axis(m, dims, mp)
     if lora is None:
         check_shape(name, shape, m, dims)
-        return Placement(m.param.tp_axis, (stage,))
+        return Placement(axis, (stage,))
     out_features, in_features = m.shape(dims)
     ab = lora[2]
     if len(shape) != 2 or (ab == "a" and shape[1] != in_features) or (ab == "b" and shape[0] != out_features):
         want = f"[r, {in_features}]" if ab == "a" else f"[{out_features}, r]"
         raise InputError(f"tensor {name!r}: shape {list(shape)} does not match the config, expected {want}")
-    return Placement(_lora_axis(ab, m.param.tp_axis), (stage,))
+    return Placement(_lora_axis(ab, axis), (stage,))
+
+
+def _linear_axis(m: Match, dims: LlamaDims, mp: int) -> int | None:
+    """The table's split axis, except for k/v projections replicated over too few kv heads."""
+    kv = ".attention.wk." in m.param.ms or ".attention.wv." in m.param.ms
+    return None if kv and kv_replicated(dims, mp) else m.param.tp_axis
 
 
 def _lora_axis(ab: str, linear_axis: int | None) -> int | None:
@@ -112,19 +133,20 @@ def _lora_axis(ab: str, linear_axis: int | None) -> int | None:
     return {("a", 1): 1, ("b", 0): 0}.get((ab, linear_axis))
 
 
-def split_axis(name: str, dims: LlamaDims) -> int | None:
-    """The axis tensor parallelism splits tensor `name` along (None: replicated), from its name
-    alone: what a rank's slice must be concatenated along to rebuild the whole tensor."""
+def split_axis(name: str, dims: LlamaDims, mp: int) -> int | None:
+    """The axis `mp`-way tensor parallelism splits tensor `name` along (None: replicated), from its
+    name alone: what a rank's slice must be concatenated along to rebuild the whole tensor."""
     for prefix in OPTIMIZER_PREFIXES:
         if name.startswith(prefix):
-            return split_axis(name[len(prefix) :], dims)
+            return split_axis(name[len(prefix) :], dims, mp)
     if "." not in name:  # a training scalar
         return None
     lora = split_lora_name(name)
     m = match_ms(f"{lora[0]}.weight" if lora else name, dims)
     if m is None:
         raise InputError(f"tensor {name!r}: not a Llama weight, LoRA weight, optimizer state or step counter")
-    return m.param.tp_axis if lora is None else _lora_axis(lora[2], m.param.tp_axis)
+    axis = _linear_axis(m, dims, mp)
+    return axis if lora is None else _lora_axis(lora[2], axis)
 
 
 def slice_bounds(size: int, parts: int) -> list[tuple[int, int]]:

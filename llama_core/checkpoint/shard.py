@@ -9,12 +9,15 @@ digest). Tensor parallel slicing is Megatron style (table in `llama_core.checkpo
 
 | tensor                                     | split over model_parallel ranks   |
 |--------------------------------------------|-----------------------------------|
-| attention.wq/wk/wv, feed_forward.w1/w3     | output rows (q: whole heads, k/v: whole kv heads) |
+| attention.wq/wk/wv, feed_forward.w1/w3     | output rows (q: whole heads, k/v: whole kv heads*) |
 | attention.wo, feed_forward.w2              | input columns                     |
 | tok_embeddings, lm_head                    | vocabulary rows                   |
 | attention_norm, ffn_norm, norm_out         | replicated                        |
 | LoRA B / A of a row / column split linear  | rows / columns (the other one replicated) |
 | adam_m.* / adam_v.*                        | as their parameter                |
+
+(*) With fewer kv heads than model_parallel ranks (a multiple of them), k/v and their LoRA are
+replicated whole: each rank computes them and keeps the kv head its query heads read.
 
 Pipeline stages get whole layers (MindFormers' assignment, see `layout`), the embedding on the
 first stage and norm_out/lm_head on the last. Data-parallel replicas never get copies: ranks that
@@ -83,7 +86,7 @@ class ShardResult:
 def _plan(src: CheckpointSource, layout: Layout, dims: Any) -> list[tuple[TensorMeta, Placement]]:
     plan = []
     for meta in src.tensors:
-        p = place(meta.name, meta.shape, dims, layout.pp)
+        p = place(meta.name, meta.shape, dims, layout.pp, layout.mp)
         if p.axis is not None and meta.shape[p.axis] % layout.mp:
             raise InputError(
                 f"tensor {meta.name!r}: dimension {p.axis} of shape {list(meta.shape)} does not split over "

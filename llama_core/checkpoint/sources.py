@@ -142,7 +142,7 @@ class CheckpointSource:
             )
         self.tensors, self._placement = [], {}
         for e in self._reader(group[0]).entries.values():
-            axis = split_axis(e.name, dims)
+            axis = split_axis(e.name, dims, self.layout.mp)
             shape = list(e.shape)
             if axis is not None:
                 shape[axis] *= self.layout.mp

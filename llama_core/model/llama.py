@@ -194,12 +194,19 @@ class Attention(nn.Cell):
     """Causal self-attention with grouped-query KV heads (each KV head serves num_heads/n_kv_heads heads);
     q/k/v biases (Qwen2) and a per-head RMSNorm of q and k before RoPE (Qwen3) when the config says so.
     Under tensor parallelism each rank computes its share of the heads and of the kv heads; the output
-    projection sums the ranks' parts."""
+    projection sums the ranks' parts. With fewer kv heads than ranks, k and v are computed whole on
+    every rank (they are small) and each rank keeps the one kv head its query heads read; their
+    gradient is summed over the ranks, so the k/v weights (and their LoRA) get the whole gradient."""
 
     def __init__(self, config: LlamaConfig, tp: TensorParallel = NO_PARALLEL) -> None:
         super().__init__()
         self.num_heads = tp.part(config.num_heads, "model.model_config.num_heads")
-        self.num_kv_heads = tp.part(config.num_kv_heads, "model.model_config.n_kv_heads")
+        kv_split = config.num_kv_heads % tp.size == 0
+        self.num_kv_heads = config.num_kv_heads // tp.size if kv_split else 1
+        # replicated kv: the kv head of this rank's first query head (mp is a multiple of the kv heads)
+        self.kv_head = tp.index * self.num_heads // (config.num_heads // config.num_kv_heads)
+        self.kv_grad_sum = None if kv_split else CopyToParallel(tp)
+        kv_tp, kv_role = (tp, "out") if kv_split else (NO_PARALLEL, None)
         self.head_dim = config.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.compute_dtype = DTYPES[config.compute_dtype]
@@ -209,8 +216,8 @@ class Attention(nn.Cell):
         hidden, bias = config.hidden_size, config.qkv_has_bias
         q_dim, kv_dim = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         self.wq = Linear(hidden, q_dim, config, has_bias=bias, tp=tp, split="out")
-        self.wk = Linear(hidden, kv_dim, config, has_bias=bias, tp=tp, split="out")
-        self.wv = Linear(hidden, kv_dim, config, has_bias=bias, tp=tp, split="out")
+        self.wk = Linear(hidden, kv_dim, config, has_bias=bias, tp=kv_tp, split=kv_role)
+        self.wv = Linear(hidden, kv_dim, config, has_bias=bias, tp=kv_tp, split=kv_role)
         self.wo = Linear(q_dim, hidden, config, tp=tp, split="in")
         self.qk_norm = config.qk_norm
         if self.qk_norm:
@@ -229,15 +236,22 @@ class Attention(nn.Cell):
         batch, seq = x.shape[0], x.shape[1]
         return x.reshape(batch, seq, heads, self.head_dim).transpose(0, 2, 1, 3)
 
+    def local_kv(self, y: Tensor) -> Tensor:
+        """k or v [batch, seq, kv_dim] as this rank's kv heads [batch, heads, seq, head_dim]."""
+        if self.kv_grad_sum is not None:
+            start = self.kv_head * self.head_dim
+            y = self.kv_grad_sum(y)[:, :, start : start + self.head_dim]
+        return self.split_heads(y, self.num_kv_heads)
+
     def construct(self, x: Tensor, docs: Documents | None = None) -> Tensor:
         batch, seq = x.shape[0], x.shape[1]
         positions, blocked, cumulative_lengths = (None, None, None) if docs is None else docs
         q = self.split_heads(self.wq(x), self.num_heads)
-        k = self.split_heads(self.wk(x), self.num_kv_heads)
+        k = self.local_kv(self.wk(x))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        v = self.split_heads(self.wv(x), self.num_kv_heads)
+        v = self.local_kv(self.wv(x))
         if self.use_flash_attention and docs is not None:
             out = self.flash_attention_packed(q, k, v, cumulative_lengths)
         elif self.use_flash_attention:
