@@ -249,6 +249,10 @@ class TrainConfig:
     scale_sense: float = _key("runner_wrapper.scale_sense", 1.0)
     use_clip_grad: bool = _key("runner_wrapper.use_clip_grad", True)
     max_grad_norm: float = _key("runner_wrapper.max_grad_norm", 1.0)
+    # activation recomputation: whole decoder layers, or only the attention probabilities and the
+    # FFN's activation (MindFormers' per-stage lists need pipeline stages, which are not here)
+    recompute: bool = _key("recompute_config.recompute", False)
+    select_recompute: bool = _key("recompute_config.select_recompute", False)
     ckpt_prefix: str = _key("callbacks[CheckpointMonitor].prefix", "llama")
     save_checkpoint_steps: int = _key("callbacks[CheckpointMonitor].save_checkpoint_steps", 100)
     keep_checkpoint_max: int = _key("callbacks[CheckpointMonitor].keep_checkpoint_max", 5)

@@ -146,7 +146,7 @@ def encode_prompts(fmt: ChatFormat, prompts: Sequence[str], seq_length: int) -> 
 def resolve_config(
     config: str | os.PathLike[str] | Mapping[str, Any], seq_length: int | None, device_target: str | None
 ) -> TrainConfig:
-    """The run config with the overrides applied, on one device."""
+    """The run config with the overrides applied, on one device (model_parallel 1)."""
     cfg = copy.deepcopy(dict(config)) if isinstance(config, Mapping) else load_config(config)
     if seq_length is not None:
         if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
@@ -155,6 +155,8 @@ def resolve_config(
     if device_target is not None:
         set_key(cfg, "context.device_target", device_target)
     set_key(cfg, "use_parallel", False)
+    # one process on the whole checkpoint, whatever layout the fine-tune trained with
+    set_key(cfg, "parallel_config.model_parallel", 1)
     return TrainConfig.from_dict(cfg)
 
 

@@ -163,6 +163,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("tp_base")
     cfg = load_config(CONFIG)
     cfg["model"]["model_config"]["n_kv_heads"] = 2
+    cfg["recompute_config"] = {"recompute": False, "select_recompute": False}
     (tmp / "tiny_gqa.yaml").write_text(yaml.safe_dump(cfg))
     cfg = apply_overrides(cfg, parse_override_args(EXACT))
     full = whole_checkpoint(cfg["model"]["model_config"], tmp / "base.ckpt", seed=7)
@@ -227,16 +228,18 @@ def assert_same_training(reference: Path, parallel: Path, steps: int) -> None:
 
 
 def test_model_parallel_2_trains_as_one_process_with_length_buckets(tmp_path: Path, base: dict) -> None:
+    """...and with every decoder layer recomputed in the backward pass (recompute_config.recompute)."""
     data = write_padded_records(tmp_path / "train.mindrecord", 44)
     args = ["--train_dataset_dir", str(data), "--batch_size", "2", *BUCKETS]
     one = train_mp(tmp_path, base, "mp1", 1, 1, args)
-    two = train_mp(tmp_path, base, "mp2", 2, 1, args)
+    two = train_mp(tmp_path, base, "mp2", 2, 1, [*args, "--recompute_config.recompute", "True"])
     assert_same_training(one, two, steps=22)
     buckets = json.loads((two / "train_summary.json").read_text())["length_buckets"]
     assert len(buckets["micro_batches_per_bucket"]) >= 2  # several bucket shapes ran
 
 
 def test_model_parallel_2_trains_packed_rows_as_one_process(tmp_path: Path, base: dict) -> None:
+    """...and with the attention probabilities and FFN activations recomputed (select_recompute)."""
     _padded, packed = write_documents(tmp_path, groups=11)
     args = [
         "--train_dataset_dir",
@@ -247,7 +250,7 @@ def test_model_parallel_2_trains_packed_rows_as_one_process(tmp_path: Path, base
         "False",
     ]
     one = train_mp(tmp_path, base, "mp1", 1, 1, args)
-    two = train_mp(tmp_path, base, "mp2", 2, 1, args)
+    two = train_mp(tmp_path, base, "mp2", 2, 1, [*args, "--recompute_config.select_recompute", "True"])
     assert_same_training(one, two, steps=22)
 
 

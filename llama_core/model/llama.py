@@ -208,10 +208,7 @@ class Attention(nn.Cell):
         self.kv_grad_sum = None if kv_split else CopyToParallel(tp)
         kv_tp, kv_role = (tp, "out") if kv_split else (NO_PARALLEL, None)
         self.head_dim = config.head_dim
-        self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.compute_dtype = DTYPES[config.compute_dtype]
-        self.softmax_dtype = DTYPES[config.softmax_compute_type]
-        self.mask_value = _MASK_VALUE[self.softmax_dtype]
+        self.scale = 1.0 / math.sqrt(self.head_dim)  # the fused kernel's; AttentionProbabilities has its own
         self.use_flash_attention = config.use_flash_attention
         hidden, bias = config.hidden_size, config.qkv_has_bias
         q_dim, kv_dim = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
@@ -224,8 +221,7 @@ class Attention(nn.Cell):
             self.q_norm = RMSNorm(self.head_dim, config)
             self.k_norm = RMSNorm(self.head_dim, config)
         self.rotary = RotaryEmbedding(config)
-        # primitives with transpose flags: their gradients need no explicit Transpose of [S, S] tensors
-        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+        self.probabilities = AttentionProbabilities(config)
         self.weighted_sum = ops.BatchMatMul()
         if self.use_flash_attention:
             # 1 marks a discarded (future) position; sparse_mode 2 reads this compressed causal mask.
@@ -294,13 +290,31 @@ class Attention(nn.Cell):
         return out.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3)
 
     def dot_product_attention(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None = None) -> Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v, with the softmax in softmax_compute_type. The mask
-        blocks future positions, or `blocked` [batch, 1, seq, seq] (1 = may not attend) when given."""
+        """softmax(q k^T / sqrt(d) + mask) v; `blocked` [batch, 1, seq, seq] (1 = may not attend)
+        replaces the causal mask when given."""
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
             # query head j reads KV head j // groups
             k = ops.repeat_interleave(k, groups, 1)
             v = ops.repeat_interleave(v, groups, 1)
+        return self.weighted_sum(self.probabilities(q, k, blocked), v)
+
+
+class AttentionProbabilities(nn.Cell):
+    """softmax(q k^T / sqrt(d) + mask) in softmax_compute_type, cast to compute_dtype. A cell of its
+    own so that `select_recompute` recomputes the [batch, heads, seq, seq] tensors instead of keeping
+    them for the backward pass."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.compute_dtype = DTYPES[config.compute_dtype]
+        self.softmax_dtype = DTYPES[config.softmax_compute_type]
+        self.mask_value = _MASK_VALUE[self.softmax_dtype]
+        # a primitive with a transpose flag: its gradient needs no explicit Transpose of [S, S] tensors
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, q: Tensor, k: Tensor, blocked: Tensor | None = None) -> Tensor:
         seq = q.shape[2]
         scores = self.scores_matmul(q * self.scale, k).astype(self.softmax_dtype)
         if blocked is None:
@@ -309,8 +323,7 @@ class Attention(nn.Cell):
         scores = scores + blocked.astype(self.softmax_dtype) * self.mask_value
         # softmax as exp(log_softmax): the same values, but MindSpore's LogSoftmaxGrad is one fused
         # kernel where Softmax's gradient runs as four unfused passes over the [S, S] scores
-        probs = ops.exp(ops.log_softmax(scores, axis=-1)).astype(self.compute_dtype)
-        return self.weighted_sum(probs, v)
+        return ops.exp(ops.log_softmax(scores, axis=-1)).astype(self.compute_dtype)
 
 
 class FeedForward(nn.Cell):
@@ -323,9 +336,17 @@ class FeedForward(nn.Cell):
         self.w1 = Linear(hidden, ffn, config, tp=tp, split="out")
         self.w2 = Linear(ffn, hidden, config, tp=tp, split="in")
         self.w3 = Linear(hidden, ffn, config, tp=tp, split="out")
+        self.activation = SiLU()
 
     def construct(self, x: Tensor) -> Tensor:
-        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
+
+
+class SiLU(nn.Cell):
+    """silu(x), a cell so that `select_recompute` recomputes it rather than keeping its output."""
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.silu(x)
 
 
 class DecoderLayer(nn.Cell):
@@ -375,6 +396,19 @@ class Embedding(nn.Cell):
         lead = h.shape[:-1]
         table = self.embedding_weight.astype(self.compute_dtype)
         return self.matmul(h.reshape(-1, h.shape[-1]), table).reshape((*lead, table.shape[0]))
+
+
+def apply_recompute(model: LlamaForCausalLM, recompute: bool, select_recompute: bool) -> None:
+    """Activation recomputation (MindFormers' `recompute_config`): `recompute` keeps only each
+    decoder layer's input and recomputes the layer in the backward pass; `select_recompute`
+    recomputes only the attention probabilities and the FFN activation, the largest tensors per
+    FLOP (`llama_core.plan` counts what each keeps)."""
+    for layer in model.model.layers:
+        if recompute:
+            layer.recompute()
+        elif select_recompute:
+            layer.attention.probabilities.recompute()
+            layer.feed_forward.activation.recompute()
 
 
 # Where the documents of packed rows lie (see `documents`): positions [batch, seq], blocked

@@ -158,15 +158,17 @@ def setup_context(tc: TrainConfig) -> Runtime:
 
 def build_model(tc: TrainConfig, tp: TensorParallel = NO_PARALLEL) -> nn.Cell:
     """LlamaForCausalLM (this rank's slices under tensor parallelism `tp`) with LoRA applied (and
-    base weights frozen) when `pet_config` is set.
+    base weights frozen) when `pet_config` is set, and `recompute_config`'s recomputation.
 
     Initial weights come from the global seed, so every rank starts identical.
     """
     from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora
+    from llama_core.model.llama import apply_recompute
 
     model = LlamaForCausalLM(LlamaConfig.from_dict(tc.model_config), tp)  # it leaves pet_config to LoRA
     if tc.pet_config:
         apply_lora(model, LoraConfig.from_pet_config(tc.pet_config))
+    apply_recompute(model, tc.recompute, tc.select_recompute)
     return model
 
 
