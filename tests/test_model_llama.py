@@ -244,7 +244,8 @@ def test_ascend_bf16_flash_config_builds_with_fp32_params() -> None:
     model = LlamaForCausalLM(cfg)
     attention = model.model.layers[0].attention
     assert attention.use_flash_attention and attention.probabilities.compute_dtype == ms.bfloat16
-    assert attention.probabilities.softmax_dtype == ms.float32 and model.model.norm_out.norm_dtype == ms.float32
+    assert attention.probabilities.softmax_dtype == ms.float32
+    assert model.model.norm_out.norm_dtype == ms.float32
     mask = attention.flash_mask.asnumpy()
     assert mask.shape == (2048, 2048) and mask.dtype == np.uint8
     assert mask[0, 1] == 1 and mask[1, 0] == 0 and mask[5, 5] == 0  # 1 = future position, discarded
