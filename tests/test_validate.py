@@ -165,3 +165,34 @@ def test_cli_prints_the_checked_request(params: dict[str, Any], tmp_path: Path) 
 def test_the_model_the_ranks_build_is_checked(params: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"param 'config'.*hidden_size 64 is not divisible by num_heads 3"):
         validate_run({**params, "overrides": {"model.model_config.num_heads": 3}}, tmp_path / "root")
+
+
+@pytest.mark.parametrize(
+    ("model", "model_parallel", "message"),
+    [
+        ({"num_heads": 8}, 3, "num_heads = 8 is not divisible by parallel_config.model_parallel = 3"),
+        ({"n_kv_heads": 3, "num_heads": 6, "hidden_size": 48}, 2,
+         "n_kv_heads = 3 is not divisible by .*model_parallel = 2, nor is model_parallel a multiple"),
+        ({"intermediate_size": 90}, 4, "FFN width .* = 90 is not divisible by .*model_parallel = 4"),
+        ({"vocab_size": 511}, 2, "vocab_size = 511 is not divisible by parallel_config.model_parallel = 2"),
+    ],
+)  # fmt: skip
+def test_a_model_that_does_not_split_over_model_parallel_is_refused(
+    params: dict[str, Any], tmp_path: Path, model: dict[str, Any], model_parallel: int, message: str
+) -> None:
+    """Heads, kv heads (split, or model_parallel a multiple of them), FFN width and vocabulary must
+    split over the ranks of a tensor-parallel group: refused in validate, naming the config."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(TINY).read_text())
+    cfg["model"]["model_config"].update(model)
+    config = tmp_path / "split.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    overrides = {"parallel_config.model_parallel": model_parallel, "parallel_config.data_parallel": 1}
+    with pytest.raises(ConfigError, match=rf"param 'config'.*{message}"):
+        validate_run({**params, "config": str(config), "overrides": overrides}, tmp_path / "root")
+    # the same model with a model_parallel it splits over passes
+    validate_run(
+        {**params, "config": str(config), "overrides": {"parallel_config.data_parallel": 1}},
+        tmp_path / "root",
+    )
