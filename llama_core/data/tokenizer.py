@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llama_core.data.bpe_fast import fast_bpe
 from llama_core.errors import InputError
+
+log = logging.getLogger("llama_core.data.tokenizer")
 
 BOS, EOS = 1, 2  # Llama's sentencepiece ids; MindFormers' Tokenize() wraps every text in them
 
@@ -230,8 +234,9 @@ def _meta_slices(text: str) -> Iterator[str]:
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer folder: tokenizer.json (through the `tokenizers` library), the chat
-    template and special tokens of tokenizer_config.json (or chat_template.jinja and
+    """A Hugging Face tokenizer folder: tokenizer.json (encoded through tiktoken when `bpe_fast` can
+    reproduce it, `fast`; else through the `tokenizers` library, `model`, which also decodes), the
+    chat template and special tokens of tokenizer_config.json (or chat_template.jinja and
     special_tokens_map.json), and the stop ids of generation_config.json. `template_tokens` are the
     special token strings the chat template is rendered with (as transformers passes them)."""
 
@@ -246,6 +251,9 @@ class HFTokenizer(Tokenizer):
             self.model = RustTokenizer.from_file(str(folder / HF_FILES[0]))
         except Exception as exc:  # the library raises a bare Exception for a malformed file
             raise InputError(f"{folder / HF_FILES[0]}: not a valid tokenizer.json ({exc})") from None
+        self.fast, why = fast_bpe(_json_file(folder / HF_FILES[0]), self.model)
+        if self.fast is None:
+            log.info("%s: encoding with the tokenizers library, not tiktoken: %s", folder / HF_FILES[0], why)
         config = {
             **_json_file(folder / "special_tokens_map.json"),
             **_json_file(folder / "tokenizer_config.json"),
@@ -265,10 +273,15 @@ class HFTokenizer(Tokenizer):
         self.stop_ids = frozenset(i for i in (*stops, self.eos_id) if i is not None)
 
     def encode(self, text: str) -> list[int]:
+        if self.fast is not None:
+            return self.fast.encode(text)
         return self.model.encode(text, add_special_tokens=False).ids
 
     def encoding(self, text: str) -> Any:
-        """The `tokenizers.Encoding` of `text` (no specials added): ids and where each token is."""
+        """The encoding of `text` (no specials added): ids and where each token is (`ids`, `offsets`,
+        `char_to_token`, `token_to_chars` of a `tokenizers.Encoding`)."""
+        if self.fast is not None:
+            return self.fast.encoding(text)
         return self.model.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
