@@ -1,7 +1,7 @@
 """Tensor parallelism (`llama_core.model.parallel`) on 2 CPU msrun ranks against the whole model.
 
-- model: for a tiny Llama with GQA, one with a single kv head (replicated over the ranks), a
-  Qwen2-style one (q/k/v bias, tied head) and a Qwen3-style one (q/k norm, explicit head_dim), each
+- model: for a tiny Llama with GQA, a Qwen2-style one (q/k/v bias, tied head, a single kv head
+  replicated over the ranks) and a Qwen3-style one (q/k norm, explicit head_dim), each
   with LoRA on all seven projections and the head, the ranks' logits, loss and LoRA gradients
   equal the whole model's within 1e-5, and each rank holds half the split base weights' bytes;
 - training: model_parallel 2 (2 ranks) and model_parallel 2 x data_parallel 2 (4 ranks) follow
@@ -45,9 +45,9 @@ TINY = {
 }  # fmt: skip
 FAMILIES = {
     "llama": TINY,
-    # one kv head for 2 ranks: k/v computed whole on each rank, their gradient summed over the ranks
-    "llama_mqa": {**TINY, "n_kv_heads": 1},
-    "qwen2": {**TINY, "qkv_has_bias": True, "tie_word_embeddings": True, "theta": 1.0e6},
+    # one kv head for 2 ranks: k/v (and their bias) computed whole on each rank, their gradient
+    # summed over the ranks
+    "qwen2": {**TINY, "n_kv_heads": 1, "qkv_has_bias": True, "tie_word_embeddings": True, "theta": 1.0e6},
     "qwen3": {**TINY, "qk_norm": True, "head_dim": 32},
 }
 
