@@ -177,7 +177,7 @@ def test_library_for_what_tiktoken_cannot_reproduce(
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="llama_core.data.tokenizer"):
             tok = open_tokenizer(_save(tmp_path / name, lib))
-        assert tok.fast is None
+            assert tok.fast is None  # built (and said) on first use
         said = [
             r.getMessage() for r in caplog.records if "encoding with the tokenizers library" in r.getMessage()
         ]

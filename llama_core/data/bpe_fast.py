@@ -29,6 +29,7 @@ BYTE_LEVEL_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N
 # tiktoken's BPE is quadratic in a piece's length: texts with a longer run go through the library
 _LONG_RUN_CHARS = 4096
 _LONG_RUN = re.compile(rf"\s{{{_LONG_RUN_CHARS},}}|\S{{{_LONG_RUN_CHARS},}}")
+_CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8 bytes that do not start a character
 # texts the fast path must encode as the library does before it is used (added tokens are appended)
 PROBES = (
     "",
@@ -80,7 +81,7 @@ class FastBPE:
         size = max(token_bytes) + 1
         self._n_starts, self._back = [0] * size, [0] * size
         for i, b in token_bytes.items():
-            starts = sum(1 for c in b if c & 0xC0 != 0x80)
+            starts = len(b.translate(None, _CONTINUATION))
             self._n_starts[i] = starts
             self._back[i] = starts + (b[0] & 0xC0 == 0x80)
 
@@ -116,6 +117,13 @@ def _byte_alphabet() -> dict[str, int]:
     for n, b in enumerate(b for b in range(256) if b not in chars):
         chars[b] = chr(256 + n)
     return {c: b for b, c in chars.items()}
+
+
+@functools.cache
+def _to_latin1() -> dict[int, int]:
+    """str.translate's table from the byte-level alphabet to the characters U+0000..U+00FF (so a
+    byte-level token's bytes are `token.translate(table).encode("latin-1")`, in C)."""
+    return {ord(c): b for c, b in _byte_alphabet().items()}
 
 
 def _pattern(pre: dict[str, Any] | None) -> str:
@@ -173,31 +181,27 @@ def _ranks(model: dict[str, Any], added: Collection[str]) -> tuple[dict[bytes, i
     HF id when ids grow with the merge order (no table needed), else its first merge's position after
     the 256 bytes. Vocabulary entries no merge makes must be `added` tokens (split out before the BPE,
     never reached by it): they are left out."""
-    alphabet = _byte_alphabet()
+    alphabet, table = _byte_alphabet(), _to_latin1()
     vocab: dict[str, int] = model["vocab"]
-
-    def raw(token: str) -> bytes:
-        try:
-            return bytes(alphabet[c] for c in token)
-        except KeyError:
-            raise ValueError(f"vocabulary token {token!r} is not byte-level") from None
-
     if any(c not in vocab for c in alphabet):
         raise ValueError("the vocabulary lacks some of the 256 byte tokens")
-    made: dict[str, int] = {}  # merge result -> its first merge's index
-    for n, merge in enumerate(model["merges"]):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        if left + right not in vocab:
-            raise ValueError(f"merge {left} {right} makes a token outside the vocabulary")
-        made.setdefault(left + right, n)
+    merges = model["merges"]
+    # merges are pairs, or "left right" strings in older files (a byte-level token has no space)
+    results = [m.replace(" ", "") if isinstance(m, str) else "".join(m) for m in merges]
+    if outside := set(results) - vocab.keys():
+        raise ValueError(f"merges make tokens outside the vocabulary ({sorted(outside)[:3]})")
+    made = dict(zip(reversed(results), range(len(results) - 1, -1, -1), strict=True))  # first merge wins
     if any(t not in made and t not in alphabet for t in vocab if t not in added):
         raise ValueError("the vocabulary has tokens no merge makes")
     vocab = {t: i for t, i in vocab.items() if t in made or t in alphabet}
-    ids = {raw(t): i for t, i in vocab.items()}
+    if not set("".join(vocab)) <= alphabet.keys():
+        raise ValueError("the vocabulary is not byte-level")
+    ids = {t.translate(table).encode("latin-1"): i for t, i in vocab.items()}
     order = sorted(made, key=made.__getitem__)
     if all(vocab[a] < vocab[b] for a, b in itertools.pairwise(order)):
         return ids, ids
-    ranks = {raw(c): b for c, b in alphabet.items()} | {raw(t): 256 + n for n, t in enumerate(order)}
+    ranks = {bytes([b]): b for b in alphabet.values()}
+    ranks |= {t.translate(table).encode("latin-1"): 256 + n for n, t in enumerate(order)}
     return ranks, ids
 
 

@@ -8,6 +8,7 @@ folders, each behind the small `Tokenizer` interface; `open_tokenizer` decides t
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llama_core.data.bpe_fast import fast_bpe
+from llama_core.data.bpe_fast import FastBPE, fast_bpe
 from llama_core.errors import InputError
 
 log = logging.getLogger("llama_core.data.tokenizer")
@@ -251,9 +252,6 @@ class HFTokenizer(Tokenizer):
             self.model = RustTokenizer.from_file(str(folder / HF_FILES[0]))
         except Exception as exc:  # the library raises a bare Exception for a malformed file
             raise InputError(f"{folder / HF_FILES[0]}: not a valid tokenizer.json ({exc})") from None
-        self.fast, why = fast_bpe(_json_file(folder / HF_FILES[0]), self.model)
-        if self.fast is None:
-            log.info("%s: encoding with the tokenizers library, not tiktoken: %s", folder / HF_FILES[0], why)
         config = {
             **_json_file(folder / "special_tokens_map.json"),
             **_json_file(folder / "tokenizer_config.json"),
@@ -271,6 +269,17 @@ class HFTokenizer(Tokenizer):
         stops = _json_file(folder / "generation_config.json").get("eos_token_id")
         stops = [stops] if isinstance(stops, int) else [i for i in stops or () if isinstance(i, int)]
         self.stop_ids = frozenset(i for i in (*stops, self.eos_id) if i is not None)
+
+    @functools.cached_property
+    def fast(self) -> FastBPE | None:
+        """The tiktoken fast path, or None (said in the log) when it cannot reproduce the file. Built on
+        first use: a process that only opens the tokenizer (the stage's main one) skips its cost."""
+        fast, why = fast_bpe(_json_file(self.path / HF_FILES[0]), self.model)
+        if fast is None:
+            log.info(
+                "%s: encoding with the tokenizers library, not tiktoken: %s", self.path / HF_FILES[0], why
+            )
+        return fast
 
     def encode(self, text: str) -> list[int]:
         if self.fast is not None:
