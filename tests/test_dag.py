@@ -83,6 +83,8 @@ def shipped() -> dict:
 def test_each_pipeline_file_is_a_dag_and_parsing_imports_no_framework(shipped: dict) -> None:
     assert shipped["errors"] == {}
     assert sorted(shipped["dags"]) == [
+        "llama2_13b_lora_alpaca",
+        "llama2_70b_lora_alpaca",
         "llama2_7b_lora_alpaca",
         "llama2_tiny_lora_demo",
         "llama3_1_8b_lora_alpaca",
@@ -155,6 +157,10 @@ def test_params_default_from_the_pipeline_file(shipped: dict) -> None:
     seven_b = shipped["dags"]["llama2_7b_lora_alpaca"]["params"]
     assert (seven_b["seq_length"], seven_b["overrides"]["parallel_config.data_parallel"]) == (4096, 8)
     assert seven_b["device_target"] == "Ascend"
+    # 70B: 8 ranks of one tensor-parallel group (model_parallel 8 in its config) are data_parallel 1
+    seventy_b = shipped["dags"]["llama2_70b_lora_alpaca"]["params"]
+    assert seventy_b["overrides"]["parallel_config.data_parallel"] == 1
+    assert seventy_b["config"] == str(REPO / "configs" / "lora_llama2_70b.yaml")
 
 
 def _pipelines(tmp_path: Path, **changes: dict) -> Path:
@@ -179,6 +185,8 @@ def test_a_broken_pipeline_file_is_an_import_error_naming_the_key_and_hides_no_d
     (folder / "not_yaml.yaml").write_text("dag_id: [unclosed\n")
     parsed = parse(folder)
     assert sorted(parsed["dags"]) == [
+        "llama2_13b_lora_alpaca",
+        "llama2_70b_lora_alpaca",
         "llama2_7b_lora_alpaca",
         "llama2_tiny_lora_demo",
         "llama3_1_8b_lora_alpaca",
@@ -236,8 +244,8 @@ def test_load_pipeline_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match=r"key 'data.chat_template': Input should be 'vicuna_v1.1'"):
         load_pipeline(path)
     assert [p.name for p in pipeline_files()] == [
-        "llama2_7b_lora_alpaca.yaml", "llama2_tiny_lora_demo.yaml", "llama3_1_8b_lora_alpaca.yaml",
-        "qwen2_5_7b_lora_alpaca.yaml",
+        "llama2_13b_lora_alpaca.yaml", "llama2_70b_lora_alpaca.yaml", "llama2_7b_lora_alpaca.yaml",
+        "llama2_tiny_lora_demo.yaml", "llama3_1_8b_lora_alpaca.yaml", "qwen2_5_7b_lora_alpaca.yaml",
     ]  # fmt: skip
 
 
