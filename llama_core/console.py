@@ -38,6 +38,7 @@ STAGES = {
     stage.name: stage
     for stage in (
         Stage("validate", "validate", "check a fine-tune request's params (JSON file) before any work"),
+        Stage("plan", "plan", "a run config's memory per device, term by term, against max_device_memory"),
         Stage("fetch", "fetch.__main__", "download a path, http(s)://, s3:// or hf:// source"),
         Stage("convert-alpaca", "data.alpaca_converter", "Alpaca records -> conversation JSON"),
         Stage("preprocess", "data.llama_preprocess", "conversations or wikitext -> MindRecord"),

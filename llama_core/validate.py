@@ -24,6 +24,7 @@ from llama_core.config import TrainConfig, apply_overrides, load_config
 from llama_core.errors import ConfigError
 from llama_core.fetch.source import parse_source
 from llama_core.model.config import LlamaConfig
+from llama_core.plan import check_fits
 from llama_core.results import print_result
 
 SOURCES = ("alpaca", "tokenizer", "weights")
@@ -122,7 +123,8 @@ def check_config(
     config: Any, overrides: Mapping[str, Any], seq_length: int, device_target: str, nodes: int = 1
 ) -> tuple[dict[str, Any], int]:
     """The run config with overrides applied, and its world size (split evenly over `nodes`); every
-    key and size checked."""
+    key and size checked, and on Ascend the memory plan held to `context.max_device_memory` (CPU
+    ranks are processes: MindSpore applies no such limit there)."""
     if not isinstance(config, str) or not os.path.isabs(config):
         raise _param_error("config", f"must be an absolute path to a training YAML, got {config!r}")
     try:
@@ -162,6 +164,11 @@ def check_config(
             f"parallel_config asks for {layout.world_size} ranks, {layout.world_size // nodes} per node on "
             f"{nodes} node(s); one {device_target} node runs 1..{MAX_RANKS[device_target]}",
         )
+    if device_target == "Ascend":
+        try:
+            check_fits(cfg, device_target)
+        except ConfigError as exc:
+            raise _param_error("config", str(exc)) from exc
     return cfg, layout.world_size
 
 
