@@ -27,9 +27,6 @@ from llama_core.model.config import LlamaDims
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llama_core.shard/1"
-# A tensor-parallel training run's checkpoint folder: its layout and model, for reading it back whole.
-TRAINED_LAYOUT_NAME = "parallel.json"
-TRAINED_LAYOUT_FORMAT = "llama_core.trained/1"
 
 
 def kv_replicated(dims: LlamaDims, mp: int) -> bool:
@@ -152,15 +149,6 @@ def split_axis(name: str, dims: LlamaDims, mp: int) -> int | None:
 def slice_bounds(size: int, parts: int) -> list[tuple[int, int]]:
     step = size // parts
     return [(i * step, (i + 1) * step) for i in range(parts)]
-
-
-def read_trained_layout(folder: Path) -> dict[str, Any] | None:
-    """The layout file a tensor-parallel training run writes beside its rank folders, or None."""
-    try:
-        doc = json.loads((folder / TRAINED_LAYOUT_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if doc.get("format") == TRAINED_LAYOUT_FORMAT else None
 
 
 def read_shard_manifest(folder: Path) -> dict[str, Any] | None:

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from llama_core.checkpoint.dtypes import storage_dtype
-from llama_core.checkpoint.layout import read_shard_manifest, read_trained_layout, split_axis
+from llama_core.checkpoint.layout import read_shard_manifest, split_axis
 from llama_core.checkpoint.msckpt import STR_TYPE, CkptReader, has_crc_trailer, scan_ckpt
 from llama_core.config import Layout
 from llama_core.errors import InputError
 from llama_core.model.config import LlamaDims
-from llama_core.train.outputs import CheckpointName, find_rank_folders, newest_checkpoint
+from llama_core.train.outputs import CheckpointName, find_rank_folders, newest_checkpoint, read_trained_layout
 
 log = logging.getLogger("llama_core.checkpoint.sources")
 

@@ -21,12 +21,11 @@ from pathlib import Path
 
 from llama_core.atomic import atomic_path, clean_leftovers
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
-from llama_core.checkpoint.layout import read_trained_layout
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
 from llama_core.cli import exit_code
 from llama_core.progress import Progress
-from llama_core.train.outputs import CHECKPOINT_DIR, checkpoint_file, newest_checkpoint
+from llama_core.train.outputs import CHECKPOINT_DIR, checkpoint_file, newest_checkpoint, read_trained_layout
 
 log = logging.getLogger("llama_core.checkpoint.unshard")
 

@@ -1,6 +1,9 @@
 """Where a training run writes, and which of its checkpoints is the newest.
 
   OUTPUT/train_summary.json                                         rank 0, at the end
+  OUTPUT/checkpoint/parallel.json                                   rank 0, tensor parallel runs:
+                                                                    the layout and model the rank
+                                                                    checkpoints are slices of
   OUTPUT/checkpoint/rank_<i>/<prefix>_rank_<i>-<epoch>_<step>.ckpt   epoch 1-based, step = optimizer
                                                                     steps done in that epoch
 
@@ -18,6 +21,7 @@ reading it back (CRC) tells.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,6 +34,8 @@ logger = logging.getLogger("llama_core.train")
 
 SUMMARY_NAME = "train_summary.json"
 CHECKPOINT_DIR = "checkpoint"
+TRAINED_LAYOUT_NAME = "parallel.json"
+TRAINED_LAYOUT_FORMAT = "llama_core.trained/1"
 
 _RANK_FOLDER = re.compile(r"rank_(\d+)\Z")
 # Hidden names are temporary files of a write still under way (or of a dead one), never checkpoints.
@@ -55,6 +61,15 @@ class CheckpointName:
 
     def __str__(self) -> str:
         return f"{self.prefix}_rank_{self.rank}-{self.epoch}_{self.step}.ckpt"
+
+
+def read_trained_layout(folder: str | Path) -> dict | None:
+    """The layout file a tensor-parallel run writes beside its rank folders (`checkpoint/`), or None."""
+    try:
+        doc = json.loads((Path(folder) / TRAINED_LAYOUT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("format") == TRAINED_LAYOUT_FORMAT else None
 
 
 def rank_dir(output_dir: str | Path, rank: int) -> Path:

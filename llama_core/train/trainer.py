@@ -51,7 +51,13 @@ from llama_core.train.dataset import (
     supervised_tokens,
     trim_to_bucket,
 )
-from llama_core.train.outputs import SUMMARY_NAME, checkpoint_path, rank_dir
+from llama_core.train.outputs import (
+    SUMMARY_NAME,
+    TRAINED_LAYOUT_FORMAT,
+    TRAINED_LAYOUT_NAME,
+    checkpoint_path,
+    rank_dir,
+)
 from llama_core.train.schedule import lr_array
 from llama_core.train.step import TrainStep
 
@@ -330,8 +336,6 @@ class TrainRecipe:
     def write_parallel_layout(self) -> None:
         """OUTPUT/checkpoint/parallel.json: the layout and model the ranks' checkpoints are slices
         of, so unshard (and evaluate, export) can rebuild the whole tensors."""
-        from llama_core.checkpoint.layout import TRAINED_LAYOUT_FORMAT, TRAINED_LAYOUT_NAME
-
         doc = {
             "format": TRAINED_LAYOUT_FORMAT,
             "layout": self.tc.layout.as_dict(),
