@@ -17,9 +17,9 @@ growing with layers and activations; `ms.jit` over the same model's value_and_gr
 and deterministic for a given graph, so the cases are small (0.3-1.6 GiB) and the five take about
 a minute. A fresh process per case: the pool keeps what a step freed, and its peak only rises.
 
-A case with model_parallel > 1 needs `measured` to start the probe on msrun ranks (as
-tests/test_tensor_parallel.py does), `measure` to build the rank's slice, and each rank's result
-compared; the plan is per device already.
+A case with model_parallel > 1 runs the probe on that many msrun ranks, each building its slice of
+the model in its tensor-parallel group; every rank's measure is held to the plan, which is per
+device.
 """
 
 from __future__ import annotations
@@ -284,6 +284,7 @@ CASES = {
     "seq2048-batch1": Case(seq=2048, batch=1),
     "seq1024-batch4-recompute": Case(seq=1024, batch=4, recompute=True),
     "seq1024-batch4-select_recompute": Case(seq=1024, batch=4, select_recompute=True),
+    "seq1024-batch2-model_parallel2": Case(seq=1024, batch=2, model_parallel=2, vocab=32000),
 }
 # printed by MindSpore at exit with MS_DEV_RUNTIME_CONF=memory_statistics:True (MiB)
 POOL_PEAK = re.compile(r"actual peak used mem:(\d+)M")
@@ -298,16 +299,23 @@ def measure(case: Case) -> dict[str, int]:
 
     from llama_core.config import TrainConfig
     from llama_core.train.step import TrainStep
-    from llama_core.train.trainer import adamw, build_model
+    from llama_core.train.trainer import adamw, build_model, setup_context
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     tc = TrainConfig.from_dict(case.config())
+    rt = setup_context(tc)  # under msrun: the rank's tensor-parallel group
     ms.set_seed(0)
     baseline = _status_bytes("VmRSS")
-    model = build_model(tc)  # recompute_config applied as the trainer does
+    model = build_model(tc, rt.tp)  # recompute_config applied as the trainer does
     model.set_train(True)
     optimizer = adamw(list(model.trainable_params()), tc, np.full(1, 1e-4, np.float32))
-    step = TrainStep(model, optimizer, loss_scale=tc.scale_sense, clip_norm=tc.max_grad_norm)
+    step = TrainStep(
+        model,
+        optimizer,
+        loss_scale=tc.scale_sense,
+        clip_norm=tc.max_grad_norm,
+        tensor_parallel=(rt.tp, model.split_parameter_names()),
+    )
     step.set_train(True)
     parameters = _status_bytes("VmRSS") - baseline
     ids = np.random.default_rng(0).integers(3, case.vocab, (case.batch, case.seq + 1)).astype(np.int32)
@@ -327,7 +335,9 @@ def measured() -> dict[str, dict[str, int]]:
     out = {}
     env = {**os.environ, "MS_DEV_RUNTIME_CONF": "memory_statistics:True"}
     for name, case in CASES.items():
-        assert case.model_parallel == 1, "model_parallel > 1: launch the probe with msrun"
+        if case.model_parallel > 1:
+            out[name] = measured_on_ranks(case, env)
+            continue
         proc = subprocess.run(
             [sys.executable, __file__, json.dumps(asdict(case))],
             capture_output=True,
@@ -343,6 +353,33 @@ def measured() -> dict[str, dict[str, int]]:
         assert len(peaks) == 1, "no memory pool statistics from MindSpore"
         out[name] = {**result, "pool_peak": int(peaks[0]) << 20}
     return out
+
+
+def measured_on_ranks(case: Case, env: dict[str, str]) -> dict[str, int]:
+    """The probe on `case.model_parallel` msrun ranks; the largest rank's figures."""
+    import tempfile
+
+    from llama_core.launch import launch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        launch(
+            [json.dumps(asdict(case))],
+            worker_num=case.model_parallel,
+            local_worker_num=case.model_parallel,
+            master_port=None,
+            log_dir=Path(tmp),
+            join=True,
+            command=[sys.executable, __file__],
+            env=env,
+        )
+        ranks = []
+        for rank in range(case.model_parallel):
+            log = (Path(tmp) / f"worker_{rank}.log").read_text()
+            result = json.loads(next(x for x in log.splitlines() if x.startswith('{"parameters"')))
+            peaks = set(POOL_PEAK.findall(log))  # a rank may print the same statistics twice
+            assert len(peaks) == 1, f"rank {rank}: no memory pool statistics from MindSpore"
+            ranks.append({**result, "pool_peak": int(peaks.pop()) << 20})
+    return max(ranks, key=lambda r: r["parameters"] + r["pool_peak"])
 
 
 @pytest.mark.slow
