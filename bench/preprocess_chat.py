@@ -116,21 +116,42 @@ def transformers_rows(records: list[dict[str, Any]], folder: Path) -> Iterator[t
         yield ids[: SEQ + 1], labels[: SEQ + 1]
 
 
-def encode_cpu_us(records: list[dict[str, Any]], hf_dir: Path) -> tuple[float, float]:
-    """CPU microseconds per record to encode each record's hf-format text with the `tokenizers` library
-    (HF tokenizer.json) and with tiktoken (Meta's file, the same BPE): where hf's extra time goes."""
+def encode_cpu_us(records: list[dict[str, Any]], hf_dir: Path) -> dict[str, float]:
+    """CPU microseconds per record to encode each record's hf-format text: with the `tokenizers`
+    library (HF tokenizer.json), with the HF tokenizer's tiktoken fast path (ids alone, and ids with
+    offsets as the hf format reads them), and with Meta's tiktoken file (the same BPE); and the hf
+    format's whole record (`encode_dialog`: the renders, the encoding, the assistant's tokens); and
+    the CPU seconds a process spends opening the tokenizer before its first encode, hf and
+    sentencepiece ("hf setup", "sp setup")."""
     from llama_core.data.chat import chat_format
     from llama_core.data.tokenizer import open_tokenizer
 
-    fmt = chat_format(open_tokenizer(hf_dir))
-    texts = [fmt.render(conversation_messages("in", i, r)) for i, r in enumerate(records)]
-    out = []
-    for encode in (fmt.tok.encode, open_tokenizer(llama3_model()).encode):
+    setup = {}
+    for name, path in (("hf setup", hf_dir), ("sp setup", SHARED_DIR / "data" / "llama2-tokenizer.model")):
         t0 = time.process_time()
-        for text in texts:
-            encode(text)
-        out.append((time.process_time() - t0) / len(texts) * 1e6)
-    return out[0], out[1]
+        tok = open_tokenizer(path)
+        tok.encode("")
+        setup[name] = time.process_time() - t0
+    fmt = chat_format(open_tokenizer(hf_dir))
+    assert fmt.tok.fast is not None, "the bench's hf tokenizer must take the tiktoken fast path"
+    dialogs = [conversation_messages("in", i, r) for i, r in enumerate(records)]
+    texts = [fmt.render(m) for m in dialogs]
+    encoders: dict[str, Callable[[Any], Any]] = {
+        "library": lambda text: fmt.tok.model.encode(text, add_special_tokens=False),
+        "fast ids": fmt.tok.encode,
+        "fast encoding": fmt.tok.encoding,
+        "meta": open_tokenizer(llama3_model()).encode,
+    }
+    out = {}
+    for name, encode, items in [
+        *((n, e, texts) for n, e in encoders.items()),
+        ("record", fmt.encode_dialog, dialogs),
+    ]:
+        t0 = time.process_time()
+        for item in items:
+            encode(item)
+        out[name] = (time.process_time() - t0) / len(items) * 1e6
+    return out | setup
 
 
 def mismatches(out: Path, expected: Iterator[tuple[list[int], list[int]]], n: int) -> list[int]:
@@ -180,7 +201,7 @@ def main() -> None:
         "llama3": lambda: meta_rows(distinct, formats["llama3"]),
         "hf": lambda: transformers_rows(distinct, hf_dir),
     }
-    hf_us, tiktoken_us = encode_cpu_us(distinct, hf_dir)
+    us = encode_cpu_us(distinct, hf_dir)
     rows, failed = [], {}
 
     def bound(measured: list[dict[str, Any]]) -> float:
@@ -235,10 +256,18 @@ def main() -> None:
             "2-core bound is max(main process CPU, all CPU / 2): the main process (reader, padding, "
             "MindSpore's MindRecord writer) is one thread, the tokenizer workers share both cores with it.",
             "",
-            f"Where hf's extra time goes: encoding a record's rendered text takes {hf_us:.0f} µs of CPU "
-            f"with the `tokenizers` library (HF tokenizer.json, mostly its split-regex pre-tokenizer) "
-            f"against {tiktoken_us:.0f} µs with tiktoken on the same BPE; with 2 cores the stage is then "
-            "bound by the CPU of all its processes, not by the MindRecord writer as the others are.",
+            "Where hf's time goes: encoding a record's rendered text took "
+            f"{us['library']:.0f} µs of CPU with the `tokenizers` library (mostly its split-regex "
+            "pre-tokenizer), which bound the stage by the CPU of all its processes. The HF tokenizer now "
+            "encodes a byte-level BPE tokenizer.json through tiktoken (llama_core.data.bpe_fast, checked "
+            f"against the library on construction): {us['fast ids']:.0f} µs for the ids, "
+            f"{us['fast encoding']:.0f} µs with the character offsets the hf format locates the "
+            f"assistant's tokens by (Meta's tiktoken file, the same BPE: {us['meta']:.0f} µs); a whole hf "
+            f"record (three renders of the template, the encoding, the assistant's tokens) "
+            f"{us['record']:.0f} µs. What is left of hf's gap is set-up: each process opens tokenizer.json "
+            f"twice (the library, then the fast path's build and its check), {us['hf setup']:.2f} s of CPU "
+            f"against {us['sp setup']:.2f} s for the sentencepiece model, paid by each worker (the main "
+            "process, which does not encode, loads the library only).",
         ]
     )
     update_section("preprocess_chat", "Data stage: the chat formats (vicuna_v1.1, llama3, hf)", COMMAND, body)
