@@ -260,7 +260,7 @@ def main() -> None:
             f"{us['library']:.0f} µs of CPU with the `tokenizers` library (mostly its split-regex "
             "pre-tokenizer), which bound the stage by the CPU of all its processes. The HF tokenizer now "
             "encodes a byte-level BPE tokenizer.json through tiktoken (llama_core.data.bpe_fast, checked "
-            f"against the library on construction): {us['fast ids']:.0f} µs for the ids, "
+            f"against the library when built): {us['fast ids']:.0f} µs for the ids, "
             f"{us['fast encoding']:.0f} µs with the character offsets the hf format locates the "
             f"assistant's tokens by (Meta's tiktoken file, the same BPE: {us['meta']:.0f} µs); a whole hf "
             f"record (three renders of the template, the encoding, the assistant's tokens) "
