@@ -9,6 +9,7 @@ writes the figures to docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -131,6 +132,8 @@ def run_measured(cmd: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
+    # no options: the parser only answers --help (and refuses anything else) before the long run
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     import mindspore.dataset as ds
     import sentencepiece as spm
 

@@ -15,6 +15,7 @@ apply_chat_template (ids, and the assistant mask of ChatML's generation tags) fo
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -170,6 +171,8 @@ def mismatches(out: Path, expected: Iterator[tuple[list[int], list[int]]], n: in
 
 
 def main() -> None:
+    # no options: the parser only answers --help (and refuses anything else) before the long run
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     import sentencepiece as spm
 
     work = WORK_DIR / "preprocess_chat"
