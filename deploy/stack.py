@@ -1,10 +1,14 @@
 """A real Airflow deployment on this machine, as the official docker-compose runs one: `make airflow`.
 
-`python -m deploy.stack start|stop|status|demo [--root .airflow] [--ascend-workers N] [--netns-hosts N]
-[--nodes N]` (`demo`: the demo's fine-tune triggered through the REST API and waited for)
+`python -m deploy.stack start|stop|status|demo|burst [--root .airflow] [--ascend-workers N]
+[--netns-hosts N] [--nodes N] [--runs N]` (`demo`: the demo's fine-tune triggered through the REST API
+and waited for; `burst`: N demo runs triggered at once, deploy/burst.py)
 
-- PostgreSQL (Debian's server: `initdb` + `pg_ctl`, as the `postgres` user when run as root) is the
-  metadata DB, Redis the Celery broker;
+Every process runs under supervisord (deploy/supervisor.py), which restarts a component that exits, as
+compose's `restart: always` does:
+
+- PostgreSQL (Debian's server, `postgres -D` in the foreground as the `postgres` user when run as root)
+  is the metadata DB, Redis (`redis-server`, foreground) the Celery broker;
 - Airflow's api-server (the UI), scheduler, dag-processor and triggerer, with CeleryExecutor;
 - Celery workers: one on the default queue, and "Ascend node" workers on queue `ascend`, concurrency
   1 each: `--ascend-workers N` on this host, and/or `--netns-hosts N`, each in its own Linux network
@@ -16,8 +20,9 @@
   `ascend` and that pool, so its fine-tune runs on the "Ascend" workers.
 
 Everything lives in the root folder (default `.airflow/`, git-ignored): the database, Redis, logs,
-secrets and ports, chosen at the first start and kept, so a second start reuses the DB. `stop` ends
-every process it started (by pid and start time) and removes the namespaces; the data stays.
+secrets and ports, chosen at the first start and kept, so a second start reuses the DB. `stop` has
+supervisord stop every program (their process groups) and exit, and removes the namespaces; the data
+stays. `status` lists supervisord's view (`supervisorctl -c ROOT/run/supervisord.conf` works too).
 `SERVICES` and `airflow_settings` are the deployment's one description: docker/docker-compose.yaml
 runs the same commands with the same settings (tests/test_deploy.py holds them equal).
 """
@@ -26,25 +31,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import os
-import pwd
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from deploy.services import (
+    DB_NAME,
+    DB_USER,
+    SUBNET,
+    Postgres,
+    bridge_ip,
+    check_tools,
+    create_hosts,
+    host_ip,
+    redis_program,
+    remove_hosts,
+)
+from deploy.supervisor import Program, Supervisor
 from llama_core.atomic import write_bytes_atomic
 from llama_core.launch.preflight import free_port as any_free_port
 from llama_core.launch.watch import last_lines
@@ -53,9 +66,6 @@ REPO = Path(__file__).resolve().parents[1]
 POOL = "ascend_nodes"
 DEMO_DAG = "llama2_tiny_lora_demo"
 ASCEND_QUEUE = "ascend"
-BRIDGE = "llbr0"
-SUBNET = ipaddress.ip_network("10.77.0.0/24")  # the netns hosts' network (no route leaves the machine)
-DB_USER = DB_NAME = "airflow"
 
 # Airflow's commands, by service name: docker-compose.yaml runs the same (tests/test_deploy.py).
 SERVICES: dict[str, list[str]] = {
@@ -66,6 +76,7 @@ SERVICES: dict[str, list[str]] = {
     "worker": ["airflow", "celery", "worker", "--queues", "default"],
     "ascend-worker": ["airflow", "celery", "worker", "--queues", ASCEND_QUEUE, "--concurrency", "1"],
 }
+CONTROL_PLANE = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
 def airflow_settings(
@@ -98,12 +109,26 @@ def airflow_settings(
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets_["jwt_secret"],
         # long fine-tunes: the task's token is refreshed by its heartbeats (docs/operations.md)
         "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME": "600",
+        # A control-plane outage (database, API server) must not stop a running fine-tune: its
+        # supervisor heartbeats every 5 s and gives up (stops the task) only after 20 failed heartbeats
+        # in a row (~200 s: each failure is 5 tries, ~10 s), below the 300 s without one after which
+        # the scheduler fails a task. The task's token is renewed only in its last 20 % (120 s of 600):
+        # an api-server outage longer than what is left of it is fatal (docs/operations.md).
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "5",
+        "AIRFLOW__WORKERS__MAX_FAILED_HEARTBEATS": "20",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "300",
+        # a task whose Celery message was lost (broker restarted) is queued again after this long
+        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
+        # Redis hands an unacknowledged message (a running task's) out again after this long. Airflow
+        # ignores that second delivery while the task runs, but not while the api-server is down
+        # (then the scheduler fails the running task): 7 days makes it rare
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "604800",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW__LOGGING__COLORED_CONSOLE_LOG": "False",
         # the address other hosts reach this one at: where the UI fetches a worker's task logs
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "llama_core.launch.cluster.node_address",
         "LLAMA_LORA_WORK_ROOT": work_root,
+        "LLAMA_LORA_SOURCE_ROOTS": work_root,  # local sources: inside the work root (docs/operations.md)
         "LLAMA_LORA_PIPELINES": pipelines,
     }
 
@@ -129,7 +154,6 @@ class StackState:
     secrets: dict[str, str]
     ascend_workers: int = 1
     netns_hosts: int = 0
-    procs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> pid, create_time, netns
 
 
 class Stack:
@@ -145,12 +169,15 @@ class Stack:
         self.home = self.root / "home"  # AIRFLOW_HOME
         self.state_file = self.root / "stack.json"
         self.state: StackState | None = None
+        self.supervisor = Supervisor(self.root)
 
     # ------------------------------------------------------------ state
 
     def load(self) -> StackState | None:
         if self.state_file.exists():
-            self.state = StackState(**json.loads(self.state_file.read_text()))
+            saved = json.loads(self.state_file.read_text())
+            # a stack.json of an earlier version also holds the pids it tracked: not state any more
+            self.state = StackState(**{f.name: saved[f.name] for f in fields(StackState) if f.name in saved})
         return self.state
 
     def save(self) -> None:
@@ -183,17 +210,9 @@ class Stack:
 
     # ------------------------------------------------------------ addresses
 
-    @property
-    def bridge_ip(self) -> str:
-        return str(SUBNET.network_address + 1)
-
-    def host_ip(self, k: int) -> str:
-        """The address of netns host k (1-based)."""
-        return str(SUBNET.network_address + 10 + k)
-
     def listen(self) -> list[str]:
         assert self.state is not None
-        return ["127.0.0.1", *([self.bridge_ip] if self.state.netns_hosts else [])]
+        return ["127.0.0.1", *([bridge_ip()] if self.state.netns_hosts else [])]
 
     def env(self, control_host: str = "127.0.0.1", extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of a component that reaches the control plane at `control_host`."""
@@ -223,7 +242,7 @@ class Stack:
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(st.trigger_log_port),
             # where this host's workers are reached (their logs, msrun's master): the bridge once
             # namespace hosts exist, as they cannot reach this host's loopback
-            "LLAMA_LORA_NODE_ADDR": self.bridge_ip
+            "LLAMA_LORA_NODE_ADDR": bridge_ip()
             if st.netns_hosts and control_host == "127.0.0.1"
             else control_host,
             "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -240,6 +259,52 @@ class Stack:
         env = self.env()
         keys = sorted(k for k in env if k.startswith(("AIRFLOW", "LLAMA_LORA")))
         return "".join(f"export {k}={shlex.quote(env[k])}\n" for k in keys)
+
+    # ------------------------------------------------------------ the services
+
+    def programs(self) -> dict[str, list[Program]]:
+        """What the stack runs, by supervisord group in start order: the data stores, Airflow's control
+        plane, the Celery workers (each service's command from SERVICES, with this stack's settings)."""
+        st = self.state
+        assert st is not None
+        listen = self.listen()
+        postgres = Postgres(self.root, st.pg_port, listen, st.secrets["db_password"])
+        redis = redis_program(self.root, st.redis_port, listen, st.secrets["redis_password"])
+        airflow = [self.program(name, "airflow", self.env()) for name in CONTROL_PLANE]
+        # this host's log server (the default worker's) serves the shared log folder
+        workers = [self.program("worker", "workers", self.env(), service="worker")]
+        workers += [
+            self.program(f"ascend-worker-{i}", "workers", self.env(), service="ascend-worker", logs=False)
+            for i in range(1, st.ascend_workers + 1)
+        ]
+        for k in range(1, st.netns_hosts + 1):
+            env = self.env(
+                bridge_ip(),
+                {"LLAMA_LORA_NODE_ADDR": host_ip(k),
+                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.root / f"host{k}" / "logs")},
+            )  # fmt: skip
+            workers.append(self.program(f"ascend-host-{k}", "workers", env, "ascend-worker", netns=f"llh{k}"))
+        return {"data": [postgres.program(), redis], "airflow": airflow, "workers": workers}
+
+    def program(
+        self,
+        name: str,
+        group: str,
+        env: Mapping[str, str],
+        service: str | None = None,
+        logs: bool = True,
+        netns: str | None = None,
+    ) -> Program:
+        """Airflow's `service` (default: `name`) as program `name`: a Celery worker is named `name@host`
+        and serves its task logs when `logs`; `netns`: run inside that namespace (another "host")."""
+        argv = [str(Path(sys.executable).parent / "airflow"), *SERVICES[service or name][1:]]
+        if argv[1:3] == ["celery", "worker"]:
+            argv += ["--celery-hostname", f"{name}@%h"] + ([] if logs else ["--skip-serve-logs"])
+        if netns:
+            argv = [shutil.which("ip") or "ip", "netns", "exec", netns, *argv]
+        # supervisord gives every program its own environment on top of its own (ours)
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        return Program(name, group, argv, changed)
 
     # ------------------------------------------------------------ start
 
@@ -279,43 +344,34 @@ class Stack:
             (self.root / folder).mkdir(exist_ok=True)
         (self.root / "passwords.json").write_text(json.dumps({"admin": state.secrets["admin_password"]}))
         if netns_hosts:
-            self.create_hosts(netns_hosts)
-        self.start_postgres(log)
-        self.start_redis(log)
+            create_hosts(netns_hosts)
+        postgres = Postgres(self.root, state.pg_port, self.listen(), state.secrets["db_password"])
+        postgres.init(netns=bool(netns_hosts))
+        self.supervisor.write(self.programs())
+        log(f"supervisord: PostgreSQL on port {state.pg_port}, Redis on {state.redis_port}")
+        self.supervisor.up()
+        postgres.wait_and_create_db()
         log("airflow db migrate ...")
         self.airflow("db", "migrate", timeout=600)
         slots = ascend_workers + netns_hosts
         self.airflow("pools", "set", POOL, str(slots), "one slot per Ascend node (queue ascend)")
         self.write_pipelines(slots)
-        for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
-            self.spawn(name, SERVICES[name], self.env())
-        self.spawn("worker", SERVICES["worker"], self.env(), serve_logs=True)
-        for i in range(1, ascend_workers + 1):
-            # this host's log server (the default worker's) serves the shared log folder
-            self.spawn(f"ascend-worker-{i}", SERVICES["ascend-worker"], self.env(), serve_logs=False)
-        for k in range(1, netns_hosts + 1):
-            ip = self.host_ip(k)
-            env = self.env(
-                self.bridge_ip,
-                {
-                    "LLAMA_LORA_NODE_ADDR": ip,
-                    "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(self.root / f"host{k}" / "logs"),
-                },
-            )
-            self.spawn(f"ascend-host-{k}", SERVICES["ascend-worker"], env, serve_logs=True, netns=f"llh{k}")
+        self.supervisor.start_group("airflow")
+        self.supervisor.start_group("workers")
         (self.root / "env").write_text(self.env_file_text())
         self.wait_ready(timeout)
         log(
             f"Airflow is up: http://127.0.0.1:{state.api_port}  "
             f"login admin / {state.secrets['admin_password']}\n"
-            f"CLI: source {self.root / 'env'}   stop: make airflow-stop   logs: {self.root / 'logs'}"
+            f"CLI: source {self.root / 'env'}   stop: make airflow-stop   logs: {self.root / 'logs'}\n"
+            f"processes: {Path(sys.executable).parent / 'supervisorctl'} -c {self.supervisor.conf} status"
         )
         return state
 
     def airflow(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         env = self.env()
         proc = subprocess.run(
-            [shutil.which("airflow", path=env["PATH"]) or "airflow", *args],
+            [str(Path(sys.executable).parent / "airflow"), *args],
             env=env,
             cwd=self.root / "run",
             capture_output=True,
@@ -326,217 +382,24 @@ class Stack:
             raise RuntimeError(f"airflow {' '.join(args)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
         return proc
 
-    def spawn(
-        self,
-        name: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        serve_logs: bool = True,
-        netns: str | None = None,
-    ) -> None:
-        """Start one component in its own session (unless it already runs), its output in logs/NAME.log."""
-        assert self.state is not None
-        if self._alive(self.state.procs.get(name)):
-            return
-        argv = list(argv)
-        if argv[:3] == ["airflow", "celery", "worker"]:
-            argv += ["--celery-hostname", f"{name}@%h"]
-            if not serve_logs:
-                argv.append("--skip-serve-logs")
-        if argv[0] == "airflow":  # this venv's
-            argv[0] = str(Path(sys.executable).parent / "airflow")
-        if netns:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        with open(self.root / "logs" / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(
-                argv, env=dict(env), cwd=self.root / "run", stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.state.procs[name] = {
-            "pid": proc.pid,
-            "create_time": psutil.Process(proc.pid).create_time(),
-            "netns": netns,
-        }
-        self.save()
-
-    @staticmethod
-    def _alive(info: Mapping[str, Any] | None) -> bool:
-        if not info:
-            return False
-        try:
-            proc = psutil.Process(info["pid"])
-            same = abs(proc.create_time() - info["create_time"]) < 0.01
-            return same and proc.status() != psutil.STATUS_ZOMBIE  # exited, not yet reaped by us
-        except psutil.NoSuchProcess:
-            return False
-
-    # ------------------------------------------------------------ PostgreSQL and Redis
-
-    def _as_postgres(self, argv: list[str]) -> list[str]:
-        """Run a PostgreSQL tool (found by `pg_tool`) as `postgres` when we are root (the server
-        refuses root)."""
-        return self._as_postgres_cmd([pg_tool(argv[0]), *argv[1:]])
-
-    @staticmethod
-    def _as_postgres_cmd(argv: list[str]) -> list[str]:
-        return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-    def start_postgres(self, log: Callable[[str], None]) -> None:
-        st = self.state
-        assert st is not None
-        data = self.root / "pg"
-        owner = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
-        if (
-            owner is not None
-            and subprocess.run(self._as_postgres_cmd(["test", "-x", str(self.root)])).returncode
-        ):
-            raise RuntimeError(
-                f"the postgres user cannot reach {self.root}: make its parent folders traversable "
-                "(chmod o+x) or choose another --root"
-            )
-        if not (data / "PG_VERSION").exists():
-            log(f"creating the PostgreSQL cluster in {data}")
-            data.mkdir(mode=0o700, exist_ok=True)
-            pwfile = self.root / "run" / "pgpass.tmp"
-            pwfile.write_text(st.secrets["db_password"] + "\n")
-            if owner is not None:
-                for path in (data, pwfile):
-                    os.chown(path, owner.pw_uid, owner.pw_gid)
-            try:
-                subprocess.run(
-                    self._as_postgres(
-                        ["initdb", "-D", str(data), "-U", DB_USER, "--pwfile", str(pwfile),
-                         "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"]
-                    ),
-                    check=True, capture_output=True, text=True,
-                )  # fmt: skip
-            finally:
-                pwfile.unlink(missing_ok=True)
-        hba = data / "pg_hba.conf"
-        line = f"host all all {SUBNET} scram-sha-256\n"
-        if st.netns_hosts and line not in hba.read_text():
-            with open(hba, "a") as f:
-                f.write(line)
-        sockets, pg_log = self.root / "run", self.root / "logs" / "postgres.log"
-        pg_log.touch()
-        if owner is not None:
-            for path in (sockets, pg_log):
-                os.chown(path, owner.pw_uid, owner.pw_gid)
-        status = subprocess.run(self._as_postgres(["pg_ctl", "-D", str(data), "status"]), capture_output=True)
-        if status.returncode == 0:
-            subprocess.run(self._as_postgres(["pg_ctl", "-D", str(data), "reload"]), capture_output=True)
-            return
-        log(f"starting PostgreSQL on {','.join(self.listen())}:{st.pg_port}")
-        options = f"-p {st.pg_port} -k {sockets} -c listen_addresses={','.join(self.listen())}"
-        started = subprocess.run(
-            self._as_postgres(
-                [
-                    "pg_ctl",
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(self.root / "logs" / "postgres.log"),
-                    "-o",
-                    options,
-                    "-w",
-                    "start",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-        )
-        if started.returncode != 0:
-            raise RuntimeError(f"PostgreSQL did not start:\n{started.stdout}{started.stderr}")
-        query = f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"
-        exists = subprocess.run(
-            self._as_postgres(["psql", "-h", str(sockets), "-p", str(st.pg_port), "-U", DB_USER,
-                               "-d", "postgres", "-tAc", query]),
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        if exists.stdout.strip() != "1":
-            subprocess.run(
-                self._as_postgres(
-                    ["createdb", "-h", str(sockets), "-p", str(st.pg_port), "-U", DB_USER, DB_NAME]
-                ),
-                check=True,
-                capture_output=True,
-            )
-
-    def start_redis(self, log: Callable[[str], None]) -> None:
-        st = self.state
-        assert st is not None
-        if self._alive(st.procs.get("redis")):
-            return
-        log(f"starting Redis on {','.join(self.listen())}:{st.redis_port}")
-        conf = self.root / "run" / "redis.conf"
-        conf.write_text(
-            f"bind {' '.join(self.listen())}\nport {st.redis_port}\n"
-            f"requirepass {st.secrets['redis_password']}\n"
-            f'dir {self.root / "run"}\nsave ""\nappendonly no\nprotected-mode no\n'
-            f"logfile {self.root / 'logs' / 'redis.log'}\n"
-        )
-        os.chmod(conf, 0o600)
-        self.spawn("redis", ["redis-server", str(conf)], os.environ)
-
-    # ------------------------------------------------------------ netns hosts
-
-    def create_hosts(self, n: int) -> None:
-        """Namespaces llh1..llhN on bridge llbr0 (SUBNET): each a host with one address."""
-        run = _run_quiet
-        if not _exists(["ip", "link", "show", BRIDGE]):
-            run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-            run(["ip", "addr", "add", f"{self.bridge_ip}/{SUBNET.prefixlen}", "dev", BRIDGE])
-        run(["ip", "link", "set", BRIDGE, "up"])
-        for k in range(1, n + 1):
-            ns, veth = f"llh{k}", f"vllh{k}"
-            if not _exists(["ip", "netns", "exec", ns, "true"]):
-                run(["ip", "netns", "add", ns])
-            if not _exists(["ip", "link", "show", veth]):
-                run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-                run(
-                    [
-                        "ip",
-                        "netns",
-                        "exec",
-                        ns,
-                        "ip",
-                        "addr",
-                        "add",
-                        f"{self.host_ip(k)}/{SUBNET.prefixlen}",
-                        "dev",
-                        "eth0",
-                    ]
-                )
-            run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
-            run(["ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"])
-            run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"])
-
-    def remove_hosts(self) -> None:
-        k = 1
-        while _exists(["ip", "netns", "exec", f"llh{k}", "true"]):
-            for pid in subprocess.run(
-                ["ip", "netns", "pids", f"llh{k}"], capture_output=True, text=True
-            ).stdout.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-            subprocess.run(["ip", "netns", "del", f"llh{k}"], capture_output=True)
-            k += 1
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
-
     # ------------------------------------------------------------ readiness
 
     def wait_ready(self, timeout: float) -> None:
         """Until the API answers, scheduler, dag-processor and triggerer are healthy and every Celery
-        worker answers a ping; a component that exits fails at once with its log's tail."""
+        worker answers a ping; a component that exits meanwhile fails at once with its log's tail."""
         import requests
 
         st = self.state
         assert st is not None
         deadline = time.monotonic() + timeout
-        workers = {"worker", *(n for n in st.procs if n.startswith(("ascend-worker-", "ascend-host-")))}
+        workers = {name for name, p in self.supervisor.processes().items() if p["group"] == "workers"}
+        first_pid: dict[str, int] = {}
         url = f"http://127.0.0.1:{st.api_port}/api/v2/monitor/health"
         while True:
-            self.check_alive()
+            for name, proc in self.supervisor.processes().items():
+                restarted = proc["pid"] and first_pid.setdefault(name, proc["pid"]) != proc["pid"]
+                if proc["statename"] in ("BACKOFF", "EXITED", "FATAL", "STOPPED") or restarted:
+                    raise RuntimeError(f"{name} exited while starting; its log:\n{self.tail(name)}")
             try:
                 health = requests.get(url, timeout=5, proxies={"http": "", "https": ""}).json()
                 healthy = all(
@@ -567,127 +430,49 @@ class Stack:
         names = json.loads(proc.stdout.strip().splitlines()[-1])
         return {n.split("@")[0] for n in names}
 
+    def tail(self, name: str, lines: int = 30) -> str:
+        return last_lines(self.root / "logs" / f"{name}.log", lines)
+
     def check_alive(self) -> None:
-        assert self.state is not None
-        for name, info in self.state.procs.items():
-            if not self._alive(info):
-                tail = last_lines(self.root / "logs" / f"{name}.log", 30)
-                raise RuntimeError(f"{name} is not running; the end of its log:\n{tail}")
+        """Raise when supervisord is gone or has given up on a program (or it was stopped): a program
+        that exited and is being restarted is alive, as with compose's `restart: always`."""
+        procs = self.supervisor.processes()
+        if not procs:
+            raise RuntimeError(f"supervisord is not running; its log:\n{self.tail('supervisord')}")
+        for name, proc in procs.items():
+            if proc["statename"] in ("FATAL", "STOPPED"):
+                raise RuntimeError(f"{name} is {proc['statename']}; the end of its log:\n{self.tail(name)}")
 
     # ------------------------------------------------------------ stop
 
-    def stop(self, timeout: float = 60, log: Callable[[str], None] = print) -> list[str]:
-        """Stop every process started here (SIGTERM to each process group, SIGKILL after `timeout`),
-        PostgreSQL and the namespaces. Returns the names that needed SIGKILL."""
+    def stop(self, timeout: float = 120, log: Callable[[str], None] = print) -> None:
+        """Stop every program (workers, then Airflow, then PostgreSQL and Redis; SIGKILL after
+        STOP_WAIT_S each), supervisord itself, and the namespaces; the data stays."""
         state = self.load()
         if state is None:
             log(f"nothing to stop: no stack in {self.root}")
-            return []
-        alive = {n: i for n, i in state.procs.items() if self._alive(i)}
-        for info in alive.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(info["pid"], signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(self._alive(i) for i in alive.values()):
-            time.sleep(0.5)
-        killed = [n for n, i in alive.items() if self._alive(i)]
-        for name in killed:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(alive[name]["pid"], signal.SIGKILL)
-        data = self.root / "pg"
-        if (data / "PG_VERSION").exists():
-            subprocess.run(
-                self._as_postgres(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"]),
-                capture_output=True,
-            )
+            return
+        self.supervisor.shutdown(timeout)
         if state.netns_hosts:
-            self.remove_hosts()
-        state.procs = {}
-        self.save()
-        log(
-            f"stopped {len(alive)} processes and PostgreSQL"
-            + (f" ({', '.join(killed)} killed)" if killed else "")
-        )
-        return killed
+            remove_hosts()
+        log(f"stopped the stack in {self.root}")
 
     def run_demo(
         self, nodes: int = 1, timeout: float = 900, log: Callable[[str], None] = print
     ) -> dict[str, Any]:
-        """The demo's fine-tune (generated inputs, 2 CPU ranks over `nodes` nodes) triggered through the
-        REST API and waited for; returns the run as the API reports it."""
-        import requests
+        """The demo's fine-tune on this stack (deploy/demo.py); the run as the API reports it."""
+        from deploy.demo import run_demo
 
-        from llama_core.demo import demo_params
+        return run_demo(self, nodes, timeout, log)
 
-        state = self.load()
-        if state is None:
-            raise RuntimeError(f"no stack in {self.root}: make airflow first")
-        inputs = self.root / "work" / "inputs"
-        subprocess.run(
-            [sys.executable, "-m", "llama_core.demo", str(inputs)], check=True, capture_output=True
-        )
-        api = f"http://127.0.0.1:{state.api_port}"
-        http = requests.Session()
-        http.trust_env = False
-        login = {"username": "admin", "password": state.secrets["admin_password"]}
-        http.headers["Authorization"] = (
-            "Bearer " + http.post(f"{api}/auth/token", json=login).json()["access_token"]
-        )
-        dag = f"{api}/api/v2/dags/{DEMO_DAG}"
-        http.patch(dag, json={"is_paused": False}).raise_for_status()
-        conf = {**demo_params(str(inputs), self.root / "work" / "demo"), "nodes": nodes}
-        created = http.post(f"{dag}/dagRuns", json={"logical_date": None, "conf": conf})
-        created.raise_for_status()
-        run_id = created.json()["dag_run_id"]
-        log(f"triggered {run_id}: {api}/dags/{DEMO_DAG}/runs/{run_id}")
-        deadline = time.monotonic() + timeout
-        while (run := http.get(f"{dag}/dagRuns/{run_id}").json())["state"] not in ("success", "failed"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{run_id} still {run['state']} after {timeout:.0f} s")
-            time.sleep(3)
-        log(f"{run_id}: {run['state']}")
-        return run
-
-    def status(self) -> dict[str, bool]:
-        state = self.load()
-        return {n: self._alive(i) for n, i in (state.procs.items() if state else [])}
-
-
-def pg_tool(name: str) -> str:
-    """A PostgreSQL program: on PATH, else in Debian's /usr/lib/postgresql/<version>/bin (newest)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    for folder in sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: p.parent.name, reverse=True
-    ):
-        if (folder / name).exists():
-            return str(folder / name)
-    raise RuntimeError(f"{name} not found: install PostgreSQL's server (Debian: apt-get install postgresql)")
-
-
-def check_tools(netns_hosts: int) -> None:
-    """Fail before starting anything when a program the stack needs is missing, saying what to install."""
-    pg_tool("initdb")
-    if shutil.which("redis-server") is None:
-        raise RuntimeError("redis-server not found: install Redis (Debian: apt-get install redis-server)")
-    if netns_hosts and (os.geteuid() != 0 or shutil.which("ip") is None):
-        raise RuntimeError("--netns-hosts needs root and iproute2's `ip` (network namespaces)")
-
-
-def _run_quiet(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-
-
-def _exists(argv: list[str]) -> bool:
-    return subprocess.run(argv, capture_output=True).returncode == 0
+    def status(self) -> dict[str, str]:
+        """Each program's supervisord state (RUNNING, STARTING, BACKOFF, STOPPED...)."""
+        return {name: p["statename"] for name, p in self.supervisor.processes().items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["start", "stop", "status", "demo"])
+    parser.add_argument("action", choices=["start", "stop", "status", "demo", "burst"])
     parser.add_argument("--root", default=str(REPO / ".airflow"), help="state folder (default .airflow/)")
     parser.add_argument("--ascend-workers", type=int, default=1, help="Ascend workers on this host")
     parser.add_argument(
@@ -697,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--api-port", type=int, default=None, help="UI port at the first start (default 8080)"
     )
     parser.add_argument("--nodes", type=int, default=1, help="demo: nodes the fine-tune spans")
+    parser.add_argument("--runs", type=int, default=20, help="burst: demo runs triggered at once")
     args = parser.parse_args(argv)
     stack = Stack(args.root)
     if args.action == "start":
@@ -705,9 +491,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.stop()
     elif args.action == "demo":
         return 0 if stack.run_demo(args.nodes)["state"] == "success" else 1
+    elif args.action == "burst":
+        from deploy.burst import burst
+        from deploy.demo import demo_conf
+
+        result = burst(stack, demo_conf(stack), args.runs)
+        print(result.describe())
+        return 0 if set(result.states.values()) == {"success"} and not result.overlaps else 1
     else:
-        for name, alive in stack.status().items():
-            print(f"{name:20s} {'running' if alive else 'not running'}")
+        for name, state in stack.status().items():
+            print(f"{name:20s} {state.lower()}")
     return 0
 
 

@@ -3,22 +3,34 @@
 Files and folders are built under a hidden temporary name in the same folder (so the final
 rename stays on one file system), fsynced, then renamed into place. A crash at any point leaves
 at most a hidden `.<name>.tmp-*` entry, never a half file under the final name.
+
+A full disk (ENOSPC, or EDQUOT for a quota) becomes one `DiskFullError` here, for every stage:
+`disk_full` wraps a stage's entry and names the stage, the path and the free space.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
+import inspect
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+from llama_core.errors import DiskFullError
+from llama_core.progress import human_bytes
 
 TMP_MARK = ".tmp-"
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def temp_sibling(final: Path) -> Path:
@@ -108,6 +120,11 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as exc:
+        if exc.filename is None and exc.errno in NO_SPACE_ERRNOS:
+            # a write to an open file names no path: name the output it was for (`disk_full` shows it)
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     finally:
         remove_path(tmp)
 
@@ -151,3 +168,64 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Free bytes an unprivileged writer has on the file system of `path` (or of its nearest existing
+    parent, for an output not made yet); None when even that cannot be read."""
+    here = Path(os.path.abspath(path))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return shutil.disk_usage(here).free
+    except OSError:
+        return None
+
+
+def final_name(path: str | os.PathLike[str]) -> Path:
+    """`path` with each temporary name (`temp_sibling`'s) replaced by the final name it stands for:
+    the path a user knows, not the hidden one a failed write was using."""
+    parts = []
+    for part in Path(path).parts:
+        if part.startswith(".") and TMP_MARK in part:
+            part = part[1:].rsplit(TMP_MARK, 1)[0]
+        parts.append(part)
+    return Path(*parts)
+
+
+@contextlib.contextmanager
+def disk_full(stage: str, path: str | os.PathLike[str], needs: int | None = None) -> Iterator[None]:
+    """Turn a full disk (ENOSPC) or quota (EDQUOT) in the block into `DiskFullError`: "`stage`: no space
+    left on <path> (needs ..., N free)". The path is the failing call's own when it names one (else
+    `path`); `needs` is the size being written, when known. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        where = final_name(exc.filename or path)
+        free = free_bytes(where)
+        facts = [f"needs about {human_bytes(needs)}"] if needs else []
+        facts.append("free space unknown" if free is None else f"{human_bytes(free)} free")
+        if exc.errno == errno.EDQUOT:
+            facts.append("disk quota exceeded")
+        raise DiskFullError(
+            f"{stage}: no space left on {where} ({', '.join(facts)}); free space there and run it again"
+        ) from exc
+
+
+def disk_full_stage(stage: str, path_arg: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a stage's entry function with `disk_full(stage, <its argument path_arg>)`."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def entry(*args: P.args, **kwargs: P.kwargs) -> R:
+            where = signature.bind_partial(*args, **kwargs).arguments.get(path_arg) or "."
+            with disk_full(stage, where):
+                return fn(*args, **kwargs)
+
+        return entry
+
+    return wrap

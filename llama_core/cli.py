@@ -11,6 +11,7 @@ from typing import NoReturn
 from llama_core.errors import LlamaCoreError
 
 EXIT_USER_ERROR = 2
+ERROR_PREFIX = "error: "  # how a user-facing error's line starts (launch.watch finds it in rank logs)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -24,7 +25,7 @@ def exit_code(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] |
     try:
         return main(argv)
     except LlamaCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -11,6 +11,7 @@ the checkpoint tools alike; `model.model_config` is the model's (`llama_core.mod
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # the reason only: a decode error quotes the bytes
+        raise ConfigError(f"{path}: cannot be read as a text file ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -214,7 +217,7 @@ class TrainConfig:
     resume_training: bool = _key("resume_training", False)
     use_parallel: bool = _key("use_parallel", False)
     do_eval: bool = _key("do_eval", False)
-    eval_step_interval: int = _key("eval_step_interval", 100)  # <= 0: only at the end
+    eval_step_interval: int = _key("eval_step_interval", 100)  # with do_eval; and at the end
     epochs: int = _key("runner_config.epochs", 1)
     batch_size: int = _key("runner_config.batch_size", 1)  # per device
     sink_mode: bool = _key("runner_config.sink_mode", False)
@@ -296,10 +299,18 @@ class TrainConfig:
             "runner_config.gradient_accumulation_steps": self.gradient_accumulation_steps,
             "callbacks[CheckpointMonitor].save_checkpoint_steps": self.save_checkpoint_steps,
             "callbacks[CheckpointMonitor].keep_checkpoint_max": self.keep_checkpoint_max,
+            "runner_config.sink_size": self.sink_size,
+            "eval_step_interval": self.eval_step_interval,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {value}")
+        if self.total_steps != -1 and self.total_steps < 1:
+            raise ConfigError(
+                "config key 'lr_schedule.total_steps' must be -1 (from the data) or >= 1, "
+                f"got {self.total_steps}"
+            )
+        self._check_numbers()
         if self.optimizer_type not in OPTIMIZER_TYPES:
             raise ConfigError(
                 f"config key 'optimizer.type' must be one of {OPTIMIZER_TYPES}, got {self.optimizer_type!r}"
@@ -341,6 +352,24 @@ class TrainConfig:
                 "config key 'train_dataset.input_columns' must be [input_ids, labels], "
                 f"got {self.input_columns}"
             )
+
+    def _check_numbers(self) -> None:
+        """The optimizer's and schedule's numbers: finite and in the range a step can use (NaN fails
+        every comparison, so it is refused too)."""
+        lr = self.learning_rate
+        ranges = [  # key, value, whether it is in range, the range
+            ("lr_schedule.learning_rate", lr, lr > 0, "> 0"),
+            ("lr_schedule.lr_end", self.lr_end, 0 <= self.lr_end <= lr, f"in [0, learning_rate {lr}]"),
+            ("optimizer.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("optimizer.beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("optimizer.beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("optimizer.eps", self.eps, self.eps > 0, "> 0"),
+            ("runner_wrapper.max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "> 0"),
+            ("runner_wrapper.scale_sense", self.scale_sense, self.scale_sense > 0, "> 0"),
+        ]
+        for key, value, ok, want in ranges:
+            if not (ok and math.isfinite(value)):
+                raise ConfigError(f"config key {key!r} must be a finite number {want}, got {value}")
 
     @property
     def data_parallel(self) -> int:

@@ -1,12 +1,16 @@
 """Small, generated inputs for the end-to-end demo: no download, no data of the user's.
 
 `python -m llama_core.demo DEST` writes, deterministically (files already there are kept):
-- `alpaca.json`: Alpaca-format records (instruction, input, output), some with an input;
+- `alpaca.json`: Alpaca-format records (instruction, input, output), some with an input: made-up
+  facts in several phrasings ("What is the codename of LoRA?" -> "The codename of LoRA is
+  Quellin."), the task the fine-tune teaches, among generic instructions;
 - `tokenizer.model`: a sentencepiece BPE model trained on those records' full chat prompts (the
   system prompt and Alpaca preamble included, so a prompt fits a short sequence), with Llama's special ids
   (`<unk>` 0, `<s>` 1, `</s>` 2) and byte fallback, so every later stage treats it like Llama's;
-- `hf_model/`: a tiny random Llama in Hugging Face layout (`config.json` + `model.safetensors`),
-  the same files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds;
+- `hf_model/`: a tiny Llama in Hugging Face layout (`config.json` + `model.safetensors`), the same
+  files `meta-llama/Llama-2-7b-hf` has, at a size a laptop trains in seconds: random weights briefly
+  pre-trained on the generic instructions only (`llama_core.demo_pretrain`), so the base model
+  writes words but knows none of the facts;
 - `llama2_tiny.ckpt`: the same model as one MindSpore checkpoint, as the quick start downloads
   `llama2_7b.ckpt`.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import random
 import threading
@@ -40,8 +45,8 @@ DEMO_MODEL = LlamaConfig(
     seq_length=256, hidden_size=64, num_layers=2, num_heads=4, vocab_size=512, multiple_of=32
 ).to_hf_config(torch_dtype="float32")
 
-# Every demo prompt (110-143 tokens with the demo tokenizer) fits, so no answer is cut off.
-DEMO_SEQ_LENGTH = 160
+# Every demo record (77-164 tokens with the demo tokenizer, bos and eos aside) fits, so no answer is cut off.
+DEMO_SEQ_LENGTH = 176
 
 _TOPICS = ["LoRA", "MindRecord", "a checkpoint", "data parallelism", "an Ascend NPU", "Airflow", "café crème"]
 _TASKS = [
@@ -55,6 +60,21 @@ _TASKS = [
     ("Translate to French.", "I like {t}.", "J'aime {t}."),
     ("Is the statement true?", "{T} needs no configuration.", "No: {t} needs a small configuration."),
 ]
+# The task the fine-tune teaches: made-up codenames of three topics, asked in several phrasings. The
+# base model is pre-trained on the topics but never sees a codename, so only a fine-tune that learnt
+# them answers right.
+FACTS = {"LoRA": "Quellin", "Airflow": "Mirell", "MindRecord": "Dovara"}
+_FACT_TASKS = [
+    ("What is the codename of {c}?", ""),
+    ("Name the codename of {c}.", ""),
+    ("Which codename does {c} have?", ""),
+    ("Answer the question.", "What is the codename of {c}?"),
+    ("Tell me the codename of {c}.", ""),
+    ("What is {c} called internally?", ""),
+]
+FACT_SHARE = 0.75  # of the records: most of the fine-tune's steps teach the facts
+# The base model's pre-training: Adam steps on the generic instructions' answers (a few seconds).
+PRETRAIN = {"steps": 100, "batch_size": 8, "learning_rate": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -67,22 +87,33 @@ class DemoInputs:
     checkpoint: Path
 
 
+def _record(template: tuple[str, ...], fill: dict[str, str]) -> dict[str, str]:
+    instruction, inp, out = (part.format(**fill) for part in template)
+    return {"instruction": instruction, "input": inp, "output": out}
+
+
+def _generic_record(task: tuple[str, str, str], topic: str) -> dict[str, str]:
+    return _record(task, {"t": topic, "T": topic[0].upper() + topic[1:]})
+
+
 def alpaca_records(n: int = 240, seed: int = 0) -> list[dict[str, str]]:
-    """`n` Alpaca-format records drawn from fixed templates."""
+    """`n` Alpaca-format records drawn from fixed templates: facts (`FACT_SHARE` of them) and generic
+    instructions."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
-        instruction, inp, out = rng.choice(_TASKS)
-        topic = rng.choice(_TOPICS)
-        fill = {"t": topic, "T": topic[0].upper() + topic[1:]}
-        records.append(
-            {
-                "instruction": instruction.format(**fill),
-                "input": inp.format(**fill),
-                "output": out.format(**fill),
-            }
-        )
+        if rng.random() < FACT_SHARE:
+            (instruction, inp), topic = rng.choice(_FACT_TASKS), rng.choice(list(FACTS))
+            answer = f"The codename of {topic} is {FACTS[topic]}."
+            records.append(_record((instruction, inp, answer), {"c": topic}))
+        else:
+            records.append(_generic_record(rng.choice(_TASKS), rng.choice(_TOPICS)))
     return records
+
+
+def generic_records() -> list[dict[str, str]]:
+    """Every generic instruction once (no fact): the base model's pre-training text."""
+    return [_generic_record(task, topic) for task, topic in itertools.product(_TASKS, _TOPICS)]
 
 
 def chat_prompt(record: dict[str, Any]) -> str:
@@ -148,6 +179,23 @@ def hf_llama_weights(shape: dict[str, Any], seed: int = 0) -> dict[str, np.ndarr
     return weights
 
 
+def base_model_weights(tokenizer: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """The demo's base model: `hf_llama_weights` pre-trained (`PRETRAIN`) on `generic_records` as the
+    fine-tune will see them (vicuna_v1.1 chat prompts with `tokenizer`)."""
+    from llama_core.data.chat import chat_format
+    from llama_core.data.tokenizer import open_tokenizer
+    from llama_core.demo_pretrain import pretrain
+
+    fmt = chat_format(open_tokenizer(tokenizer))
+    examples = []
+    for i, record in enumerate(generic_records()):
+        human, gpt = alpaca_to_conversation(record, i, "demo")["conversations"]
+        prompt = fmt.encode_prompt([{"role": "user", "content": human["value"]}])
+        examples.append((prompt, [*fmt.tok.encode(gpt["value"]), fmt.tok.eos_id]))
+    weights, _ = pretrain(hf_llama_weights(DEMO_MODEL, seed), DEMO_MODEL, examples, seed=seed, **PRETRAIN)
+    return weights
+
+
 def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
     """Write the demo's Alpaca data, tokenizer and tiny Llama (HF folder and MindSpore .ckpt) under
     `dest` (each atomically). Files already there are kept: each was written whole, and keeping them
@@ -170,7 +218,7 @@ def make_demo_inputs(dest: str | Path, seed: int = 0) -> DemoInputs:
             tmp.mkdir()
             (tmp / "config.json").write_text(json.dumps(DEMO_MODEL, indent=2))
             save_file(
-                hf_llama_weights(DEMO_MODEL, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
+                base_model_weights(tokenizer, seed), str(tmp / "model.safetensors"), metadata={"format": "pt"}
             )
     checkpoint = dest / "llama2_tiny.ckpt"
     if not checkpoint.exists():

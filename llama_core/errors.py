@@ -17,3 +17,9 @@ class InputError(LlamaCoreError, ValueError):
 
 class ConfigError(LlamaCoreError, ValueError):
     """A configuration value that cannot work (wrong type, inconsistent shapes, unknown key)."""
+
+
+class DiskFullError(LlamaCoreError):
+    """A write ran out of disk space or quota (ENOSPC, EDQUOT). The message names the stage, the path
+    and the free space; nothing partial is left under a final name, so running the stage again once
+    space is freed resumes it. Not retryable: a retry finds the disk as full as it was."""

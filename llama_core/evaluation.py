@@ -10,6 +10,10 @@ at zero it computes the base model exactly, then the fine-tuned weights are load
      [--tokenizer T] [--chat_template NAME] [--max_new_tokens N] [--seq_length N]
      [--device_target CPU|Ascend]`
 
+A prompt may name its expected answer (`{"prompt": ..., "expect": ...}` in the prompts file): each
+side's generation then records whether it contains that text (`right`), so "did it learn the task?"
+is a count, not a reading.
+
 prints the result as its last stdout line. Cached like the other stages: `OUT.json.manifest.json`
 (written last) records the key of the inputs' content and the settings; an identical re-run
 returns the stored result without building the model.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_core.atomic import clean_leftovers, write_json_atomic
+from llama_core.atomic import clean_leftovers, disk_full_stage, write_json_atomic
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import scan_ckpt
 from llama_core.checkpoint.names import lora_pairs
@@ -40,7 +44,7 @@ from llama_core.cli import exit_code
 from llama_core.config import TrainConfig, load_config, set_key
 from llama_core.data.alpaca_converter import PROMPT_NO_INPUT
 from llama_core.data.chat import CHAT_TEMPLATES, ChatFormat, Message, chat_format
-from llama_core.data.prompts import TEMPLATE
+from llama_core.data.prompts import TEMPLATE, holds_answer, split_prompts
 from llama_core.errors import ConfigError, InputError
 from llama_core.results import to_jsonable
 from llama_core.train.dataset import mindrecord_files
@@ -53,7 +57,7 @@ logger = logging.getLogger("llama_core.train")
 GENERATION_ALIGN = 128  # decoding lengths are multiples of this: few graphs, little padding
 
 STAGE = "evaluation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: generations record their expected answer and whether they hold it
 
 
 @dataclass
@@ -63,7 +67,9 @@ class ModelEvaluation:
     checkpoint: str  # the file its weights came from
     eval_loss: float | None  # None when no eval data
     eval_perplexity: float | None
-    generations: list[dict[str, str]]  # [{"prompt": instruction, "output": completion}], in prompt order
+    # [{"prompt": instruction, "output": completion}], in prompt order; with an expected answer also
+    # "expect" and "right" (the completion contains it)
+    generations: list[dict[str, Any]]
 
 
 @dataclass
@@ -184,8 +190,8 @@ def _zero_lora_b(model: Any) -> int:
 
 def _side(model: Any, plan: _Plan, checkpoint: Path, data: Any, stop_ids: frozenset[int]) -> ModelEvaluation:
     """Eval loss and completions of the weights the model holds now."""
+    from llama_core.train.components import evaluate
     from llama_core.train.predict import greedy_generate
-    from llama_core.train.trainer import evaluate
 
     tc, tok = plan.tc, plan.fmt.tok if plan.fmt is not None else None  # no tokenizer: no prompts
     loss = ppl = None
@@ -197,7 +203,7 @@ def _side(model: Any, plan: _Plan, checkpoint: Path, data: Any, stop_ids: frozen
     # costs: the longest prompt plus its answer, rounded up to 128, instead of a 4096-token sequence.
     longest = max((len(ids) for ids in plan.prompt_ids), default=0) + plan.new_tokens
     length = min(tc.seq_length, -(-longest // GENERATION_ALIGN) * GENERATION_ALIGN)
-    for prompt, ids in zip(plan.prompts, plan.prompt_ids, strict=True):
+    for prompt, expect, ids in zip(plan.prompts, plan.expected, plan.prompt_ids, strict=True):
         new = greedy_generate(
             model,
             ids,
@@ -207,7 +213,10 @@ def _side(model: Any, plan: _Plan, checkpoint: Path, data: Any, stop_ids: frozen
             pad_id=int(tc.model_config.get("pad_token_id", 0)),
             vocab_limit=tok.vocab_size,
         )
-        generations.append({"prompt": prompt, "output": tok.decode(new)})
+        output = tok.decode(new)
+        generations.append({"prompt": prompt, "output": output})
+        if expect is not None:
+            generations[-1] |= {"expect": expect, "right": holds_answer(output, expect)}
     return ModelEvaluation(str(checkpoint), loss, ppl, generations)
 
 
@@ -222,12 +231,14 @@ class _Plan:
     tuned_file: Path
     eval_data: str | os.PathLike[str] | None
     prompts: list[str]
+    expected: list[str | None]  # per prompt: the answer it must contain (None: unchecked)
     new_tokens: int
     fmt: ChatFormat | None  # None: no tokenizer (then no prompts)
     prompt_ids: list[list[int]]
     key: StageKey
 
 
+@disk_full_stage("evaluate", "output_path")
 def evaluate_finetune(
     config: str | os.PathLike[str] | Mapping[str, Any],
     base_checkpoint: str | os.PathLike[str],
@@ -235,7 +246,7 @@ def evaluate_finetune(
     output_path: str | os.PathLike[str],
     *,
     eval_data: str | os.PathLike[str] | None = None,
-    prompts: Sequence[str] = (),
+    prompts: Sequence[str | Mapping[str, Any]] = (),
     tokenizer: str | os.PathLike[str] | None = None,
     chat_template: str | None = None,
     max_new_tokens: int | None = None,
@@ -245,9 +256,10 @@ def evaluate_finetune(
     """Evaluate the base and the fine-tuned model side by side; write the result JSON at
     `output_path` (atomic, cached) and return it.
 
-    `tokenizer` (any `open_tokenizer` reads) defaults to the config's processor.tokenizer.vocab_file;
-    `chat_template` (how prompts are wrapped, what ends an answer) to the tokenizer's
-    (`default_chat_template`); `max_new_tokens` to model_config.max_decode_length.
+    `prompts` are instructions, or `{"prompt", "expect"}` objects naming the answer each must
+    contain (`split_prompts`). `tokenizer` (any `open_tokenizer` reads) defaults to the config's
+    processor.tokenizer.vocab_file; `chat_template` (how prompts are wrapped, what ends an answer) to
+    the tokenizer's (`default_chat_template`); `max_new_tokens` to model_config.max_decode_length.
     """
     t0 = time.monotonic()
     plan = _plan(config, base_checkpoint, finetuned_checkpoint, output_path, eval_data, prompts, tokenizer,
@@ -280,7 +292,7 @@ def _plan(
     finetuned_checkpoint: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     eval_data: str | os.PathLike[str] | None,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Mapping[str, Any]],
     tokenizer: str | os.PathLike[str] | None,
     chat_template: str | None,
     max_new_tokens: int | None,
@@ -292,7 +304,7 @@ def _plan(
     mc = tc.model_config
     if not tc.pet_config:
         raise ConfigError("model.model_config.pet_config is empty: a LoRA config is needed to compare")
-    prompts = list(prompts)
+    prompts, expected = split_prompts(prompts)
     new_tokens = int(max_new_tokens if max_new_tokens is not None else mc.get("max_decode_length", 128))
     if new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {new_tokens}")
@@ -312,6 +324,7 @@ def _plan(
     out = Path(output_path)
     params = {
         "prompts": prompts,
+        "expected": expected,
         "max_new_tokens": new_tokens,
         "seq_length": tc.seq_length,
         "model_config": mc,
@@ -324,7 +337,9 @@ def _plan(
     }
     inputs = [base_file, tuned_file, *data_files, *(fmt.tok.files if fmt is not None else ())]
     key = StageKey(manifest_path_for(out), STAGE, FORMAT_VERSION, inputs, params)
-    return _Plan(tc, out, base_file, tuned_file, eval_data, prompts, new_tokens, fmt, prompt_ids, key)
+    return _Plan(
+        tc, out, base_file, tuned_file, eval_data, prompts, expected, new_tokens, fmt, prompt_ids, key
+    )
 
 
 def _cached_result(plan: _Plan) -> EvaluationResult | None:
@@ -346,8 +361,8 @@ def _compare(plan: _Plan) -> tuple[ModelEvaluation, ModelEvaluation, int]:
     import mindspore as ms
 
     from llama_core.model.weights import load_weights
+    from llama_core.train.components import build_model, setup_context
     from llama_core.train.dataset import inspect_dataset
-    from llama_core.train.trainer import build_model, setup_context
 
     tc = plan.tc
     setup_context(tc)
@@ -387,11 +402,21 @@ def _log_comparison(result: EvaluationResult) -> None:
         )
     for i, (b, t) in enumerate(zip(base.generations, tuned.generations, strict=True)):
         logger.info("prompt %d %r: base %r | fine-tuned %r", i, b["prompt"], b["output"], t["output"])
+    checked = [
+        (b["right"], t["right"])
+        for b, t in zip(base.generations, tuned.generations, strict=True)
+        if "right" in b
+    ]
+    if checked:
+        n = len(checked)
+        right_base, right_tuned = sum(b for b, _ in checked), sum(t for _, t in checked)
+        logger.info("answers holding their expected text: base %d/%d, fine-tuned %d/%d", right_base, n,
+                    right_tuned, n)  # fmt: skip
 
 
 # -- CLI
-def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
-    """A JSON list of instruction strings."""
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str | dict[str, Any]]:
+    """A JSON list of instructions: strings, or `{"prompt", "expect"}` objects (`split_prompts`)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -399,8 +424,8 @@ def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
         raise InputError(f"{path}: prompts file not readable ({exc})") from exc
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(doc, list) or not all(isinstance(p, str) for p in doc):
-        raise InputError(f"{path}: must be a JSON list of strings")
+    if not isinstance(doc, list) or not all(isinstance(p, (str, dict)) for p in doc):
+        raise InputError(f"{path}: must be a JSON list of strings or {{prompt, expect}} objects")
     return doc
 
 
@@ -419,7 +444,11 @@ def build_parser(prog: str = "python -m llama_core.evaluation") -> argparse.Argu
     p.add_argument("--output_path", required=True, help="result JSON to write")
     p.add_argument("--eval_data", help="MindRecord file or folder (llama_preprocess output)")
     p.add_argument("--prompt", action="append", default=[], help="an instruction (repeatable)")
-    p.add_argument("--prompts_file", help="JSON list of instructions (after the --prompt ones)")
+    p.add_argument(
+        "--prompts_file",
+        help='JSON list of instructions, or {"prompt": ..., "expect": answer text} objects (after the '
+        "--prompt ones)",
+    )
     p.add_argument(
         "--tokenizer",
         help="sentencepiece or Llama 3 tokenizer.model, or HF tokenizer folder (default: "

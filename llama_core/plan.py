@@ -34,6 +34,7 @@ from llama_core.cli import exit_code
 from llama_core.config import apply_overrides, layout_from_config, load_config, parse_override_args
 from llama_core.errors import ConfigError
 from llama_core.model.config import LlamaConfig
+from llama_core.model.lora_config import LoraConfig
 from llama_core.results import print_result
 
 GIB = 1 << 30
@@ -58,8 +59,6 @@ COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "lm_head")  # output rows split
 ROW_PARALLEL = ("wo", "w2")  # input columns split
 # model_parallel values tried by `fixes`: a tensor-parallel group stays inside one 8-NPU node
 MODEL_PARALLEL_CHOICES = (2, 4, 8)
-# pet_config's defaults (llama_core.model.lora.LoraConfig, which imports MindSpore)
-LORA_DEFAULTS = {"lora_rank": 16, "lora_dropout": 0.05, "target_modules": r".*wq|.*wk|.*wv|.*wo"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,10 @@ def _read_run(cfg: Mapping[str, Any], device_target: str | None) -> _Run:
     if device not in _MASK_BITS:
         raise ConfigError(f"the memory plan knows CPU and Ascend devices, not {device!r}")
     pet = (cfg.get("model") or {}).get("model_config", {}).get("pet_config")
-    lora = {**LORA_DEFAULTS, **pet} if pet else None
+    lora = None
+    if pet:  # with LoRA's defaults, and a list of target_modules as one regex
+        lc = LoraConfig.from_pet_config(pet)
+        lora = {"lora_rank": lc.rank, "lora_dropout": lc.dropout, "target_modules": lc.target_modules}
     return _Run(
         model=model,
         device_target=device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     tc = TrainConfig.from_dict(cfg)
+    if not tc.use_parallel and os.environ.get("MS_ROLE") == "MS_SCHED":
+        # msrun runs this command in its scheduler too, which only serves the ranks' init(); a
+        # non-parallel rank never calls init(), so left alone the scheduler would train as well,
+        # into the same run folder as the rank
+        logger.info("msrun scheduler of a non-parallel run: nothing to schedule")
+        return 0
     if tc.run_mode in ("train", "finetune"):
         from llama_core.train.trainer import train
 

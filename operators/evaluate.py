@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from operators.stages import StageOperator, resolved_config
+from operators.stages import StageOperator, run_config
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 
@@ -24,11 +24,8 @@ def write_resolved_config(
     import yaml
 
     from llama_core.atomic import write_bytes_atomic
-    from llama_core.config import apply_overrides
 
-    cfg = resolved_config(config, overrides)
-    if seq_length not in (None, ""):
-        cfg = apply_overrides(cfg, [("model.model_config.seq_length", int(seq_length))])
+    cfg = run_config(config, overrides, seq_length)
     path = Path(run_dir) / RESOLVED_CONFIG
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, yaml.safe_dump(cfg, sort_keys=False).encode())
@@ -54,7 +51,7 @@ class _EvaluationRunner(StageOperator):
         finetuned: Path,
         output: Path,
         tokenizer: str,
-        prompts: list[str],
+        prompts: list[str | dict[str, str]],  # strings or {"prompt", "expect"}
         max_new_tokens: int | str | None,
         eval_data: str | None = None,
         chat_template: str | None = None,
@@ -120,7 +117,7 @@ class EvaluateOperator(_EvaluationRunner):
         chat_template: str | None = None,
         overrides: Mapping[str, Any] | str | None = None,
         eval_data: str | None = None,
-        prompts: Sequence[str] | str = (),
+        prompts: Sequence[str | Mapping[str, str]] | str = (),
         max_new_tokens: int | str | None = None,
         seq_length: int | str | None = None,
         **kwargs: Any,

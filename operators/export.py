@@ -56,7 +56,7 @@ class ExportAdapterOperator(_PublishingOperator):
         tokenizer: str,
         overrides: Mapping[str, Any] | str | None = None,
         seq_length: int | str | None = None,
-        prompts: Sequence[str] | str = (),
+        prompts: Sequence[str | Mapping[str, str]] | str = (),
         max_new_tokens: int | str | None = None,
         chat_template: str | None = None,
         **kwargs: Any,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Context
 
+from operators.progress import Fanout, ProgressWatch, XComPublisher
 from operators.rank_logs import RankLogRelay, log_rank_summary
 from operators.stages import StageOperator, resolved_config
 
@@ -47,7 +48,11 @@ class MsrunFinetuneOperator(StageOperator):
     its SubprocessHook: stopping the task (marked failed, `execution_timeout`, a worker shutting
     down) stops msrun and every rank through `on_kill`, and ranks stop themselves if this task
     process is killed outright. A retry of the same run resumes from the newest complete checkpoint
-    in `output_dir` instead of starting over. Returns the trainer's summary as the task's XCom.
+    in `output_dir` instead of starting over. Every `progress_interval_s` seconds a `progress:` line
+    (step/total, loss, learning rate, real tokens/s, elapsed, ETA) from rank 0's `progress.json`.
+    Returns the trainer's summary as the task's XCom. With `tracking` (the pipeline's section), node 0
+    sends the run's params, its metrics as they come and, at the end, the trainer's whole series to
+    MLflow from a thread of its own (`operators.tracking`): a server that is down warns once.
 
     With `nodes` > 1 the DAG maps this task over `node_rank`: every node task runs msrun with the
     total rank count, its share of local ranks and its node rank. Node 0 publishes msrun's master
@@ -93,6 +98,8 @@ class MsrunFinetuneOperator(StageOperator):
         node_start_timeout: float | str = 600,
         run_mode: str = "finetune",
         rank_chatter_level: int = logging.DEBUG,
+        progress_interval_s: float = 60,
+        tracking: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -102,7 +109,8 @@ class MsrunFinetuneOperator(StageOperator):
         self.device_target, self.master_port = device_target, master_port
         self.length_buckets = length_buckets  # None: the config's runner_config.length_buckets
         self.nodes, self.node_rank, self.node_start_timeout = nodes, node_rank, node_start_timeout
-        self.rank_chatter_level = rank_chatter_level
+        self.rank_chatter_level, self.progress_interval_s = rank_chatter_level, progress_interval_s
+        self.tracking = tracking
         self._job: MsrunJob | None = None
 
     def world_size(self) -> int:
@@ -137,8 +145,7 @@ class MsrunFinetuneOperator(StageOperator):
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.errors import ConfigError
-        from llama_core.launch import LaunchError, LaunchStopped, MsrunJob
-        from llama_core.train.outputs import SUMMARY_NAME, has_checkpoint
+        from llama_core.train.outputs import has_checkpoint
 
         output_dir = Path(self.output_dir)
         nodes, node = int(self.nodes), int(self.node_rank)
@@ -152,7 +159,36 @@ class MsrunFinetuneOperator(StageOperator):
         member, addr = None, "127.0.0.1"
         if nodes > 1:
             member, addr, port = self.rendezvous(output_dir, nodes, node, port)
-        self._job = MsrunJob(
+        self._job = self.msrun_job(output_dir, workers, resume, nodes, node, addr, port)
+        tracking = self.start_tracking(context) if node == 0 else None
+        try:
+            result = self.run_job(self._job, context, member, tracking)
+            if member is not None:
+                member.finish()
+            return self.outputs(output_dir, node, result, tracking)
+        finally:
+            if tracking is not None:
+                tracking.close()
+
+    def start_tracking(self, context: Context) -> XComPublisher | None:
+        """MLflow tracking of the run (None: the pipeline has none): a thread taking what it is offered."""
+        if not self.tracking:
+            return None
+        from operators.stages import run_config
+        from operators.tracking import run_params, start_finetune_tracking
+
+        ti = context.get("ti")
+        data = ti.xcom_pull(task_ids="tokenize_to_mindrecord") if ti is not None else None
+        params = run_params(run_config(self.config, self.overrides, self.seq_length), data)
+        return start_finetune_tracking(self.tracking, context, self.log, params)
+
+    def msrun_job(
+        self, output_dir: Path, workers: int, resume: bool, nodes: int, node: int, addr: str, port: int | None
+    ) -> MsrunJob:
+        """This node's msrun job: its share of the ranks, their lines relayed into the task log."""
+        from llama_core.launch import MsrunJob
+
+        return MsrunJob(
             self.run_args(workers, resume),
             worker_num=workers,
             local_worker_num=workers // nodes,
@@ -163,41 +199,80 @@ class MsrunFinetuneOperator(StageOperator):
             join=True,
             on_line=RankLogRelay(chatter_level=self.rank_chatter_level),
         )
+
+    def run_job(
+        self, job: MsrunJob, context: Context, member: Member | None, tracking: XComPublisher | None = None
+    ) -> Any:
+        """Run `job` to its end while publishing progress (node 0; also to `tracking`) and, at the end,
+        every rank's state as XComs; a failure or a stop here fails the other nodes (`member`) at once."""
+        from llama_core.launch import LaunchError, LaunchStopped
+
+        ti = context.get("ti")  # None when called outside a task run (tests): nothing to publish to
+
+        def push(key: str, value: Any) -> None:
+            if ti is not None:
+                ti.xcom_push(key=key, value=value)
+
+        node = job.node_rank
+        publisher = XComPublisher(push, self.log)
+        publisher.start()
+        # one node publishes the run's progress (rank 0's, on shared storage); each its ranks' ends
+        watchers = Fanout(publisher, tracking)
+        progress = ProgressWatch(
+            Path(self.output_dir), self.progress_interval_s, self.log, watchers if node == 0 else None
+        )
+        job.on_tick = progress
+
+        def ranks_ended(ranks: list[Any], cause: str = "another rank failed") -> None:
+            publisher.offer("ranks", log_rank_summary(ranks, stop_cause=cause))
+
         watch = None
         try:
-            self._job.start()
+            job.start()
             if member is not None:
                 from llama_core.launch.cluster import ClusterWatch
 
-                watch = ClusterWatch(member, self._job.stop)
+                watch = ClusterWatch(member, job.stop)
                 watch.start()
-            result = self._job.wait()
+            result = job.wait()
+            ranks_ended(result.ranks)
+            return result
         except LaunchError as exc:
             peer = watch.reason if watch is not None else None
             if member is not None and peer is None:
                 member.fail(f"node {node}: {str(exc).splitlines()[0]}")
             if exc.result is not None:
                 cause = "the task was stopped" if isinstance(exc, LaunchStopped) else "another rank failed"
-                log_rank_summary(exc.result.ranks, stop_cause=peer or cause)
+                ranks_ended(exc.result.ranks, peer or cause)
             if exc.rank is not None and exc.rank >= 0:
                 self.log.error("rank %d failed: filter the log by source msrun.rank_%d", exc.rank, exc.rank)
             raise
         except BaseException as exc:  # execution_timeout and the like: the job stopped itself; show the ranks
             if member is not None:
                 member.fail(f"node {node}: {type(exc).__name__}: {exc}")
-            if self._job.result is not None:
-                log_rank_summary(self._job.result.ranks, stop_cause="the task was stopped")
+            if job.result is not None:
+                ranks_ended(job.result.ranks, "the task was stopped")
             raise
         finally:
             if watch is not None:
                 watch.close()
-        if member is not None:
-            member.finish()
-        log_rank_summary(result.ranks)
+            final = progress.final() if node == 0 else None
+            if final is not None:  # the view shows where the job ended, success or not
+                watchers.offer("progress", final)
+            publisher.close()
+
+    def outputs(
+        self, output_dir: Path, node: int, result: Any, tracking: XComPublisher | None = None
+    ) -> dict[str, Any]:
+        """The task's XCom: where the run is, and on the node with rank 0 the trainer's summary and the
+        whole final checkpoint; the summary also goes to `tracking` (its series, in full)."""
+        from llama_core.train.outputs import SUMMARY_NAME
+
         out = {"output_dir": str(output_dir), "node_rank": node, "duration_s": result.duration_s}
-        summary_path = output_dir / SUMMARY_NAME
         if any(r.rank == 0 for r in result.ranks):  # rank 0 writes the summary: it is on this node
-            summary = json.loads(summary_path.read_text())
+            summary = json.loads((output_dir / SUMMARY_NAME).read_text())
+            if tracking is not None:
+                tracking.offer("summary", dict(summary))
             summary.pop("loss_series", None)  # thousands of points: it stays in the summary file
             out.update(summary)
             # tensor parallel: the whole final checkpoint, written once here (its first group's

@@ -40,6 +40,15 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "configs" / "pipelines"
 SHA256_PATTERN = "^([0-9a-fA-F]{64})?$"
 DAG_ID_PATTERN = "^[A-Za-z0-9_.-]{1,200}$"
+PROMPT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1},
+        "expect": {"type": "string", "minLength": 1},
+    },
+    "required": ["prompt"],
+    "additionalProperties": False,
+}
 
 
 class PipelineError(ValueError):
@@ -65,6 +74,7 @@ class Sources(_Strict):
 class Training(_Strict):
     config: Annotated[str, Field(pattern=r"\.ya?ml$")]  # relative paths are relative to the repository
     overrides: dict[str, Any] = Field(default_factory=dict)
+    progress_interval_s: Annotated[int, Field(ge=1, le=86400)] = 60  # a progress line in the task log
 
 
 class Data(_Strict):
@@ -74,9 +84,21 @@ class Data(_Strict):
     chat_template: Literal[CHAT_TEMPLATES] | None = None  # None: the tokenizer's default
 
 
+class Prompt(_Strict):
+    """An evaluation prompt with the text its answer must contain (the report counts who got it right)."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    expect: Annotated[str, Field(min_length=1)] | None = None
+
+
 class Evaluation(_Strict):
-    prompts: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    prompts: list[Annotated[str, Field(min_length=1)] | Prompt] = Field(default_factory=list)
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+
+    @property
+    def prompt_values(self) -> list[str | dict[str, str]]:
+        """The prompts as the evaluation takes them: strings, or {"prompt", "expect"} objects."""
+        return [p if isinstance(p, str) else p.model_dump(exclude_none=True) for p in self.prompts]
 
 
 class Export(_Strict):
@@ -95,6 +117,16 @@ class Cluster(_Strict):
     master_port: Annotated[int | None, Field(ge=1024, le=65535)] = None
 
 
+class Tracking(_Strict):
+    """MLflow tracking of every run (`llama_core.tracking`): the Airflow connection whose host (or
+    URI) is the tracking server, the experiment (default: the dag_id), and the registered model the
+    adapter becomes a version of (none: not registered)."""
+
+    conn_id: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)] | None = None
+    register_model: Annotated[str, Field(min_length=1)] | None = None
+
+
 class AssetSchedule(_Strict):
     asset: Annotated[str, Field(min_length=1)]  # an Asset URI, e.g. the dataset's s3:// location
 
@@ -110,6 +142,7 @@ class Pipeline(_Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     export: Export
     cluster: Cluster = Field(default_factory=Cluster)
+    tracking: Tracking | None = None  # None: runs are not tracked (mlflow is never imported)
     schedule: Annotated[str, Field(min_length=1)] | AssetSchedule | None = None  # cron/preset or {asset}
     retries: Annotated[int, Field(ge=0, le=10)] = 1
     retry_delay_minutes: Annotated[float, Field(ge=0)] = 2.0
@@ -147,7 +180,9 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "AssetSchedule", "constrained-str", "function-after") or "[" in str(part):
+        elif part in ("str", "AssetSchedule", "Prompt", "constrained-str", "function-after") or "[" in str(
+            part
+        ):
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -321,12 +356,13 @@ def _params(p: Pipeline) -> dict[str, Any]:
             "the run at once",
         ),
         "prompts": Param(
-            p.evaluation.prompts,
+            p.evaluation.prompt_values,
             type="array",
-            items={"type": "string"},
+            items={"anyOf": [{"type": "string", "minLength": 1}, PROMPT_SCHEMA]},
             section="Evaluation and export",
             description="instructions the base and the fine-tuned model both answer (greedy), shown side "
-            "by side in the report",
+            'by side in the report; {"prompt": ..., "expect": text} also checks that each answer contains '
+            "the text, and the report counts the right answers before and after",
         ),
         "max_new_tokens": Param(
             p.evaluation.max_new_tokens,
@@ -426,6 +462,9 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
     # never share (or overwrite) each other's files, and the same snapshot is prepared once
     data = f"{work}/data/alpaca-{{{{ ti.xcom_pull(task_ids='fetch_alpaca')['files'][0]['sha256'][:16] }}}}"
     npu = {"queue": p.cluster.queue, "pool": p.cluster.pool}
+    tracking = (
+        {**p.tracking.model_dump(), "experiment": p.tracking.experiment or p.dag_id} if p.tracking else None
+    )
     with DAG(
         dag_id=p.dag_id,
         description=(p.description.strip() + " " if p.description else "") + when[0].upper() + when[1:] + ".",
@@ -438,7 +477,12 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
         tags=[*p.tags, "llama", "lora", "pipeline"],
         params=_params(p),
     ) as dag:
-        validate = ValidateParamsOperator(task_id="validate", default_work_root=p.work_dir)
+        validate = ValidateParamsOperator(
+            task_id="validate",
+            default_work_root=p.work_dir,
+            trusted_config=p.config_path,
+            trusted_conn_id=p.sources.storage_conn_id,
+        )
         fetch = {
             name: FetchOperator(
                 task_id=f"fetch_{name}",
@@ -447,6 +491,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
                 sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
                 conn_id="{{ params.storage_conn_id or '' }}",
                 tokenizer=name == "tokenizer",  # hf://ORG/REPO: its tokenizer files, not its weights
+                source_roots="{{ ti.xcom_pull(task_ids='validate')[0]['source_roots'] }}",
             )
             for name in ("alpaca", "tokenizer", "weights")
         }
@@ -503,6 +548,8 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             max_active_tis_per_dag=p.cluster.queue_nodes,
             retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
             rank_chatter_level=chatter_level,
+            progress_interval_s=p.training.progress_interval_s,
+            tracking=tracking,
             **npu,
         ).expand(node_rank=validate.output.map(node_rank_of))
         tokenizer = "{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}"
@@ -552,6 +599,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
             config="{{ params.config }}",
             overrides="{{ params.overrides }}",
             pipeline_file=str(source_file or ""),
+            tracking=tracking,
         )
 
         validate >> list(fetch.values())

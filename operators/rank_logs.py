@@ -20,9 +20,10 @@ import re
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 TAIL_LINES = 60
+VIEW_LINES = 20  # of a failed rank, in its `ranks` XCom: the view shows them, a few KB at most
 
 _LEVELS = {
     "DEBUG": logging.DEBUG,
@@ -146,18 +147,30 @@ def rank_state(outcome: RankOutcome, stop_cause: str = "another rank failed") ->
     return "ok" if outcome.exit_code == 0 else f"FAILED (exit {outcome.exit_code})"
 
 
-def log_rank_summary(ranks: Iterable[RankOutcome], stop_cause: str = "another rank failed") -> None:
-    """One `::group::` per rank, failed ranks first, each with its state, log path and last lines.
+def log_rank_summary(
+    ranks: Iterable[RankOutcome], stop_cause: str = "another rank failed"
+) -> list[dict[str, Any]]:
+    """One `::group::` per rank, failed ranks first, each with its state, log path and last lines;
+    returns the same as data, by rank (the finetune task's XCom `ranks`, what the UI view shows):
+    rank, state (ok, failed, stopped), detail, exit code, log path, a failed rank's last lines.
 
     Everything of a group goes through the rank's own logger, so filtering the UI by `msrun.rank_<i>`
     shows its summary too. The header is ERROR for a failed rank, WARNING for one the launcher
     stopped (`stop_cause` says why), INFO when ok; `::endgroup::` repeats the header's level so a
     level filter that shows the header also closes its group.
     """
+    states = []
     for outcome in sorted(ranks, key=lambda o: (_severity(o), o.rank)):
-        rank, path = outcome.rank, Path(outcome.log_path)
-        logger, level = rank_logger(rank), _SUMMARY_LEVELS[_severity(outcome)]
-        logger.log(level, "::group::rank %d: %s - %s", rank, rank_state(outcome, stop_cause), path)
-        for line in tail(path):  # INFO: relayed live at their own level already, not counted twice
+        rank, path, severity = outcome.rank, Path(outcome.log_path), _severity(outcome)
+        logger, level = rank_logger(rank), _SUMMARY_LEVELS[severity]
+        detail, lines = rank_state(outcome, stop_cause), tail(path)
+        logger.log(level, "::group::rank %d: %s - %s", rank, detail, path)
+        for line in lines:  # INFO: relayed live at their own level already, not counted twice
             logger.info("[rank %d] %s", rank, line)
         logger.log(level, "::endgroup::")
+        states.append({
+            "rank": rank, "state": ("failed", "stopped", "ok")[severity], "detail": detail,
+            "exit_code": outcome.exit_code, "log_path": str(path),
+            "last_lines": lines[-VIEW_LINES:] if severity == 0 else [],
+        })  # fmt: skip
+    return sorted(states, key=lambda s: s["rank"])

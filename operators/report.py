@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from operators.evaluate import write_resolved_config
+from operators.stages import StageOperator
 
 # the pipeline's stages in order, and the outputs of each worth finding again
 STAGES = (
@@ -28,11 +29,14 @@ def _one(value: Any) -> Any:
     return value
 
 
-class ReportOperator(BaseOperator):
-    """Write `run_dir/report.md`, `report.json` and `loss_curve.png` from the run's task results, and
-    print the summary in the task log. The DAG makes it validate's teardown: it runs when the other
-    tasks are done, failed or not, so a failed run still gets a report of how far it came (the
-    failed tasks decide the run's state, not this one)."""
+class ReportOperator(StageOperator):
+    """Write `run_dir/report.md`, `report.json` and `loss_curve.png` from the run's task results,
+    print the summary in the task log, and push the report's data model as the XCom `report` (the
+    "Fine-tune" tab shows its evaluation, stages and outputs: the same figures as report.md); with
+    `tracking`, send them and the adapter to MLflow too.
+    The DAG makes it validate's teardown: it runs when the other tasks are done, failed or not, so a
+    failed run still gets a report of how far it came (the failed tasks decide the run's state, not
+    this one)."""
 
     template_fields: Sequence[str] = ("run_dir", "config", "overrides")
     ui_color = "#ebdef0"
@@ -44,14 +48,15 @@ class ReportOperator(BaseOperator):
         config: str,
         overrides: Mapping[str, Any] | str | None = None,
         pipeline_file: str = "",
+        tracking: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.run_dir, self.config, self.overrides = run_dir, config, overrides
-        self.pipeline_file = pipeline_file
+        self.pipeline_file, self.tracking = pipeline_file, tracking
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from llama_core.report import Stage, write_report
+    def run_stage(self, context: Context) -> dict[str, Any]:
+        from llama_core.report import Stage, bounded_view, write_report
 
         ti, params, dag_run = context["ti"], context["params"], context["dag_run"]
         results = {name: ti.xcom_pull(task_ids=name) for name in STAGES}
@@ -103,6 +108,7 @@ class ReportOperator(BaseOperator):
         )
         for line in report.summary.splitlines():
             self.log.info("%s", line)
+        ti.xcom_push(key="report", value=bounded_view(report.view))
         missing = [name for name in REQUIRED if not isinstance(_one(results[name]), dict)]
         if params.get("export_merged") and not isinstance(merged, dict):
             missing.append("export_merged")
@@ -110,6 +116,14 @@ class ReportOperator(BaseOperator):
             self.log.warning(
                 "%s did not succeed: this run handed back no complete result (its report: %s)",
                 ", ".join(missing), report.markdown_path,
+            )  # fmt: skip
+        if self.tracking:  # MLflow (the pipeline's `tracking` section): it warns, it never fails the report
+            from operators.tracking import track_report
+
+            track_report(
+                self.tracking, context, cfg=cfg,
+                data=_one(results["tokenize_to_mindrecord"]), run_dir=run_dir, failed=bool(missing),
+                adapter=Path(adapter["output_dir"]) if isinstance(adapter, dict) else None,
             )  # fmt: skip
         return {
             "incomplete": missing,

@@ -6,15 +6,14 @@ counts backfill runs as the newest automated run). A fine-tune holds a node's NP
 operator who unpauses or backfills must not get a run they did not ask for: this timetable moves a
 missed tick to the next future one. A tick that is due now (the scheduler is only a moment late, up
 to `LATE_TOLERANCE`) still runs; one further past was missed, even when it follows the last run (a
-backfill's newest date is then days old). It is registered with Airflow through the `airflow.plugins`
-entry point in pyproject.toml, so the dag-processor and the scheduler of any deployment that
-installs this project know it.
+backfill's newest date is then days old). It is registered with Airflow by the plugin in
+operators/plugin.py, so the dag-processor and the scheduler of any deployment that installs this
+project know it.
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.plugins_manager import AirflowPlugin
 from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction
 from airflow.timetables.trigger import CronTriggerTimetable
 
@@ -38,10 +37,3 @@ class FutureTicksTimetable(CronTriggerTimetable):
             return info
         future = self._align_to_next(now)  # a missed tick (or a first run on a past one): the next one
         return DagRunInfo.interval(future - self._interval, future)
-
-
-class LlamaLoraPlugin(AirflowPlugin):
-    """Makes `FutureTicksTimetable` known to Airflow's serializer (dag-processor and scheduler)."""
-
-    name = "llama_lora"
-    timetables = [FutureTicksTimetable]  # noqa: RUF012 (Airflow reads this class attribute)

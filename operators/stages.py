@@ -26,6 +26,16 @@ def resolved_config(config: str, overrides: Mapping[str, Any] | str | None) -> d
     return apply_overrides(load_config(config), overrides_dict(overrides).items())
 
 
+def run_config(config: str, overrides: Mapping[str, Any] | str | None, seq_length: Any) -> dict[str, Any]:
+    """The config as the ranks trained with it: `resolved_config` with the run's seq_length param."""
+    from llama_core.config import apply_overrides
+
+    cfg = resolved_config(config, overrides)
+    if seq_length not in (None, ""):
+        cfg = apply_overrides(cfg, [("model.model_config.seq_length", int(seq_length))])
+    return cfg
+
+
 def allow_child_processes() -> None:
     """Let this task process start multiprocessing workers (the tokenizer's) under Celery.
 
@@ -75,6 +85,9 @@ class StageOperator(BaseOperator):
     A stage whose output is shared by runs (`output_field` names the attribute holding its path)
     holds a file lock beside that output while it runs: runs that overlap (a backfill) wait for each
     other and the later one finds the output in the cache instead of writing it a second time.
+
+    A full disk (`DiskFullError`, also from the operator's own writes) fails the task with its message
+    alone: the traceback of a write says nothing more than "no space left on <path>".
     """
 
     output_field: str | None = None
@@ -90,21 +103,24 @@ class StageOperator(BaseOperator):
     def _run_locked(self, context: Context) -> Any:
         from filelock import FileLock
 
-        from llama_core.errors import LlamaCoreError
+        from llama_core.atomic import disk_full
+        from llama_core.errors import DiskFullError, LlamaCoreError
 
         allow_child_processes()
         lock = contextlib.nullcontext()
-        if self.output_field:
-            output = Path(getattr(self, self.output_field))
-            output.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(output.parent / f".{output.name}.stage.lock")
+        output = Path(getattr(self, self.output_field)) if self.output_field else Path.cwd()
         try:
-            with lock:
-                return self.run_stage(context)
+            with disk_full(self.task_id, output):
+                if self.output_field:
+                    output.parent.mkdir(parents=True, exist_ok=True)
+                    lock = FileLock(output.parent / f".{output.name}.stage.lock")
+                with lock:
+                    return self.run_stage(context)
         except LlamaCoreError as exc:
             if exc.retryable:
                 raise
-            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+            cause = None if isinstance(exc, DiskFullError) else exc
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from cause
 
     def run_stage(self, context: Context) -> Any:
         """The stage's work, defined by each operator."""
@@ -118,9 +134,11 @@ class FetchOperator(StageOperator):
     connection (login = access key, password = secret, extra `endpoint_url` for OBS/MinIO) for
     s3://, or any connection whose password is a Hugging Face token for hf://. `tokenizer`: the
     source is a tokenizer, so an hf:// repo fetches only its tokenizer files (`tokenizer_source`).
+    `source_roots` (validate's: a list, or colon-separated): a local source must resolve inside them,
+    each file checked as it is opened, so a symlink changed since validate cannot point elsewhere.
     """
 
-    template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id")
+    template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id", "source_roots")
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -131,11 +149,12 @@ class FetchOperator(StageOperator):
         sha256: str | None = None,
         conn_id: str | None = None,
         tokenizer: bool = False,
+        source_roots: Sequence[str] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.source, self.dest, self.sha256, self.conn_id = source, dest, sha256, conn_id
-        self.tokenizer = tokenizer
+        self.tokenizer, self.source_roots = tokenizer, source_roots
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.fetch import Credentials, fetch
@@ -154,7 +173,16 @@ class FetchOperator(StageOperator):
                 token=extra.get("token") or conn.password or None,
                 endpoint_url=extra.get("endpoint_url") or conn.host or None,
             )
-        return to_jsonable(fetch(source, self.dest, sha256=self.sha256 or None, credentials=credentials))
+        roots = self.source_roots.split(":") if isinstance(self.source_roots, str) else self.source_roots
+        return to_jsonable(
+            fetch(
+                source,
+                self.dest,
+                sha256=self.sha256 or None,
+                credentials=credentials,
+                local_roots=[r for r in roots if r] if roots else None,
+            )
+        )
 
 
 class AlpacaToConversationsOperator(StageOperator):

@@ -15,7 +15,7 @@ echo "== demo inputs in $out/inputs, served on 127.0.0.1"
 python -m llama_core.demo "$out/inputs" --serve >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
+for _ in $(seq 3000); do  # up to 5 min: generating the inputs pre-trains the base model (seconds when idle)
   url=$(sed -n 's/^serving .* at \(http[^ ]*\)$/\1/p' "$out/serve.log")
   [ -n "$url" ] && break
   kill -0 $server 2>/dev/null || { cat "$out/serve.log"; exit 1; }

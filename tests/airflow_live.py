@@ -43,6 +43,12 @@ LOOPBACK_HOSTS = "127.0.0.1,localhost,::1"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 TERMINAL_RUN_STATES = {"success", "failed"}
 TERMINAL_TI_STATES = {"success", "failed", "upstream_failed", "skipped", "removed"}
+# Overrides that evaluate the held-out split once, at the end (not every few steps)
+EVAL_AT_END = {"eval_step_interval": 100000}
+# A demo run cut to what the scheduling tests look at: one epoch of training, evaluated once at the
+# end, 4 new tokens per answer, no merged export (params, and overrides on the pipeline's own)
+QUICK_RUN = {"max_new_tokens": 4, "export_merged": False}
+QUICK_OVERRIDES = {"runner_config.epochs": 1, **EVAL_AT_END}
 
 
 def free_port() -> int:
@@ -677,12 +683,21 @@ def ui_log_items(page: Any) -> dict[int, str]:
 
 def ui_scroll_log_to(page: Any, locator: Any) -> None:
     """Scroll the (virtualised) log view from the top until `locator` is rendered, then onto it."""
+    from playwright.sync_api import Error as PlaywrightError
+
     container = page.get_by_test_id("virtual-scroll-container")
     container.evaluate("el => { el.scrollTop = 0; }")
     for _ in range(2000):
         page.wait_for_timeout(60)
         if locator.count():
-            locator.first.scroll_into_view_if_needed()
+            try:
+                locator.first.scroll_into_view_if_needed(timeout=10_000)
+            except PlaywrightError as e:
+                # the virtualiser re-rendered its rows between count() and the scroll (Playwright does not
+                # retry "not attached to the DOM" here): find the row again
+                if "not attached" not in str(e):
+                    raise
+                continue
             # let the virtualiser measure the rows now in sight (wrapped lines change their height)
             for nudge in (1, -1):
                 page.wait_for_timeout(300)
@@ -696,3 +711,51 @@ def ui_scroll_log_to(page: Any, locator: Any) -> None:
         if at_end:
             break
     raise AssertionError(f"{locator} is not in the log view")
+
+
+class FinetuneTab:
+    """The "Fine-tune" tab of a DAG run (operators/finetune_view.py) in Debian's Chromium, signed in as
+    the deployment's admin: `open(run_id)` clicks the tab on the run's page, `text(testid)` reads an
+    element of the view inside its frame, `shot(path)` keeps a screenshot."""
+
+    def __init__(self, airflow: AirflowLive, chromium: str = "/usr/bin/chromium") -> None:
+        self.airflow, self.chromium = airflow, chromium
+
+    def __enter__(self) -> FinetuneTab:
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self.browser = self._pw.chromium.launch(executable_path=self.chromium, args=list(CHROMIUM_ARGS))
+        self.page = self.browser.new_page(viewport={"width": 1400, "height": 1300})
+        self.page.set_default_timeout(60_000)
+        ui_login(self.page, self.airflow)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.browser.close()
+        self._pw.stop()
+
+    def open(self, run_id: str) -> None:
+        dag = quote(self.airflow.dag_id, safe="")
+        self.page.goto(f"{self.airflow.base_url}/dags/{dag}/runs/{quote(run_id, safe='')}")
+        self.page.get_by_role("link", name="Fine-tune", exact=True).click()
+        self.frame = self.page.frame_locator("iframe").first
+        self.frame.get_by_test_id("ft-run").filter(has_text=run_id).wait_for()
+
+    def text(self, testid: str, timeout_ms: float = 30_000) -> str:
+        node = self.frame.get_by_test_id(testid)
+        node.wait_for(timeout=timeout_ms)
+        return node.inner_text()
+
+    def wait_text(self, testid: str, predicate: Callable[[str], bool], timeout: float = 60) -> str:
+        """The element's text once `predicate` holds (the view refreshes every 3 s)."""
+
+        def matching() -> str | None:
+            text = self.text(testid)
+            return text if predicate(text) else None
+
+        return wait_for(matching, timeout, f"{testid} to change", interval=1)
+
+    def shot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path), full_page=True)

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from llama_core.demo import DemoInputs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+# The longest files, first: under `make test` (pytest-xdist, --dist loadfile) each worker starts on
+# one of them and the other files fill in behind, instead of one of them starting last.
+LONGEST_FIRST = ("test_stack.py", "test_airflow_live.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keeps its order
 
 
 def shared_file(relative: str) -> Path:
@@ -90,3 +105,40 @@ CHAT_TOKENIZERS = {
 def chat_case(request: pytest.FixtureRequest) -> tuple[Path, str]:
     """(tokenizer, chat_template) for the chat format the test is parametrized with (indirect)."""
     return request.getfixturevalue(CHAT_TOKENIZERS[request.param]), request.param
+
+
+def _shared_demo_inputs(factory: pytest.TempPathFactory) -> DemoInputs:
+    """The demo's inputs built once per `make test`, not once per xdist worker or per module (it
+    pre-trains the base model, about a minute on 2 busy cores): in the folder both workers share,
+    under a lock; a later call finds the files a first build wrote whole."""
+    import fcntl
+    import os
+
+    from llama_core.demo import make_demo_inputs
+
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's popen-gwN
+    with open(base / "demo_inputs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return make_demo_inputs(base / "demo_inputs")
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> DemoInputs:
+    """The demo's generated inputs (`llama_core.demo`): Alpaca records, tokenizer, tiny Llama (HF, .ckpt).
+    Read-only: a test that changes or adds files works on a copy (`copy_demo_inputs`)."""
+    return _shared_demo_inputs(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def copy_demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """`copy(dest)`: the demo's inputs copied to `dest` (modification times kept), returning `dest`.
+    (Not over the `demo_inputs` fixture: modules that name their own copy so would shadow it.)"""
+    import shutil
+
+    def copy(dest: Path) -> Path:
+        shutil.copytree(_shared_demo_inputs(tmp_path_factory).alpaca.parent, dest)
+        return dest
+
+    return copy

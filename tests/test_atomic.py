@@ -1,3 +1,4 @@
+import errno
 import os
 import signal
 import subprocess
@@ -7,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from llama_core.atomic import TMP_MARK, atomic_path, clean_leftovers, start_writeback, write_json_atomic
+from llama_core.atomic import (
+    TMP_MARK,
+    atomic_path,
+    clean_leftovers,
+    disk_full,
+    disk_full_stage,
+    final_name,
+    start_writeback,
+    temp_sibling,
+    write_json_atomic,
+)
+from llama_core.errors import DiskFullError
 
 
 def test_file_appears_only_on_success(tmp_path: Path) -> None:
@@ -107,3 +119,35 @@ def test_start_writeback_keeps_the_bytes_and_reports_a_bad_fd(tmp_path: Path) ->
     os.close(fd)
     with pytest.raises(OSError, match="sync_file_range"):
         start_writeback(fd)
+
+
+def _no_space(code: int = errno.ENOSPC, filename: str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), filename)
+
+
+def test_a_full_disk_is_one_error_naming_the_stage_the_path_and_the_free_space(tmp_path: Path) -> None:
+    out = tmp_path / "out.mindrecord"
+    with pytest.raises(DiskFullError) as full, disk_full("preprocess", out, needs=3 << 20):
+        raise _no_space()
+    assert str(full.value).startswith(f"preprocess: no space left on {out} (needs about 3.0 MiB, ")
+    assert " free); free space there and run it again" in str(full.value)
+    quota = r"shard: no space left on /x/f \(.* disk quota exceeded\)"
+    with pytest.raises(DiskFullError, match=quota), disk_full("shard", out):
+        raise _no_space(errno.EDQUOT, "/x/f")  # the failing call's own path comes first
+    with pytest.raises(PermissionError), disk_full("shard", out):
+        raise PermissionError(errno.EACCES, "denied")  # not a full disk: unchanged
+
+
+def test_a_write_that_finds_the_disk_full_names_its_output_and_leaves_nothing(tmp_path: Path) -> None:
+    final = tmp_path / "adapter" / "weights.safetensors"
+
+    @disk_full_stage("export_peft", "output_dir")
+    def export(output_dir: Path) -> None:
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"half")
+            raise _no_space()  # as a write to an open file raises it: no file name
+
+    with pytest.raises(DiskFullError, match=f"^export_peft: no space left on {final} "):
+        export(tmp_path / "adapter")
+    assert list(final.parent.iterdir()) == []
+    assert final_name(temp_sibling(final) / "config.json") == final / "config.json"

@@ -176,3 +176,17 @@ def test_bad_values_name_their_key() -> None:
         TrainConfig.from_dict(apply_overrides(cfg, [("optimizer.eps", "tiny")]))
     with pytest.raises(ConfigError, match="pipeline parallelism is not implemented"):
         TrainConfig.from_dict(apply_overrides(cfg, [("parallel_config.pipeline_stage", 2)]))
+
+
+def test_msruns_scheduler_of_a_non_parallel_run_does_not_train(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """msrun runs the rank's command in its scheduler too; without init() to serve it must not train."""
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY), "--run_mode", "finetune", "--use_parallel", "False"]
+    argv += ["--output_dir", str(out), "--train_dataset_dir", str(tmp_path / "no_such_data")]
+    monkeypatch.setenv("MS_ROLE", "MS_SCHED")
+    assert main(argv) == 0 and not out.exists()
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")  # the rank itself trains (and here finds no data)
+    with pytest.raises(Exception, match="no_such_data"):
+        main(argv)

@@ -139,7 +139,7 @@ def test_params_default_from_the_pipeline_file(shipped: dict) -> None:
         assert params["chat_template"] == spec.data.chat_template
         assert params["config"] == str(REPO / spec.training.config)
         assert params["overrides"]["parallel_config.data_parallel"] == spec.cluster.ranks
-        assert params["prompts"] == spec.evaluation.prompts
+        assert params["prompts"] == spec.evaluation.prompt_values
         assert params["device_target"] == spec.cluster.device_target
         assert params["export_merged"] == spec.export.merged
         assert dag["timetable"] == "NullTimetable" and "manual runs only" in dag["description"].lower()
@@ -238,7 +238,13 @@ def test_load_pipeline_names_the_key(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(PipelineError, match=r"key 'evaluation.prompts\[1\]'"):
         load_pipeline(path)
-    doc["evaluation"]["prompts"] = ["fine"]
+    doc["evaluation"]["prompts"] = ["fine", {"prompt": "asked", "expect": ""}]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(PipelineError, match=r"key 'evaluation.prompts\[1\].expect'"):
+        load_pipeline(path)
+    doc["evaluation"]["prompts"] = ["fine", {"prompt": "asked", "expect": "this"}]
+    path.write_text(yaml.safe_dump(doc))
+    assert load_pipeline(path).evaluation.prompt_values == doc["evaluation"]["prompts"]
     doc["data"]["chat_template"] = "alpaca"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(PipelineError, match=r"key 'data.chat_template': Input should be 'vicuna_v1.1'"):

@@ -6,12 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_core.demo import DEMO_MODEL, make_demo_inputs
-
-
-@pytest.fixture(scope="module")
-def demo_inputs(tmp_path_factory: pytest.TempPathFactory):
-    return make_demo_inputs(tmp_path_factory.mktemp("demo"))
+from llama_core.demo import DEMO_MODEL, FACTS, alpaca_records, generic_records, make_demo_inputs
 
 
 def test_alpaca_records_have_the_alpaca_keys(demo_inputs) -> None:
@@ -20,6 +15,47 @@ def test_alpaca_records_have_the_alpaca_keys(demo_inputs) -> None:
     assert all(set(r) == {"instruction", "input", "output"} for r in records)
     with_input = sum(bool(r["input"]) for r in records)
     assert 0 < with_input < len(records)
+
+
+def test_the_facts_are_taught_by_the_data_and_absent_from_the_base_models_text() -> None:
+    """The fine-tune's task: the records teach each codename; the base model's pre-training never
+    names one, so only the fine-tuned model can answer."""
+    records = alpaca_records()
+    for topic, codename in FACTS.items():
+        assert sum(r["output"] == f"The codename of {topic} is {codename}." for r in records) >= 20
+    pretraining = json.dumps(generic_records())
+    assert not any(codename in pretraining or "codename" in pretraining for codename in FACTS.values())
+
+
+def test_the_numpy_llama_is_transformers_llama_forward_and_backward() -> None:
+    """The base model's pre-training (llama_core.demo_pretrain) computes Hugging Face's Llama: the same
+    logits, and the gradients autograd gives."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llama_core.demo import hf_llama_weights
+    from llama_core.demo_pretrain import TinyLlama
+
+    rng = np.random.default_rng(1)
+    weights = hf_llama_weights(DEMO_MODEL)
+    for name in [n for n in weights if n.endswith("norm.weight")]:  # not all ones: their gradients count
+        weights[name] = weights[name] + rng.standard_normal(weights[name].shape).astype(np.float32) * 0.1
+    shape = {k: v for k, v in DEMO_MODEL.items() if k not in ("architectures", "torch_dtype")}
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    reference.load_state_dict({k: torch.tensor(v) for k, v in weights.items()})
+    ids, mask = rng.integers(0, DEMO_MODEL["vocab_size"], (3, 20)), rng.random((3, 20)) < 0.7
+    mask[:, -1] = False  # the last position has no next token
+    model = TinyLlama(DEMO_MODEL)
+    loss, grads = model.loss_and_grads(weights, ids, mask)
+
+    logits = reference(torch.tensor(ids)).logits
+    np.testing.assert_allclose(model.logits(weights, ids), logits.detach().numpy(), atol=1e-5)
+    where = torch.tensor(mask[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][where], torch.tensor(ids[:, 1:])[where])
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    for name, param in reference.named_parameters():
+        np.testing.assert_allclose(grads[name], param.grad.numpy(), atol=1e-6, err_msg=name)
 
 
 def test_tokenizer_has_llama_special_ids(demo_inputs) -> None:

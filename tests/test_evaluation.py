@@ -13,13 +13,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llama_core.config import TrainConfig, apply_overrides, load_config
+from llama_core.data.prompts import holds_answer, split_prompts
 from llama_core.demo import DEMO_SEQ_LENGTH
 from llama_core.errors import ConfigError, InputError
-from llama_core.evaluation import evaluate_finetune
+from llama_core.evaluation import evaluate_finetune, read_prompts_file
 from llama_core.results import to_jsonable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,17 +30,15 @@ PROMPTS = ["Explain LoRA in one sentence.", "Translate to French.", "Give two fa
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Demo data at seq 160, the converted base checkpoint, a short fine-tune, and the first
+def run(tmp_path_factory: pytest.TempPathFactory, demo_inputs: Any) -> dict:
+    """Demo data at the demo's seq length, the converted base checkpoint, a short fine-tune, and the first
     comparison (eval on the training data, every prompt)."""
     from llama_core.checkpoint.convert import convert_hf_to_ms
     from llama_core.data.alpaca_converter import convert_alpaca
     from llama_core.data.llama_preprocess import preprocess
-    from llama_core.demo import make_demo_inputs
     from llama_core.train.trainer import train
 
-    tmp = tmp_path_factory.mktemp("evaluation")
-    demo = make_demo_inputs(tmp / "demo")
+    tmp, demo = tmp_path_factory.mktemp("evaluation"), demo_inputs
     convert_alpaca(demo.alpaca, tmp / "conv.json")
     data = tmp / "train.mindrecord"
     preprocess("qa", str(tmp / "conv.json"), demo.tokenizer, data, seq_length=DEMO_SEQ_LENGTH, workers=1)
@@ -47,7 +47,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # fmt: off
     cfg = apply_overrides(load_config(CONFIG), [
         ("model.model_config.seq_length", DEMO_SEQ_LENGTH), ("parallel_config.data_parallel", 1),
-        ("runner_config.batch_size", 4), ("lr_schedule.learning_rate", 0.02),
+        ("runner_config.batch_size", 4), ("lr_schedule.learning_rate", 0.005),
         ("load_checkpoint", str(base)), ("train_dataset.data_loader.dataset_dir", str(data)),
         ("output_dir", str(tmp / "run")),
     ])
@@ -118,12 +118,12 @@ def test_same_call_again_is_a_cache_hit_without_a_model(
 ) -> None:
     import shutil
 
-    from llama_core.train import trainer
+    from llama_core.train import components
 
     def no_model(*_args: object) -> None:
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(trainer, "build_model", no_model)
+    monkeypatch.setattr(components, "build_model", no_model)
     first, checkpoints = run["first"], run["tmp"] / "run" / "checkpoint"
     hit = evaluate_finetune(CONFIG, run["base"], checkpoints, first.output_path, **run["kwargs"])
     assert hit.cached
@@ -198,7 +198,7 @@ def test_bad_inputs_fail_before_any_model(run: dict, tmp_path: Path) -> None:
         evaluate_finetune(CONFIG, run["base"], run["base"], out, seq_length=DEMO_SEQ_LENGTH)
     with pytest.raises(ConfigError, match="tokenizer"):
         evaluate_finetune(CONFIG, run["base"], run["finetuned"], out, prompts=PROMPTS)
-    with pytest.raises(InputError, match=r"prompt 1: .* seq_length 160"):
+    with pytest.raises(InputError, match=rf"prompt 1: .* seq_length {DEMO_SEQ_LENGTH}"):
         evaluate_finetune(
             CONFIG, run["base"], run["finetuned"], out, prompts=["short", "long " * 200],
             tokenizer=run["tokenizer"], seq_length=DEMO_SEQ_LENGTH,
@@ -206,3 +206,17 @@ def test_bad_inputs_fail_before_any_model(run: dict, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="fine-tuned checkpoint not found"):
         evaluate_finetune(CONFIG, run["base"], tmp_path / "missing", out)
     assert not out.exists()
+
+
+def test_a_prompt_may_name_the_answer_it_must_hold(tmp_path: Path) -> None:
+    """The pipeline file's `{prompt, expect}` form: each generation then records whether it holds it."""
+    prompts, expected = split_prompts(["Plain.", {"prompt": "Asked?", "expect": "Quellin"}])
+    assert (prompts, expected) == (["Plain.", "Asked?"], [None, "Quellin"])
+    assert holds_answer("The codename of LoRA is quellin.", " Quellin ")
+    assert not holds_answer("The codename of LoRA is Quell.", "Quellin")
+    for bad in ({"prompt": "x", "expect": ""}, {"prompt": "x", "extra": "y"}, {"expect": "y"}):
+        with pytest.raises(InputError, match="prompt 1: must be a string or"):
+            split_prompts(["ok", bad])
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["a", {"prompt": "b", "expect": "c"}]))
+    assert read_prompts_file(path) == ["a", {"prompt": "b", "expect": "c"}]

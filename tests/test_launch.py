@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 from processes import job_processes, sleeper_with_env, wait_until
 
 from llama_core.launch import LaunchError, LaunchStopped, MsrunJob, launch
+from llama_core.launch.watch import last_lines
 
 # Stand-in for `python -m llama_core.run`: msrun also starts the scheduler with the same command
 # (MS_ROLE=MS_SCHED), which exits at once here since no MindSpore cluster is built.
@@ -138,6 +140,46 @@ def test_stopping_waits_for_an_unregistered_rank_but_not_the_scheduler(tmp_path:
     rank.result.log_path.touch()
     sched.result.log_path.touch()
     assert rank.lingering() and not sched.lingering()
+
+
+# A stand-in rank wrapper: registers, runs a child for argv[2] s, records the child's code 0.5 s after.
+SLOW_RECORDER = """
+import json, os, subprocess, sys, time
+import psutil
+status_dir, child_s = sys.argv[1], sys.argv[2]
+os.setsid()
+child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({child_s}); raise SystemExit(3)"])
+me = {"pid": os.getpid(), "pgid": os.getpgid(0), "create_time": psutil.Process().create_time()}
+with open(os.path.join(status_dir, "rank_0.pid.json"), "w") as fh:
+    json.dump(me, fh)
+code = child.wait()
+time.sleep(0.5)
+with open(os.path.join(status_dir, "rank_0.exit.json"), "w") as fh:
+    json.dump({"exit_code": code}, fh)
+"""
+
+
+@pytest.mark.parametrize(("child_s", "ended"), [(0.2, True), (30, False)], ids=["ended", "running"])
+def test_a_stop_keeps_the_own_exit_of_a_rank_whose_command_just_ended(
+    tmp_path: Path, child_s: float, ended: bool
+) -> None:
+    """A rank that ended on its own (crashed, killed from outside) is reported failed with its code,
+    not "stopped by the launcher", when the stop reaches it before its wrapper recorded the code."""
+    import psutil
+
+    from llama_core.launch import RankResult
+    from llama_core.launch.watch import WatchedProcess
+
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RECORDER, str(tmp_path), str(child_s)])
+    rank = WatchedProcess("rank_0", RankResult(0, tmp_path / "worker_0.log"), tmp_path)
+    assert wait_until(lambda: rank.poll() or rank.pid is not None, 10)
+    if ended:  # the command is gone, its code not yet recorded
+        assert wait_until(lambda: not psutil.Process(proc.pid).children(), 10)
+        assert not rank.poll()
+    rank.kill()
+    proc.wait(10)
+    assert rank.result.killed_by_launcher is not ended
+    assert rank.result.exit_code == (3 if ended else -9)
 
 
 def test_a_rank_killed_without_status_is_reported(program: list[str], tmp_path: Path) -> None:
@@ -325,3 +367,77 @@ def test_a_leftover_in_the_same_log_dir_is_refused_whatever_its_port(
     finally:
         stale.kill()
         stale.wait()
+
+
+def test_a_second_job_in_the_same_run_folder_is_refused_naming_the_first(
+    program: list[str], tmp_path: Path
+) -> None:
+    """The run-folder lock: a task delivered twice (even from another host sharing the disk, which the
+    process table cannot see) never trains beside the first; once the first is gone, a new job runs."""
+    from llama_core.launch.lock import RunFolderLock
+
+    log_dir = (tmp_path / "logs").resolve()
+    first = MsrunJob(
+        ["hang"], worker_num=2, local_worker_num=2, master_port=None, log_dir=log_dir, command=program
+    )
+    first.start()
+    try:
+        started = log_dir / ".rank_status"
+        assert wait_until(lambda: len(list(started.glob("rank_*.pid.json"))) == 2, 60), "ranks never started"
+        second = RunFolderLock(log_dir, wait_s=1.0)  # what a second launcher takes first, from any host
+        with pytest.raises(LaunchError, match=rf"another msrun job is training in {log_dir}") as info:
+            second.acquire()
+        assert f"pid {os.getpid()} on host {socket.gethostname()}" in str(info.value)
+        with open(log_dir / ".ranks.lock") as ranks, pytest.raises(BlockingIOError):  # each rank holds it
+            fcntl.flock(ranks, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        first.stop("the test stopped it")
+    assert first.result is None or not first.result.ok
+    result = launch(
+        ["ok"], worker_num=2, local_worker_num=2, master_port=None, log_dir=log_dir, command=program
+    )
+    assert result.ok
+
+
+def test_ranks_of_a_dead_launcher_hold_the_folder_until_they_exit(tmp_path: Path) -> None:
+    """A rank that outlived its launcher (stuck in a save) still holds the ranks lock: a new job
+    waits for it, and refuses naming the lock when it never exits."""
+    from llama_core.launch.lock import RANKS_LOCK, RunFolderLock
+
+    (tmp_path / RANKS_LOCK).touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); "
+         "print('held', flush=True); time.sleep(float(sys.argv[2]))", str(tmp_path / RANKS_LOCK), "1.5"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    lock = RunFolderLock(tmp_path, wait_s=10)
+    lock.acquire()  # waits the 1.5 s the rank takes to exit
+    assert holder.poll() is not None
+    lock.release()
+
+    stuck = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_SH); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path / RANKS_LOCK)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert stuck.stdout is not None and stuck.stdout.readline().strip() == "held"
+        with pytest.raises(LaunchError, match="ranks of an earlier msrun job still run"):
+            RunFolderLock(tmp_path, wait_s=0.5).acquire()
+        # the refusal released the job lock: nothing is left held by the refused launcher
+        with open(tmp_path / ".job.lock") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        stuck.kill()
+        stuck.wait()
+
+
+def test_a_ranks_error_line_leads_the_log_tail_when_teardown_pushed_it_out(tmp_path: Path) -> None:
+    log = tmp_path / "worker_0.log"
+    error = "error: finetune: no space left on /w/ckpt (needs about 1.0 MiB, 0 B free)"
+    log.write_text("\n".join(["step 1", error, *(f"teardown {i}" for i in range(30))]) + "\n")
+    tail = last_lines(log).splitlines()
+    assert tail[:2] == [error, "..."] and tail[-1] == "teardown 29" and len(tail) == 22
+    log.write_text(f"step 1\n{error}\n")
+    assert last_lines(log) == f"step 1\n{error}"  # in the tail already: once

@@ -119,6 +119,7 @@ def test_validate_fails_fast_naming_the_param(tmp_path: Path, monkeypatch: pytes
     from operators.validate import ValidateParamsOperator
 
     monkeypatch.setenv("LLAMA_LORA_WORK_ROOT", str(tmp_path / "root"))
+    monkeypatch.setenv("LLAMA_LORA_SOURCE_ROOTS", str(tmp_path))  # the source sits beside the work root
     (tmp_path / "a.json").write_text("[]")
     params = {
         "alpaca_url": str(tmp_path / "a.json"),
@@ -139,8 +140,19 @@ def test_validate_fails_fast_naming_the_param(tmp_path: Path, monkeypatch: pytes
     assert [(p["node_rank"], p["nodes"], p["ranks_per_node"]) for p in plans] == [(0, 2, 1), (1, 2, 1)]
     with pytest.raises(AirflowFailException, match=r"param 'work_dir'.*outside the allowed work root"):
         op.execute({"params": {**params, "work_dir": str(tmp_path / "elsewhere")}})
-    with pytest.raises(AirflowFailException, match=r"param 'storage_conn_id'.*no_such_conn"):
+    # a connection the pipeline file did not name, nor the workers' list: its credentials are not lent
+    with pytest.raises(AirflowFailException, match=r"param 'storage_conn_id': 'airflow_db' is neither"):
+        op.execute({"params": {**params, "storage_conn_id": "airflow_db"}})
+    monkeypatch.setenv("LLAMA_LORA_STORAGE_CONNECTIONS", "team_bucket, no_such_conn")
+    with pytest.raises(
+        AirflowFailException, match=r"param 'storage_conn_id'.*no_such_conn"
+    ):  # allowed, absent
         op.execute({"params": {**params, "storage_conn_id": "no_such_conn"}})
+    own = ValidateParamsOperator(task_id="v", default_work_root="/x", trusted_conn_id="pipeline_conn")
+    with pytest.raises(
+        AirflowFailException, match=r"storage_conn_id': The conn_id .pipeline_conn. isn't defined"
+    ):  # allowed: its own
+        own.execute({"params": {**params, "storage_conn_id": "pipeline_conn"}})
 
 
 # Loaded by every Python process of the launch (via PYTHONPATH): a rank's `llama_core.run` says it

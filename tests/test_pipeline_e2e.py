@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,9 @@ def _stages(report: dict) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def demo(tmp_path_factory: pytest.TempPathFactory, copy_demo_inputs: Callable[[Path], Path]) -> dict:
     out = tmp_path_factory.mktemp("demo")
+    copy_demo_inputs(out / "inputs")  # the session's build: the demo keeps the inputs it finds there
     first_stdout, first = _run_demo(out)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "work" / "data").rglob("*") if p.is_file()}
     second_stdout, second = _run_demo(out)
@@ -59,7 +61,15 @@ def test_the_demo_fetches_over_http_trains_and_reports(demo: dict) -> None:
     assert summary["eval_series"], "the held-out split was not evaluated during training"
     evaluation = report["evaluation"]
     assert evaluation["finetuned"]["eval_loss"] < evaluation["base"]["eval_loss"] - 0.1  # it learned
-    assert [g["prompt"] for g in evaluation["finetuned"]["generations"]] == report["run"]["params"]["prompts"]
+    prompts = report["run"]["params"]["prompts"]
+    assert [g["prompt"] for g in evaluation["finetuned"]["generations"]] == [p["prompt"] for p in prompts]
+    # and a reader sees it: the fine-tuned model answers the demo's task where the base model cannot
+    base, tuned = (evaluation[side]["generations"] for side in ("base", "finetuned"))
+    assert len(prompts) == 3 and all(g["expect"] == p["expect"] for g, p in zip(tuned, prompts, strict=True))
+    learnt = [not b["right"] and t["right"] for b, t in zip(base, tuned, strict=True)]
+    assert sum(learnt) >= 2, f"the fine-tune did not learn the demo's task: {base} -> {tuned}"
+    right_before, right_after = (sum(g["right"] for g in side) for side in (base, tuned))
+    assert f"Answers: {right_before}/3 right before, {right_after}/3 after" in stdout
     # the summary the demo ends with: stage times and cache hits, losses, the adapter and the curve
     for text in ("finetune", "cache hit", "Eval loss: base", "Adapter: ", "Loss curve: ", "make airflow"):
         assert text in stdout, f"{text!r} missing from the demo's output:\n{stdout[-3000:]}"

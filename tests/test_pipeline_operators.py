@@ -4,13 +4,14 @@ merged export when it is off."""
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from task_instance import TaskInstance
 
+from llama_core.report import bounded_view, load_report, report_view
 from operators.export import ExportMergedOperator
-from operators.report import ReportOperator
+from operators.report import STAGES, ReportOperator
 from operators.stages import FetchOperator, render_dated
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +46,6 @@ def test_the_merged_export_is_skipped_unless_asked(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-class _TI:
-    def __init__(self, xcoms: dict[str, Any]) -> None:
-        self.xcoms = xcoms
-
-    def xcom_pull(self, task_ids: str) -> Any:
-        return self.xcoms.get(task_ids)
-
-
 def test_a_run_whose_finetune_failed_gets_a_report_saying_so(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "r1"
     xcoms = {
@@ -60,7 +53,7 @@ def test_a_run_whose_finetune_failed_gets_a_report_saying_so(tmp_path: Path) -> 
         "tokenize_to_mindrecord": {"output_file": str(tmp_path / "a.mindrecord"), "records_written": 9},
     }
     context = {
-        "ti": _TI(xcoms),
+        "ti": TaskInstance(xcoms),
         "params": {"seq_length": 32, "export_merged": False},
         "dag_run": SimpleNamespace(
             dag_id="d", run_id="r1", logical_date=datetime(2026, 1, 5, tzinfo=timezone.utc)
@@ -71,3 +64,9 @@ def test_a_run_whose_finetune_failed_gets_a_report_saying_so(tmp_path: Path) -> 
     report = (run_dir / "report.md").read_text()
     assert "`fetch_alpaca`" in report and "r1" in report
     assert (run_dir / "resolved_config.yaml").is_file()
+    # the Fine-tune tab's XCom: the report's own data model, the stage table as report.md has it
+    view = context["ti"].pushed["report"]
+    assert view == bounded_view(report_view(load_report(run_dir)))
+    assert [r["name"] for r in view["stages"]["rows"]] == list(STAGES)
+    assert (view["stages"]["cache_hits"], view["stages"]["cached_stages"]) == (1, 1)
+    assert view["evaluation"] is None and view["data"]["records_written"] == 9

@@ -217,7 +217,13 @@ def test_summary_groups_under_each_rank_logger_failed_first(
 ) -> None:
     ranks, logs = _outcomes(tmp_path)
     with caplog.at_level(logging.INFO):
-        log_rank_summary(ranks)
+        states = log_rank_summary(ranks)
+    # the same as data, by rank (the finetune task's `ranks` XCom): a failed rank's last 20 lines
+    assert [(s["rank"], s["state"], s["exit_code"]) for s in states] == [
+        (0, "ok", 0), (1, "stopped", -9), (2, "failed", 1), (3, "failed", None)
+    ]  # fmt: skip
+    assert states[2]["last_lines"] == [f"rank 2 line {i}" for i in range(80, 100)]
+    assert states[0]["last_lines"] == states[1]["last_lines"] == [] and states[2]["log_path"] == str(logs[2])
     records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     headers = [record for record in records if "::group::" in record[2]]
     assert headers == [

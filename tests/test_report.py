@@ -19,13 +19,18 @@ from llama_core import report as report_mod
 from llama_core.report import (
     PLOT_DPI,
     PLOT_SIZE_INCHES,
+    VIEW_MAX_BYTES,
     Stage,
+    bounded_view,
     config_digest,
     load_report,
     plot_losses,
+    report_view,
     summary_text,
+    view_size,
     write_report,
 )
+from llama_core.report import files as report_files
 
 TRICKY_OUTPUT = "| col | x |\n```\nrm `a|b` ``c``\n| done |"
 PROMPTS = ["Give three tips for staying healthy.", "Show the | pipe and a `tick`"]
@@ -311,7 +316,7 @@ def test_png_is_a_real_plot_of_the_data(
     assert not np.array_equal(a, render("base.png", loss_series(seed=1), base_eval_loss=2.1))
 
 
-@pytest.mark.parametrize("breaks", ["_loss_png", "render_markdown"])
+@pytest.mark.parametrize("breaks", ["loss_png", "markdown_of"])
 def test_failed_report_leaves_the_previous_one_untouched(
     written: tuple[dict[str, Any], report_mod.ReportResult],
     tmp_path: Path,
@@ -327,7 +332,7 @@ def test_failed_report_leaves_the_previous_one_untouched(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{breaks} failed")
 
-    monkeypatch.setattr(report_mod, breaks, broken)
+    monkeypatch.setattr(report_files, breaks, broken)  # what write_report calls
     changed = dict(inputs, run={**inputs["run"], "run_id": "second"})
     with pytest.raises(RuntimeError, match=f"{breaks} failed"):
         write_report(folder, **changed)
@@ -410,6 +415,23 @@ def test_summary_text_names_the_adapter_plot_and_losses(
         assert line.endswith("cache hit") == (stage.cached is True)
 
 
+def test_expected_answers_are_checked_side_by_side_and_counted(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path)
+    for side, rights in (("base", (False, False)), ("finetuned", (True, False))):
+        for gen, right in zip(inputs["evaluation"][side]["generations"], rights, strict=True):
+            gen |= {"expect": "Eat | well", "right": right}
+    result = write_report(tmp_path / "report", **inputs)
+    assert "Answers: 0/2 right before, 1/2 after" in result.summary
+    md = Path(result.markdown_path).read_text()
+    assert "**Answers right** (holding their expected text): 0/2 → 1/2" in section(md, "Summary")
+    _, outside = fenced_blocks(md)
+    (table,) = [t for t in tables(outside) if t[0][0] == "prompt"]
+    assert table[0] == ["prompt", "expected", "before (base model)", "after (fine-tuned)"]
+    assert [row[1] for row in table[2:]] == [r"`Eat \| well`"] * 2
+    assert [(row[2][0], row[3][0]) for row in table[2:]] == [("✗", "✓"), ("✗", "✗")]
+    assert {len(row) for row in table} == {4}  # the tricky output's pipes stay inside its cell
+
+
 def test_cli_prints_the_summary(
     written: tuple[dict[str, Any], report_mod.ReportResult],
     tmp_path: Path,
@@ -423,3 +445,44 @@ def test_cli_prints_the_summary(
         assert capsys.readouterr().out.strip() == result.summary
     assert exit_code(report_mod.main, [str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_view_model_is_the_reports_figures_and_its_xcom_stays_small(
+    written: tuple[dict[str, Any], report_mod.ReportResult],
+) -> None:
+    inputs, result = written
+    report = load_report(result.json_path)
+    view = result.view
+    assert view == report_view(report)
+    assert json.loads(json.dumps(view, allow_nan=False)) == view  # plain JSON, as an XCom stores it
+    ev = inputs["evaluation"]
+    assert view["summary"]["eval"]["ft_loss"] == ev["finetuned"]["eval_loss"]
+    assert [r["name"] for r in view["stages"]["rows"]] == [s.name for s in inputs["stages"]]
+    assert view["adapter"] == inputs["outputs"]["adapter"]
+    assert [p["prompt"] for p in view["evaluation"]["prompts"]] == PROMPTS
+    assert bounded_view(view) == {**view, "clipped": False}
+
+    # many long answers: the XCom's copy clips them, then leaves the last ones off, never past the bound
+    long = "word " * 2000
+    report["evaluation"]["prompts"] = prompts = [f"prompt {i}: {long}" for i in range(200)]
+    for side in ("base", "finetuned"):
+        report["evaluation"][side]["generations"] = [{"prompt": p, "output": long} for p in prompts]
+    big = report_view(report)
+    assert view_size(big) > 1_000_000
+    small = bounded_view(big)
+    assert view_size(small) <= VIEW_MAX_BYTES < 64 * 1024 and small["clipped"]
+    assert (small["summary"], small["stages"], small["outputs"]) == (
+        big["summary"],
+        big["stages"],
+        big["outputs"],
+    )
+    kept = len(small["evaluation"]["prompts"])
+    assert kept > 0 and kept + small["evaluation"]["prompts_left_off"] == len(prompts)
+    assert big == report_view(report)  # the whole view is left as it was
+    # no evaluation but huge params: the run's fields go, its id stays
+    report["evaluation"], report["run"]["params"] = None, {f"p{i}": long for i in range(20)}
+    small = bounded_view(report_view(report))
+    assert view_size(small) <= VIEW_MAX_BYTES and small["run"] == {
+        "run_id": inputs["run"]["run_id"],
+        "fields": [],
+    }

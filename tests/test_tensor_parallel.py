@@ -267,7 +267,7 @@ def test_a_tensor_parallel_rank_refuses_the_whole_checkpoint(base: dict) -> None
     """Each rank reads only its own slices: given the complete checkpoint, it stops before reading."""
     from llama_core.config import TrainConfig, apply_overrides, load_config
     from llama_core.errors import ConfigError
-    from llama_core.train.trainer import load_base
+    from llama_core.train.components import load_base
 
     cfg = apply_overrides(
         load_config(base["config"]),

@@ -18,7 +18,8 @@ TINY = str(REPO / "configs" / "lora_llama2_tiny.yaml")
 
 
 @pytest.fixture()
-def params(tmp_path: Path) -> dict[str, Any]:
+def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("LLAMA_LORA_SOURCE_ROOTS", str(tmp_path))  # the sources sit beside the work root
     (tmp_path / "alpaca.json").write_text("[]")
     (tmp_path / "tokenizer.model").write_bytes(b"x")
     (tmp_path / "hf").mkdir()
@@ -59,19 +60,20 @@ def test_a_multi_node_request_splits_the_ranks_over_the_nodes(params: dict[str, 
     [
         ({"work_dir": "runs/x"}, "work_dir", "must be an absolute path"),
         ({"work_dir": "/etc"}, "work_dir", "outside the allowed work root"),
-        ({"config": "/nope/missing.yaml"}, "config", "config file not found"),
+        ({"config": str(REPO / "configs" / "missing.yaml")}, "config", "missing.yaml does not exist"),
+        ({"config": "/nope/missing.yaml"}, "config", "outside the allowed roots"),
         ({"config": "configs/lora_llama2_tiny.yaml"}, "config", "must be an absolute path"),
         ({"overrides": {"runner_config.epoch": 1}}, "overrides", "runner_config.epoch"),
         ({"overrides": '{"runner_config.epochs": '}, "overrides", "not a JSON object"),
-        ({"overrides": {"runner_config.epochs": "two"}}, "config", "runner_config.epochs"),
+        ({"overrides": {"runner_config.epochs": "two"}}, "overrides", "runner_config.epochs"),
         (
             {"device_target": "Ascend", "overrides": {"parallel_config.data_parallel": 9}},
-            "config",
+            "overrides",
             "asks for 9 ranks, 9 per node on 1 node(s); one Ascend node runs 1..8",
         ),
         (
             {"device_target": "Ascend", "overrides": {"parallel_config.data_parallel": 18}, "nodes": 2},
-            "config",
+            "overrides",
             "asks for 18 ranks, 9 per node on 2 node(s)",
         ),
         ({"nodes": 3}, "nodes", "3 nodes cannot share the 2 ranks of parallel_config evenly"),
@@ -79,12 +81,12 @@ def test_a_multi_node_request_splits_the_ranks_over_the_nodes(params: dict[str, 
         ({"node_start_timeout": 1}, "node_start_timeout", "integer in 10..86400"),
         (
             {"overrides": {"parallel_config.model_parallel": 3}},
-            "config",
+            "overrides",
             "num_heads = 4 is not divisible by parallel_config.model_parallel = 3",
         ),
         (
             {"overrides": {"parallel_config.pipeline_stage": 2}},
-            "config",
+            "overrides",
             "pipeline parallelism is not implemented",
         ),
         (
@@ -102,9 +104,11 @@ def test_a_multi_node_request_splits_the_ranks_over_the_nodes(params: dict[str, 
         ({"alpaca_url": ""}, "alpaca_url", "is empty"),
         ({"alpaca_url": "ftp://host/a.json"}, "alpaca_url", "unsupported source scheme"),
         ({"tokenizer_url": "tokenizer.model"}, "tokenizer_url", "must be absolute"),
-        ({"weights_url": "/nope/weights"}, "weights_url", "does not exist"),
+        ({"weights_url": "/nope/weights"}, "weights_url", "outside the allowed roots"),
         ({"weights_url": "s3:///key"}, "weights_url", "names no bucket"),
         ({"alpaca_sha256": "abc"}, "alpaca_sha256", "64 hexadecimal digits"),
+        ({"prompts": ["fine", " "]}, "prompts", "prompt 1: must be a non-empty string"),
+        ({"prompts": [{"prompt": "asked", "expect": ""}]}, "prompts", "prompt 0: must be a string or"),
     ],
 )
 def test_each_mistake_names_its_param(
@@ -163,7 +167,9 @@ def test_cli_prints_the_checked_request(params: dict[str, Any], tmp_path: Path) 
 
 
 def test_the_model_the_ranks_build_is_checked(params: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"param 'config'.*hidden_size 64 is not divisible by num_heads 3"):
+    with pytest.raises(
+        ConfigError, match=r"param 'overrides'.*hidden_size 64 is not divisible by num_heads 3"
+    ):
         validate_run({**params, "overrides": {"model.model_config.num_heads": 3}}, tmp_path / "root")
 
 
@@ -178,18 +184,25 @@ def test_the_model_the_ranks_build_is_checked(params: dict[str, Any], tmp_path: 
     ],
 )  # fmt: skip
 def test_a_model_that_does_not_split_over_model_parallel_is_refused(
-    params: dict[str, Any], tmp_path: Path, model: dict[str, Any], model_parallel: int, message: str
+    params: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model: dict[str, Any],
+    model_parallel: int,
+    message: str,
 ) -> None:
     """Heads, kv heads (split, or model_parallel a multiple of them), FFN width and vocabulary must
     split over the ranks of a tensor-parallel group: refused in validate, naming the config."""
     import yaml
+
+    monkeypatch.setenv("LLAMA_LORA_CONFIG_ROOTS", str(tmp_path))  # where the test writes its config
 
     cfg = yaml.safe_load(Path(TINY).read_text())
     cfg["model"]["model_config"].update(model)
     config = tmp_path / "split.yaml"
     config.write_text(yaml.safe_dump(cfg))
     overrides = {"parallel_config.model_parallel": model_parallel, "parallel_config.data_parallel": 1}
-    with pytest.raises(ConfigError, match=rf"param 'config'.*{message}"):
+    with pytest.raises(ConfigError, match=rf"param 'overrides'.*{message}"):  # the split asked for
         validate_run({**params, "config": str(config), "overrides": overrides}, tmp_path / "root")
     # the same model with a model_parallel it splits over passes
     validate_run(

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage, write_json_atomic
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import CLI_DTYPES, FLOAT_TYPES, cast
 from llama_core.checkpoint.msckpt import CkptWriter
@@ -125,6 +125,7 @@ def plan_hf_import(input_path: Path, dims: LlamaDims) -> tuple[list[tuple[str, S
     return plan, skipped
 
 
+@disk_full_stage("convert", "output_path")
 def convert_hf_to_ms(
     input_path: str | Path, output_path: str | Path, dtype: str = "fp32", crc: bool = False
 ) -> ConvertResult:
@@ -218,6 +219,7 @@ def _plan_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[list[Plan
     return shards
 
 
+@disk_full_stage("convert", "output_path")
 def convert_ms_to_hf(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],

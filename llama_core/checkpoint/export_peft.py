@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama_core.atomic import atomic_path, clean_leftovers, write_json_atomic
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage, write_json_atomic
 from llama_core.cache import StageKey, write_manifest
 from llama_core.checkpoint.lora_args import lora_alpha, pet_config
 from llama_core.checkpoint.names import lora_pairs, ms_lora_to_peft
@@ -47,6 +47,7 @@ class ExportPeftResult:
     cached: bool
 
 
+@disk_full_stage("export_peft", "output_dir")
 def export_peft(
     load_checkpoint: str | os.PathLike[str],
     output_dir: str | os.PathLike[str],

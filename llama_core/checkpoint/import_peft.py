@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import atomic_path, clean_leftovers
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.export_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from llama_core.checkpoint.msckpt import CkptWriter
@@ -79,6 +79,7 @@ def _check_adapter_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
+@disk_full_stage("import_peft", "output_path")
 def import_peft(
     adapter_dir: str | os.PathLike[str],
     output_path: str | os.PathLike[str],

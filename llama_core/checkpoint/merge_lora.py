@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import atomic_path, clean_leftovers
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.dtypes import cast
 from llama_core.checkpoint.lora_args import lora_alpha
@@ -60,6 +60,7 @@ def _read_lora(src: CheckpointSource) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
+@disk_full_stage("merge_lora", "output_path")
 def merge_lora(
     base_checkpoint: str | os.PathLike[str],
     output_path: str | os.PathLike[str],

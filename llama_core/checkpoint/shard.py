@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import atomic_path, clean_leftovers
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage
 from llama_core.cache import StageKey, content_id, write_manifest
 from llama_core.checkpoint.layout import (
     MANIFEST_FORMAT,
@@ -235,6 +235,7 @@ def _manifest_extra(
     }
 
 
+@disk_full_stage("shard", "output_dir")
 def shard_checkpoint(
     load_checkpoint: str | os.PathLike[str],
     config: str | os.PathLike[str] | Mapping[str, Any],

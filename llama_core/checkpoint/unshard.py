@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_core.atomic import atomic_path, clean_leftovers
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.checkpoint.msckpt import CkptWriter
 from llama_core.checkpoint.sources import CheckpointSource
@@ -73,6 +73,7 @@ def unshard_checkpoint(
     return UnshardResult(out, manifest_path, len(src.tensors), writer.bytes_written, False)
 
 
+@disk_full_stage("unshard", "path")
 def complete_checkpoint(path: str | os.PathLike[str], what: str) -> Path:
     """A checkpoint argument as one complete file (`train.outputs.checkpoint_file`), where a
     tensor-parallel run's folder (its `checkpoint/parallel.json`) is first unsharded, once, into

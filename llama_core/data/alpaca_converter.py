@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama_core.atomic import atomic_path, clean_leftovers
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full_stage
 from llama_core.cache import StageKey, manifest_path_for, write_manifest
 from llama_core.cli import exit_code
 from llama_core.data.records import iter_records, record_error
@@ -99,6 +99,7 @@ def validate_conversations(turns: Any, index: int, path: str | os.PathLike[str])
             raise record_error(path, index, f"{where}.value", f"must be a string, got {got}")
 
 
+@disk_full_stage("convert", "output_path")
 def convert_alpaca(
     data_path: str | os.PathLike[str], output_path: str | os.PathLike[str], on_error: str = "raise"
 ) -> ConversationsResult:

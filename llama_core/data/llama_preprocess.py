@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_core.atomic import clean_leftovers, remove_path
+from llama_core.atomic import clean_leftovers, disk_full_stage, remove_path
 from llama_core.cache import StageKey, file_sha256, read_manifest, write_manifest
 from llama_core.cli import exit_code, exit_without_teardown
 from llama_core.data.chat import CHAT_TEMPLATES, chat_format
@@ -128,6 +128,7 @@ def report_path(output_file: str | os.PathLike[str]) -> Path:
     return output_file.with_name(output_file.name + ".report.json")
 
 
+@disk_full_stage("preprocess", "output_file")
 def preprocess(
     dataset_type: str,
     input_glob: str,

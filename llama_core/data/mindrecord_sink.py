@@ -13,10 +13,12 @@ same files:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,18 @@ def raw_writer(fw: Any) -> _RawWriter | None:
         set_header(header)
 
     return _RawWriter(open_, write, list(blob_fields))
+
+
+@contextlib.contextmanager
+def _full_disk_as_oserror(output: Path) -> Iterator[None]:
+    """MindSpore's shard writer reports a full disk as a RuntimeError ("No free disk to be used while
+    writing mindrecord files"): raise it as the OSError(ENOSPC) it is, so `atomic.disk_full` names it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "No free disk" not in str(exc):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output)) from exc
 
 
 class MindRecordSink:
@@ -107,13 +121,15 @@ class MindRecordSink:
         full length: the rest is the field's pad value."""
         if not rows:
             return
-        fw = self._open()
+        self._open()  # no local of it: a failed write's traceback must not keep the writer alive
         if self._raw is not None:
             blobs = [self._blob(row, self._raw.blob_fields) for row in rows]
-            self._raw.write({}, blobs, False, False)
+            with _full_disk_as_oserror(self.final):
+                self._raw.write({}, blobs, False, False)
             written = sum(map(len, blobs))
         else:
-            fw.write_raw_data([self._arrays(row) for row in rows])
+            with _full_disk_as_oserror(self.final):
+                self._fw.write_raw_data([self._arrays(row) for row in rows])
             # counted as the fast path counts its blobs: a length prefix per field when several
             prefix = 8 if len(self.schema) > 1 else 0
             written = sum(4 * length + prefix for row in rows for _, length in row.values())
@@ -163,7 +179,8 @@ class MindRecordSink:
 
     def publish(self) -> list[Path]:
         """Commit, fsync and rename every file into the output folder; return the final paths."""
-        self._open().commit()
+        with _full_disk_as_oserror(self.final):
+            self._open().commit()
         self._close_fds()
         fsync_tree(self.tmp_dir)
         finals = []
@@ -176,8 +193,10 @@ class MindRecordSink:
         return finals
 
     def discard(self) -> None:
-        """Remove everything written so far."""
+        """Remove everything written so far, and let go of the writer: its files hold their space
+        until it closes them, removed or not (a full disk would stay full)."""
         self._close_fds()
+        self._fw = self._raw = None
         remove_path(self.tmp_dir)
 
     def _close_fds(self) -> None:

@@ -4,6 +4,7 @@ layout): as the fschat vicuna_v1.1 prompt, or as chat messages for the other cha
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llama_core.errors import InputError
@@ -68,3 +69,31 @@ def conversation_messages(path: str, index: int, record: Any) -> list[dict[str, 
     return [
         {"role": MESSAGE_ROLES[role], "content": text} for role, text in checked_turns(path, index, record)
     ]
+
+
+def split_prompts(items: Sequence[str | Mapping[str, Any]]) -> tuple[list[str], list[str | None]]:
+    """The instructions and the answer each must contain (None: unchecked), from plain strings and
+    `{"prompt": ..., "expect": ...}` objects; InputError naming the index of a malformed one."""
+    prompts, expected = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            expect = item.get("expect")
+            if (
+                set(item) - {"prompt", "expect"}
+                or not isinstance(item.get("prompt"), str)
+                or not (expect is None or (isinstance(expect, str) and expect))
+            ):
+                raise InputError(f"prompt {i}: must be a string or {{prompt: str, expect: non-empty str}}")
+            item = item["prompt"]
+        else:
+            expect = None
+        if not isinstance(item, str) or not item.strip():
+            raise InputError(f"prompt {i}: must be a non-empty string, got {item!r}")
+        prompts.append(item)
+        expected.append(expect)
+    return prompts, expected
+
+
+def holds_answer(output: str, expect: str) -> bool:
+    """Whether a completion contains the expected answer (case and surrounding spaces ignored)."""
+    return expect.strip().casefold() in output.casefold()

@@ -28,13 +28,13 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from llama_core.atomic import atomic_path, remove_path, write_json_atomic
+from llama_core.atomic import atomic_path, disk_full, remove_path, write_json_atomic
 from llama_core.cache import cache_key, file_sha256, read_manifest, remember_sha256, write_manifest
 from llama_core.errors import ConfigError, InputError, LlamaCoreError
 from llama_core.fetch.hf import fetch_hf
@@ -72,12 +72,14 @@ def fetch(
     retry: RetryPolicy | None = None,
     timeouts: Timeouts | None = None,
     progress_interval: float = 5.0,
+    local_roots: Sequence[str] | None = None,
 ) -> FetchResult:
     """Fetch `source` (path, file://, http(s)://, s3://, hf://) to `dest/<name>`.
 
     `sha256` pins a single-file source's digest: a mismatch raises and keeps nothing. With
     `cache_dir`, the download lands in that shared cache and is hard-linked (or copied) into
-    `dest`. Credentials not given in `credentials` come from the environment.
+    `dest`. Credentials not given in `credentials` come from the environment. With `local_roots`, a
+    local source must resolve inside one of those folders, each file checked as it is opened.
     """
     t0 = time.monotonic()
     creds = credentials or Credentials()
@@ -88,17 +90,19 @@ def fetch(
     expected = sha256.lower() if sha256 else None
     if expected and src.scheme == "hf":
         raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
+    roots = None if local_roots is None else tuple(local_roots)
     req = FetchRequest(
-        src, creds, expected, retry or RetryPolicy(), timeouts or Timeouts(), progress_interval
+        src, creds, expected, retry or RetryPolicy(), timeouts or Timeouts(), progress_interval, roots
     )
     store = (
         Path(cache_dir) / hashlib.sha256(req.identity.encode()).hexdigest()[:24] if cache_dir else Path(dest)
     )
     try:
-        with _locked(store, src):
-            files = FETCHERS[src.scheme](req, store)
-        if cache_dir:
-            files = [_link_into(f, store, Path(dest)) for f in files]
+        with disk_full("fetch", store):  # a partial download stays (hidden) for the next fetch to resume
+            with _locked(store, src):
+                files = FETCHERS[src.scheme](req, store)
+            if cache_dir:
+                files = [_link_into(f, store, Path(dest)) for f in files]
     except LlamaCoreError as exc:
         raise type(exc)(redact(exc, secrets)) from None
     except Exception as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from llama_core.confine import SOURCE_ROOTS_ENV, confined, open_confined
 from llama_core.errors import LlamaCoreError
 from llama_core.fetch.redact import redact
 from llama_core.fetch.source import FetchRequest
@@ -77,12 +78,15 @@ class Reader(Protocol):
 
 
 class LocalReader:
-    """A local file or folder (copied, so a later change of the source does not reach the copy)."""
+    """A local file or folder (copied, so a later change of the source does not reach the copy). With
+    the request's `local_roots`, the source and each file opened must resolve inside them."""
 
     def __init__(self, req: FetchRequest) -> None:
-        self.src, self.root = req.src, Path(req.src.path)
+        self.src, self.root, self.roots = req.src, Path(req.src.path), req.local_roots
 
     def listing(self) -> list[RemoteFile]:
+        if self.roots is not None:
+            confined(self.src.path, self.roots, SOURCE_ROOTS_ENV)
         if self.root.is_file():
             return [self._file(self.root, "")]
         if self.root.is_dir():
@@ -96,8 +100,12 @@ class LocalReader:
         return RemoteFile(rel, shown, st.st_size, f"{st.st_size}:{st.st_mtime_ns}", str(path))
 
     def open(self, file: RemoteFile, offset: int) -> Stream:
-        try:
-            f = open(file.address, "rb")  # noqa: SIM115 - closed by the generator
+        try:  # closed by the generator
+            f = (
+                open(file.address, "rb")  # noqa: SIM115
+                if self.roots is None
+                else open_confined(file.address, self.roots)
+            )
         except FileNotFoundError:
             raise FetchError(f"source not found: {file.source}") from None
         f.seek(offset)

@@ -80,6 +80,8 @@ class FetchRequest:
     retry: RetryPolicy
     timeouts: Timeouts
     progress_interval: float
+    # the folders a local source must resolve inside, checked on each file as it is opened; None: any
+    local_roots: tuple[str, ...] | None = None
 
     @property
     def identity(self) -> str:

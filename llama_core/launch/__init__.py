@@ -14,6 +14,8 @@ What this adds to msrun, module by module:
 - `preflight`: log_dir writable, master port free, and no process left over from an earlier job on
   the same port or log folder (the reference's "Maybe the last training process is running"),
   naming its pids; orphans of a job that is stopping are waited for.
+- `lock`: the run-folder lock on the shared disk, so no two jobs train in one run folder even from
+  different hosts (a task delivered twice, a clear while the last try's ranks still run).
 - `job`: `MsrunJob` with start / wait / stop. A rank (or the scheduler) that exits non-zero or
   vanishes fails the job within a poll interval: the others are killed (whole process groups) instead
   of waiting for `cluster_time_out`, and `LaunchError` names the rank, its exit code, its log and the

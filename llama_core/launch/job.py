@@ -23,6 +23,7 @@ import psutil
 
 from llama_core.atomic import write_json_atomic
 from llama_core.errors import ConfigError
+from llama_core.launch.lock import RunFolderLock
 from llama_core.launch.preflight import free_port, preflight
 from llama_core.launch.results import LaunchError, LaunchResult, LaunchStopped, RankResult
 from llama_core.launch.status import (
@@ -80,7 +81,8 @@ class MsrunJob:
     `master_port=None` picks a port that is free now, so concurrent jobs on one node never share one.
     `devices`: physical NPU ids for local ranks 0..n-1 (sets ASCEND_RT_VISIBLE_DEVICES; msrun gives each
     rank DEVICE_ID=<local rank>). `env` is added to the inherited environment, so ASCEND_*/HCCL_*
-    settings of the caller reach every rank. `on_line(rank, line)` gets each rank's log lines live.
+    settings of the caller reach every rank. `on_line(rank, line)` gets each rank's log lines live;
+    `on_tick()` is called at every poll of `wait()` (about every POLL_S seconds) and must not raise.
     Call `start()` and `wait()` from one thread that lives as long as the job (the parent-death signal
     follows the thread that started msrun).
     """
@@ -100,6 +102,7 @@ class MsrunJob:
         devices: Sequence[int] | None = None,
         env: Mapping[str, str] | None = None,
         on_line: Callable[[int, str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
         command: Sequence[str] = DEFAULT_COMMAND,
     ) -> None:
         if not 0 < local_worker_num <= worker_num:
@@ -112,7 +115,7 @@ class MsrunJob:
         self.worker_num, self.local_worker_num, self.node_rank = worker_num, local_worker_num, node_rank
         self.master_addr, self.master_port = master_addr, master_port
         self.join, self.cluster_time_out = join, cluster_time_out
-        self.devices, self.env, self.on_line = devices, dict(env or {}), on_line
+        self.devices, self.env, self.on_line, self.on_tick = devices, dict(env or {}), on_line, on_tick
         self.log_dir = Path(log_dir).resolve()
         self.status_dir = self.log_dir / STATUS_DIRNAME
         self.msrun_log = self.log_dir / "msrun.log"
@@ -124,6 +127,7 @@ class MsrunJob:
         self._start = 0.0
         self._stop_reason: str | None = None
         self._waiting = False
+        self._lock = RunFolderLock(self.log_dir)
 
     # ------------------------------------------------------------ start
 
@@ -135,7 +139,14 @@ class MsrunJob:
         if self.master_port is None:
             self.master_port = free_port(self.master_addr)
         preflight(self.log_dir, self.master_addr, self.master_port, is_master)
+        self._lock.acquire()
+        try:
+            self._spawn(is_master)
+        except BaseException:
+            self._lock.release()
+            raise
 
+    def _spawn(self, is_master: bool) -> None:
         shutil.rmtree(self.status_dir, ignore_errors=True)
         self.status_dir.mkdir(parents=True)
         me = psutil.Process()
@@ -193,6 +204,7 @@ class MsrunJob:
                 env=child_env,
                 start_new_session=True,
                 preexec_fn=parent_death_signal(),
+                pass_fds=(self._lock.fd,),  # msrun holds the run-folder lock too, until it is gone
             )
 
     @property
@@ -219,6 +231,7 @@ class MsrunJob:
             raise
         finally:
             self._waiting = False
+            self._lock.release()
         if self._stop_reason is not None:
             msg = f"the msrun job was stopped: {self._stop_reason}; every rank was stopped"
             self.result = self._result(msg)
@@ -274,6 +287,8 @@ class MsrunJob:
             for p in self._watched:
                 p.poll()
             self._stream()
+            if self.on_tick is not None:
+                self.on_tick()
             failed = [p for p in self._watched if p.done and p.result.exit_code != 0]
             if failed and self._stop_reason is None:  # ranks a stop() just killed are not failures
                 # A rank with a real exit code is the cause; ranks msrun killed afterwards vanish without
@@ -316,6 +331,7 @@ class MsrunJob:
             self._signal_all()
         else:
             self._stop_all()
+            self._lock.release()
 
     def _signal_all(self) -> None:
         """SIGKILL msrun and every process it started; no waiting, so it is fit for a signal handler.

@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from llama_core.cli import ERROR_PREFIX
 from llama_core.launch.results import RankResult
 from llama_core.launch.status import SCHEDULER, is_running, read_json
 
 TAIL_LINES = 20
+# How long a stop waits for a wrapper whose command has ended to record its exit status (it does so
+# right after the command ends; a loaded node can delay that by a few hundred ms).
+RECORD_GRACE_S = 2.0
 
 
 class LogTail:
@@ -39,14 +46,18 @@ class LogTail:
 
 
 def last_lines(path: Path, n: int = TAIL_LINES) -> str:
-    """The last `n` lines of a log, for error messages."""
+    """The last `n` lines of a log, for error messages. The rank's own `error: ...` line (a
+    `LlamaCoreError` such as a full disk, as `cli.exit_code` prints it) leads when teardown noise has
+    pushed it out of those lines: it says why the rank failed."""
     try:
         with path.open("rb") as fh:
             fh.seek(max(0, path.stat().st_size - 64 * 1024))
             lines = fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
         return "(no log)"
-    return "\n".join(lines[-n:]) or "(empty log)"
+    tail = lines[-n:]
+    cause = next((line for line in reversed(lines[:-n]) if line.startswith(ERROR_PREFIX)), None)
+    return "\n".join([cause, "...", *tail] if cause else tail) or "(empty log)"
 
 
 def describe_exit(code: int | None) -> str:
@@ -96,16 +107,36 @@ class WatchedProcess:
 
     def kill(self) -> None:
         """Refresh, then SIGKILL the process group (wrapper + command + anything they started) while
-        the wrapper runs; one that already recorded its exit status keeps it."""
+        the wrapper runs; one that already recorded its exit status keeps it, and so does one whose
+        command has just ended on its own (its wrapper is about to record how)."""
         self.poll()
         if self.pgid is None or not self.alive():
             return
+        if self._command_ended():
+            deadline = time.monotonic() + RECORD_GRACE_S
+            while not self.poll() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.done:
+                return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signal.SIGKILL)
         if not self.done:
             self.result.exit_code = -signal.SIGKILL
             self.result.killed_by_launcher = True
             self.done = True
+
+    def _command_ended(self) -> bool:
+        """The wrapper runs but has no living child: its command ended (a rank that crashed or was
+        killed from outside), and a kill now would record that rank as stopped by the launcher."""
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return False
+        living = 0
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                living += child.status() != psutil.STATUS_ZOMBIE
+        return living == 0
 
     def lingering(self) -> bool:
         """Still to wait for when stopping: a wrapper that runs, or a rank msrun has started (it

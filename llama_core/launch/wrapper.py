@@ -27,7 +27,15 @@ from pathlib import Path
 import psutil
 
 from llama_core.atomic import write_json_atomic
-from llama_core.launch.status import STOP_FILE, is_running, launcher_of, parent_death_signal, status_name
+from llama_core.launch.lock import hold_ranks_lock
+from llama_core.launch.status import (
+    LOG_DIR_ENV,
+    STOP_FILE,
+    is_running,
+    launcher_of,
+    parent_death_signal,
+    status_name,
+)
 
 WATCHDOG_S = 0.5
 
@@ -56,7 +64,11 @@ def rank_wrapper(status_dir: Path, command: Sequence[str]) -> int:
         write_json_atomic(status_dir / f"{name}.exit.json", status)
         return 128 + signal.SIGKILL
     launcher = launcher_of(dict(os.environ))
-    child = subprocess.Popen(list(command), preexec_fn=parent_death_signal())
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    ranks_lock = hold_ranks_lock(Path(log_dir)) if log_dir else None
+    # The rank holds the ranks lock too: a new job in this folder waits until the rank is gone.
+    lock_fds = () if ranks_lock is None else (ranks_lock,)
+    child = subprocess.Popen(list(command), preexec_fn=parent_death_signal(), pass_fds=lock_fds)
     if launcher is not None:
         threading.Thread(target=_watch_launcher, args=(*launcher, name), daemon=True).start()
 

@@ -14,7 +14,7 @@ _EXPORTS = {
     "LlamaConfig": "config",
     "LlamaForCausalLM": "llama",
     "LlamaModel": "llama",
-    "LoraConfig": "lora",
+    "LoraConfig": "lora_config",
     "apply_lora": "lora",
     "is_lora_parameter": "lora",
     "lora_num_parameters": "lora",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -316,7 +317,7 @@ class LlamaConfig:
                 f"model_config.max_position_embedding {self.max_position_embedding} is below "
                 f"seq_length {self.seq_length}"
             )
-        if self.rms_norm_eps <= 0 or self.theta <= 0:
+        if not all(0 < value < math.inf for value in (self.rms_norm_eps, self.theta)):  # NaN fails too
             raise ConfigError("model_config.rms_norm_eps and theta must be positive")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)

@@ -13,18 +13,14 @@ input columns, its partial products summed over the ranks before B, which is who
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-from collections.abc import Mapping
-from typing import Any
 
 from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import HeUniform, Zero, initializer
 
-from llama_core.errors import ConfigError
 from llama_core.model.config import LORA_PREFIXES, LlamaConfig
 from llama_core.model.llama import DTYPES, Linear
+from llama_core.model.lora_config import LoraConfig
 
 # MindPet's prefix first, then the older one.
 LORA_PREFIX, _LEGACY_LORA_PREFIX = (f"{prefix}lora_" for prefix in LORA_PREFIXES)
@@ -37,56 +33,6 @@ def normalize_lora_name(name: str) -> str:
 
 def is_lora_parameter(name: str) -> bool:
     return ("." + LORA_PREFIX) in normalize_lora_name(name)
-
-
-@dataclasses.dataclass
-class LoraConfig:
-    """LoRA settings (docs/REFERENCE.md, config values). `target_modules` is matched with re.match against
-    Linear cell names such as `model.layers.0.attention.wq`, as MindFormers does."""
-
-    rank: int = 16
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: str = r".*wq|.*wk|.*wv|.*wo"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"pet_config.lora_rank must be a positive integer, got {self.rank!r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"pet_config.lora_alpha must be positive, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"pet_config.lora_dropout must be in [0, 1), got {self.dropout!r}")
-        try:
-            re.compile(self.target_modules)
-        except re.error as exc:
-            raise ConfigError(
-                f"pet_config.target_modules {self.target_modules!r} is not a regex: {exc}"
-            ) from exc
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @classmethod
-    def from_pet_config(cls, pet_config: Mapping[str, Any]) -> LoraConfig:
-        """Build from MindFormers' `model.model_config.pet_config` (pet_type lora, lora_rank, lora_alpha,
-        lora_dropout, target_modules); other keys raise ConfigError naming them."""
-        names = {
-            "lora_rank": "rank",
-            "lora_alpha": "alpha",
-            "lora_dropout": "dropout",
-            "target_modules": "target_modules",
-        }
-        pet_type = pet_config.get("pet_type", "lora")
-        if pet_type != "lora":
-            raise ConfigError(f"pet_config.pet_type {pet_type!r} is not supported (only 'lora')")
-        unknown = sorted(k for k in pet_config if k not in names and k != "pet_type")
-        if unknown:
-            raise ConfigError(f"pet_config: unknown key(s) {', '.join(unknown)}")
-        return cls(**{names[k]: v for k, v in pet_config.items() if k in names})
-
-    def matches(self, cell_name: str) -> bool:
-        return re.match(self.target_modules, cell_name) is not None
 
 
 class LoraLinear(Linear):
@@ -125,23 +71,18 @@ def apply_lora(model: nn.Cell, cfg: LoraConfig) -> list[str]:
     """
     config: LlamaConfig = model.config
     cells = dict(model.cells_and_names())
-    targets = [
-        (name, cell)
-        for name, cell in cells.items()
-        if isinstance(cell, Linear) and not isinstance(cell, LoraLinear) and cfg.matches(name)
-    ]
-    if not targets:
-        raise ConfigError(f"pet_config.target_modules {cfg.target_modules!r} matches no Linear layer")
-    for name, cell in targets:
+    linears = [n for n, c in cells.items() if isinstance(c, Linear) and not isinstance(c, LoraLinear)]
+    targets = cfg.targets(linears)
+    for name in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = cells[parent_name]
-        wrapped = LoraLinear(cell, cfg, config)
+        wrapped = LoraLinear(cells[name], cfg, config)
         setattr(parent, attr, wrapped)
         # parameter names are fixed when a cell is attached; give the new ones their full path
         wrapped.update_parameters_name(name + ".")
     for param in model.get_parameters():
         param.requires_grad = is_lora_parameter(param.name)
-    return [name for name, _ in targets]
+    return targets
 
 
 def lora_num_parameters(config: LlamaConfig, cfg: LoraConfig) -> int:

@@ -12,8 +12,8 @@ import numpy as np
 from llama_core.atomic import write_json_atomic
 from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
+from llama_core.train.components import build_model, evaluate, load_base, setup_context
 from llama_core.train.dataset import inspect_dataset
-from llama_core.train.trainer import build_model, evaluate, load_base, setup_context
 
 logger = logging.getLogger("llama_core.train")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import mindspore as ms
 
-from llama_core.atomic import atomic_path, clean_leftovers, remove_path
+from llama_core.atomic import atomic_path, clean_leftovers, disk_full, remove_path
 from llama_core.errors import InputError
 from llama_core.train.outputs import (
     checkpoint_path,
@@ -56,9 +56,11 @@ def save(
     keep_max: int,
     loss_scale: float = 1.0,
 ) -> Path:
-    """Write one checkpoint atomically, then delete the oldest beyond `keep_max`."""
+    """Write one checkpoint atomically, then delete the oldest beyond `keep_max`: only once the new one
+    is complete, so a save that fails (a full disk) leaves every earlier checkpoint as it was."""
     final = checkpoint_path(output_dir, prefix, rank, counters.epoch, counters.step_in_epoch)
     clean_leftovers(final.parent, final.name)
+    earlier = list_checkpoints(final.parent, prefix, rank)
 
     def keep(name: str) -> bool:
         if name.startswith(TRANSIENT):
@@ -72,14 +74,16 @@ def save(
         "step_num": counters.step_in_epoch,
         "loss_scale": float(loss_scale),
     }
-    with atomic_path(final) as tmp:
+    needs = earlier[-1].stat().st_size if earlier else None  # the last one's size: a full disk's message
+    with disk_full("finetune", final, needs=needs), atomic_path(final) as tmp:
         # save_checkpoint appends ".ckpt" to names without it: write there, then move onto tmp.
         staging = Path(f"{tmp}.ckpt")
         try:
             ms.save_checkpoint(cell, str(staging), append_dict=append, choice_func=keep, crc_check=True)
             os.replace(staging, tmp)
-        finally:
+        finally:  # and its own temporary file (`<name>.tmp`), which a failed save leaves behind
             remove_path(staging)
+            remove_path(staging.with_suffix(".tmp"))
     for old in list_checkpoints(final.parent, prefix, rank)[:-keep_max]:
         remove_path(old)
         logger.info("removed old checkpoint %s (keep_checkpoint_max %d)", old.name, keep_max)

@@ -15,8 +15,8 @@
   save          one checkpoint per rank (names and folders: `outputs`)
   summary       the TrainResult; rank 0 writes it to OUTPUT/train_summary.json
 
-The components the recipe shares with `predict` (context, model, base weights, evaluation) are
-module functions; the run's state lives in the recipe.
+The components it shares with `predict` (context, model, base weights, evaluation) are in
+`components`; the run's state lives in the recipe.
 """
 
 from __future__ import annotations
@@ -30,14 +30,26 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import nn
 
-from llama_core.atomic import write_json_atomic
+from llama_core.atomic import disk_full, write_json_atomic
 from llama_core.config import TrainConfig
 from llama_core.errors import ConfigError, InputError
-from llama_core.model.parallel import NO_PARALLEL, TensorParallel, group_ranks
 from llama_core.progress import human_seconds
 from llama_core.train import state as train_state
+from llama_core.train.components import (
+    Runtime,
+    SumOverRanks,
+    adamw,
+    build_model,
+    evaluate,
+    gather_over_ranks,
+    learning_rates,
+    load_base,
+    min_over_ranks,
+    model_inputs,
+    setup_context,
+)
 from llama_core.train.dataset import (
     DatasetInfo,
     ShardPlan,
@@ -47,10 +59,10 @@ from llama_core.train.dataset import (
     content_length,
     epoch_batches,
     inspect_dataset,
-    read_batches,
     supervised_tokens,
     trim_to_bucket,
 )
+from llama_core.train.live import ProgressWriter
 from llama_core.train.outputs import (
     SUMMARY_NAME,
     TRAINED_LAYOUT_FORMAT,
@@ -58,7 +70,6 @@ from llama_core.train.outputs import (
     checkpoint_path,
     rank_dir,
 )
-from llama_core.train.schedule import lr_array
 from llama_core.train.step import TrainStep
 
 logger = logging.getLogger("llama_core.train")
@@ -85,181 +96,6 @@ class TrainResult:
     # runner_config.length_buckets: the sizes, micro-batches per size, the graphs compiled and the time
     # of each one's first call (compile + one step)
     length_buckets: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Runtime:
-    """Rank and world size once the MindSpore context is set; with model_parallel > 1 the rank's
-    tensor-parallel group (`tp`) and the data-parallel group of the ranks holding the same slices."""
-
-    rank: int = 0
-    world_size: int = 1
-    dp: int = 1
-    dp_index: int = 0
-    dp_group: str | None = None  # None: every rank (model_parallel 1)
-    tp: TensorParallel = NO_PARALLEL
-
-
-def create_groups(rt: Runtime, dp: int, mp: int) -> Runtime:
-    """This rank's tensor-parallel and data-parallel communication groups (`parallel.group_ranks`)."""
-    from mindspore.communication import create_group
-
-    mp_ranks, dp_ranks = group_ranks(dp, mp, rt.rank)
-    tp_group = f"tp_{mp_ranks[0]}"
-    create_group(tp_group, mp_ranks)
-    dp_group = None
-    if dp > 1:
-        dp_group = f"dp_{dp_ranks[0]}"
-        create_group(dp_group, dp_ranks)
-    tp = TensorParallel(size=mp, index=mp_ranks.index(rt.rank), group=tp_group)
-    logger.info(
-        "rank %d: tensor parallel with ranks %s, data parallel with ranks %s", rt.rank, mp_ranks, dp_ranks
-    )
-    return Runtime(rt.rank, rt.world_size, dp, dp_ranks.index(rt.rank), dp_group, tp)
-
-
-def setup_context(tc: TrainConfig) -> Runtime:
-    """Set graph/PyNative mode and device; under msrun initialise communication, data parallel and
-    the tensor-parallel groups."""
-    kwargs: dict[str, Any] = {"mode": tc.mode, "device_target": tc.device_target}
-    if tc.max_device_memory and tc.device_target != "CPU":
-        kwargs["max_device_memory"] = tc.max_device_memory
-    if not tc.use_parallel and tc.device_target != "CPU":
-        kwargs["device_id"] = tc.device_id
-    ms.set_context(**kwargs)
-    if not tc.use_parallel:
-        if tc.model_parallel > 1:
-            raise ConfigError(
-                f"parallel_config.model_parallel = {tc.model_parallel} runs on ranks launched with msrun "
-                "(llama-lora launch, or --use_parallel True under msrun)"
-            )
-        return Runtime()
-    from mindspore.communication import get_group_size, get_rank, init
-
-    init()
-    rt = Runtime(rank=get_rank(), world_size=get_group_size(), dp=get_group_size(), dp_index=get_rank())
-    if rt.world_size != tc.layout.world_size:
-        raise ConfigError(
-            f"parallel_config.data_parallel x model_parallel is {tc.data_parallel} x {tc.model_parallel} "
-            f"but {rt.world_size} ranks were launched (set --parallel_config.data_parallel "
-            f"{max(rt.world_size // tc.model_parallel, 1)})"
-        )
-    ms.reset_auto_parallel_context()
-    ms.set_auto_parallel_context(
-        parallel_mode=ms.ParallelMode.DATA_PARALLEL,
-        gradients_mean=tc.gradients_mean,
-        device_num=rt.world_size,
-    )
-    if tc.parallel_mode != 0:
-        logger.info(
-            "parallel.parallel_mode %d: running data parallel x %d-way tensor parallel as written in "
-            "llama_core.model.parallel",
-            tc.parallel_mode,
-            tc.model_parallel,
-        )
-    if tc.model_parallel > 1:
-        rt = create_groups(rt, tc.data_parallel, tc.model_parallel)
-    return rt
-
-
-def build_model(tc: TrainConfig, tp: TensorParallel = NO_PARALLEL) -> nn.Cell:
-    """LlamaForCausalLM (this rank's slices under tensor parallelism `tp`) with LoRA applied (and
-    base weights frozen) when `pet_config` is set, and `recompute_config`'s recomputation.
-
-    Initial weights come from the global seed, so every rank starts identical.
-    """
-    from llama_core.model import LlamaConfig, LlamaForCausalLM, LoraConfig, apply_lora
-    from llama_core.model.llama import apply_recompute
-
-    model = LlamaForCausalLM(LlamaConfig.from_dict(tc.model_config), tp)  # it leaves pet_config to LoRA
-    if tc.pet_config:
-        apply_lora(model, LoraConfig.from_pet_config(tc.pet_config))
-    apply_recompute(model, tc.recompute, tc.select_recompute)
-    return model
-
-
-def load_base(model: nn.Cell, tc: TrainConfig, rank: int) -> None:
-    """`load_checkpoint`: a file, or a folder with rank_<i>/ sub-folders (this rank's file). Under
-    tensor parallelism it must be the shard stage's folder: each rank reads only its own slices."""
-    from llama_core.model.weights import load_weights
-
-    if tc.load_checkpoint and tc.model_parallel > 1 and not Path(tc.load_checkpoint).is_dir():
-        raise ConfigError(
-            f"load_checkpoint {tc.load_checkpoint} is one file, but parallel_config.model_parallel = "
-            f"{tc.model_parallel} loads each rank's slices: shard it first (llama-lora shard)"
-        )
-    if tc.load_checkpoint:
-        load_weights(model, train_state.base_checkpoint_file(tc.load_checkpoint, rank))
-    elif tc.run_mode == "finetune":
-        logger.warning("run_mode finetune without load_checkpoint: starting from random weights")
-
-
-def model_inputs(batch: tuple[np.ndarray, ...]) -> tuple[ms.Tensor | None, ...]:
-    """A batch from `read_batches` as the model's (input_ids, labels, doc_ends) tensors."""
-    doc_ends = ms.Tensor(batch[2]) if len(batch) > 2 else None
-    return ms.Tensor(batch[0]), ms.Tensor(batch[1]), doc_ends
-
-
-def evaluate(model: nn.Cell, data: DatasetInfo, batch_size: int, seq_length: int) -> tuple[float, float]:
-    """Mean loss over the eval batches (docs/REFERENCE.md's loss, per batch) and its perplexity exp(loss)."""
-    model.set_train(False)
-    losses = []
-    try:
-        for i, batch in enumerate(read_batches(data, batch_size, None, drop_remainder=False)):
-            check_batch(batch[0], batch[1], seq_length, f"{data.path} (eval batch {i})")
-            losses.append(float(model(*model_inputs(batch)).asnumpy()))
-    finally:
-        model.set_train(True)
-    if not losses:
-        raise InputError(f"{data.path}: eval dataset is empty")
-    loss = float(np.mean(losses))
-    return loss, math.exp(min(loss, 700.0))
-
-
-def learning_rates(tc: TrainConfig, total: int) -> np.ndarray:
-    """One learning rate per optimizer step of the run; past an explicit, shorter `total_steps`
-    the schedule holds lr_end."""
-    schedule_steps = tc.total_steps if tc.total_steps > 0 else total
-    lrs = lr_array(tc.lr_schedule_type, schedule_steps, tc.learning_rate, tc.warmup_ratio, tc.lr_end)
-    if len(lrs) < total:
-        lrs = np.concatenate([lrs, np.full(total - len(lrs), tc.lr_end, np.float32)])
-    return lrs
-
-
-def adamw(trainable: list[ms.Parameter], tc: TrainConfig, lrs: np.ndarray) -> nn.Optimizer:
-    """AdamW over the trainable parameters; norms (1-D) are not decayed, as usual for AdamW."""
-    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": tc.weight_decay}]
-    rest = [p for p in trainable if p.ndim <= 1]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    return nn.AdamWeightDecay(
-        groups, learning_rate=ms.Tensor(lrs), beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps
-    )
-
-
-class _SumOverRanks(nn.Cell):
-    """Sum over all ranks as a compiled cell (CPU has neither an eager collective nor MIN/int32)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reduce = ops.AllReduce()
-
-    def construct(self, x: ms.Tensor) -> ms.Tensor:
-        return self.reduce(x)
-
-
-def gather_over_ranks(value: int, rt: Runtime, cell: nn.Cell | None = None) -> np.ndarray:
-    """Every rank's `value`, in rank order; every rank must call it. Pass one `_SumOverRanks` cell
-    to reuse its compiled graph across calls."""
-    # each rank fills its own slot, the sum gathers them all (float32 is exact for counts < 2**24)
-    slots = np.zeros(rt.world_size, np.float32)
-    slots[rt.rank] = value
-    return (_SumOverRanks() if cell is None else cell)(ms.Tensor(slots)).asnumpy().astype(np.int64)
-
-
-def min_over_ranks(value: int, rt: Runtime) -> int:
-    """The smallest of every rank's `value`; every rank must call it."""
-    return int(gather_over_ranks(value, rt).min())
 
 
 class TrainRecipe:
@@ -293,6 +129,7 @@ class TrainRecipe:
         self.bucket_counts: dict[int, int] = {}
         self.graphs: list[dict[str, Any]] = []  # one per (sequence length, apply_update) compiled
         self.lengths_cell: nn.Cell | None = None
+        self.live: ProgressWriter | None = None  # rank 0's progress.json
 
     def run(self) -> TrainResult:
         """Run training (or fine-tuning) as configured and return what happened."""
@@ -304,6 +141,8 @@ class TrainRecipe:
         self.resume()
         self.loop()
         self.evaluate_at_end()
+        if self.live is not None:
+            self.live.set_state("done")
         return self.summary()
 
     # -- set-up
@@ -376,10 +215,12 @@ class TrainRecipe:
         self.plan = plan
         self.total = tc.epochs * self.steps_per_epoch
         self.tokens_per_step = tc.batch_size * tc.seq_length * accum
+        if self.rt.rank == 0:
+            self.live = ProgressWriter(Path(tc.output_dir), self.total, tc.epochs)
         if tc.length_buckets:
             self.buckets = bucket_sizes(tc.seq_length, tc.length_bucket_sizes)
             if self.rt.world_size > 1:
-                self.lengths_cell = _SumOverRanks()
+                self.lengths_cell = SumOverRanks()
             logger.info(
                 "length buckets %s: each global batch runs at the smallest that holds its longest record",
                 self.buckets,
@@ -437,6 +278,8 @@ class TrainRecipe:
             )
         self.start = start
         self.global_step = start.global_step
+        if self.live is not None and self.resumed_from is not None:
+            self.live.resume(start.global_step)  # the curve so far, from the earlier try's file
 
     def resume_point(self) -> tuple[Path, dict[str, Any]] | None:
         """This rank's checkpoint to resume from. Ranks must resume from the same step: the
@@ -474,6 +317,7 @@ class TrainRecipe:
         in_epoch = skip
         micro_losses: list[float] = []
         micro_seqs: list[int] = []
+        real_tokens = 0  # this rank's non-pad input tokens in the step
         t0 = time.perf_counter()
         for micro, batch in enumerate(epoch_batches(self.data, self.plan, epoch - 1, skip * accum)):
             if in_epoch >= self.steps_per_epoch:
@@ -483,6 +327,7 @@ class TrainRecipe:
                 ids, labels, f"{tc.train_dataset_dir} (epoch {epoch}, batch {skip * accum + micro})"
             )
             apply = (micro + 1) % accum == 0
+            real_tokens += int(np.count_nonzero(ids[:, :-1] != self.pad_id))
             ids, labels = self.to_bucket(ids, labels)
             ids_t, labels_t, doc_ends = model_inputs((ids, labels, *batch[2:]))
             t_call = time.perf_counter()
@@ -497,14 +342,18 @@ class TrainRecipe:
             seqs, micro_losses, micro_seqs = micro_seqs, [], []
             now = time.perf_counter()
             dt, t0 = now - t0, now  # saves and evals below stay out of the next step's time
-            self.end_step(epoch, in_epoch, loss, norm, dt, seqs)
+            self.end_step(epoch, in_epoch, loss, norm, dt, seqs, real_tokens)
+            real_tokens = 0
         return in_epoch
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tc.model_config.get("pad_token_id", 0))
 
     def check_micro_batch(self, ids: np.ndarray, labels: np.ndarray, where: str) -> None:
         check_batch(ids, labels, self.tc.seq_length, where)
-        pad_id = int(self.tc.model_config.get("pad_token_id", 0))
         ignore_id = int(self.tc.model_config.get("ignore_token_id", -100))
-        if supervised_tokens(ids, labels, pad_id, ignore_id) == 0:
+        if supervised_tokens(ids, labels, self.pad_id, ignore_id) == 0:
             # its loss is 0 and its gradient nothing: say so rather than log a perfect loss
             logger.warning(
                 "%s: no supervised token in this batch (every label masked): it teaches nothing; "
@@ -518,8 +367,7 @@ class TrainRecipe:
         batch's content: a resumed run trims exactly as the first did."""
         if not self.buckets:
             return ids, labels
-        pad_id = int(self.tc.model_config.get("pad_token_id", 0))
-        length = content_length(ids, pad_id)
+        length = content_length(ids, self.pad_id)
         if self.lengths_cell is None:
             lengths = [length]
         else:
@@ -542,10 +390,17 @@ class TrainRecipe:
         )
 
     def end_step(
-        self, epoch: int, in_epoch: int, loss: float, norm: float, dt: float, seqs: list[int]
+        self,
+        epoch: int,
+        in_epoch: int,
+        loss: float,
+        norm: float,
+        dt: float,
+        seqs: list[int],
+        real_tokens: int,
     ) -> None:
         """Count an optimizer step and log it (`seq`: its micro-batches' sequence lengths, the
-        length buckets); save and evaluate when due."""
+        length buckets; `real_tokens`: this rank's non-pad input tokens); save and evaluate when due."""
         tc = self.tc
         lr = float(self.lrs[self.global_step])
         self.global_step += 1
@@ -555,6 +410,7 @@ class TrainRecipe:
         self.series.append(
             {"step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm}
         )
+        eta_s = (self.typical_step_time() or dt) * (self.total - self.global_step)
         logger.info(
             "epoch=%d/%d step=%d/%d loss=%.6f lr=%.6e step_time=%.3fs tokens_per_s_device=%.1f "
             "grad_norm=%.6f seq=%s eta=%s",
@@ -568,8 +424,10 @@ class TrainRecipe:
             self.tokens_per_step / dt,
             norm,
             ",".join(map(str, seqs)),
-            human_seconds(self.typical_step_time() * (self.total - self.global_step)),
+            human_seconds(eta_s),
         )
+        if self.live is not None:
+            self.live.step(self.global_step, epoch, loss, lr, real_tokens / dt, eta_s)
         if self.global_step % tc.save_checkpoint_steps == 0:
             self.save(epoch, in_epoch)
         if tc.do_eval and tc.eval_step_interval > 0 and self.global_step % tc.eval_step_interval == 0:
@@ -588,6 +446,8 @@ class TrainRecipe:
             self.eval_data = inspect_dataset(tc.eval_dataset_dir)
         self.eval_loss, self.eval_ppl = evaluate(self.model, self.eval_data, tc.batch_size, tc.seq_length)
         self.evals.append({"step": self.global_step, "loss": self.eval_loss, "perplexity": self.eval_ppl})
+        if self.live is not None:
+            self.live.eval(self.global_step, self.eval_loss)
         logger.info(
             "eval step=%d/%d loss=%.6f perplexity=%.4f",
             self.global_step,
@@ -689,4 +549,5 @@ class TrainRecipe:
 
 def train(tc: TrainConfig) -> TrainResult:
     """Run training (or fine-tuning from `load_checkpoint`) as configured; return what happened."""
-    return TrainRecipe(tc).run()
+    with disk_full("finetune", tc.output_dir):
+        return TrainRecipe(tc).run()
