@@ -681,36 +681,38 @@ def ui_log_items(page: Any) -> dict[int, str]:
     return dict(sorted(items.items()))
 
 
-def ui_scroll_log_to(page: Any, locator: Any) -> None:
-    """Scroll the (virtualised) log view from the top until `locator` is rendered, then onto it."""
-    from playwright.sync_api import Error as PlaywrightError
+def ui_scroll_log_to(page: Any, header_text: str) -> None:
+    """Scroll the (virtualised) log view until the group header holding `header_text` is in sight.
 
+    Each probe finds the header and scrolls onto it inside one JS call: between two Playwright calls
+    the virtualiser may re-render or drop its rows (wrapped lines change height once measured), which
+    made a locator found by `count()` vanish before `scroll_into_view_if_needed`."""
     container = page.get_by_test_id("virtual-scroll-container")
-    container.evaluate("el => { el.scrollTop = 0; }")
-    for _ in range(2000):
-        page.wait_for_timeout(60)
-        if locator.count():
-            try:
-                locator.first.scroll_into_view_if_needed(timeout=10_000)
-            except PlaywrightError as e:
-                # the virtualiser re-rendered its rows between count() and the scroll (Playwright does not
-                # retry "not attached to the DOM" here): find the row again
-                if "not attached" not in str(e):
-                    raise
-                continue
-            # let the virtualiser measure the rows now in sight (wrapped lines change their height)
-            for nudge in (1, -1):
-                page.wait_for_timeout(300)
-                container.evaluate(f"el => {{ el.scrollTop += {nudge}; }}")
-            page.wait_for_timeout(300)
-            return
-        at_end = container.evaluate(
-            "el => { const end = el.scrollTop + el.clientHeight >= el.scrollHeight - 2;"
-            " el.scrollTop += Math.max(50, el.clientHeight * 0.7); return end; }"
-        )
-        if at_end:
-            break
-    raise AssertionError(f"{locator} is not in the log view")
+    probe = """(el, text) => {
+        const header = [...el.querySelectorAll('[data-testid^="group-header-"]')]
+            .find(h => h.innerText.includes(text));
+        if (header) {
+            header.scrollIntoView({block: "center"});
+            const box = header.getBoundingClientRect(), view = el.getBoundingClientRect();
+            return box.top >= view.top && box.bottom <= view.bottom ? "seen" : "moved";
+        }
+        const end = el.scrollTop + el.clientHeight >= el.scrollHeight - 2;
+        el.scrollTop += Math.max(50, el.clientHeight * 0.7);
+        return end ? "end" : "next";
+    }"""
+    for _ in range(3):  # from the top again if the rows moved under the scan
+        container.evaluate("el => { el.scrollTop = 0; }")
+        settled = 0
+        for _ in range(2000):
+            page.wait_for_timeout(60 if not settled else 300)
+            state = container.evaluate(probe, header_text)
+            if state == "end":
+                break
+            # in sight on two probes 300 ms apart: the virtualiser has measured the rows around it
+            settled = settled + 1 if state == "seen" else 0
+            if settled == 2:
+                return
+    raise AssertionError(f"no log group header holding {header_text!r} in the log view")
 
 
 class FinetuneTab:

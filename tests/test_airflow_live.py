@@ -804,14 +804,14 @@ def browse_one_rank_log(
             ui_toggle_log_setting(page, "Wrap")  # long lines wrap: each line's source shows at its end
             header = page.get_by_test_id(re.compile(r"^group-header-")).filter(has_text=f"rank {rank}: ")
             page.wait_for_timeout(500)  # the settings menu fades out
-            ui_scroll_log_to(page, header)
+            ui_scroll_log_to(page, f"rank {rank}: ")
             page.screenshot(path=str(shots / f"2-source-{source}.png"))
             filtered = ui_log_items(page)
 
-            ui_scroll_log_to(page, header)
+            ui_scroll_log_to(page, f"rank {rank}: ")
             header.first.click()  # expand the rank's summary group
             page.wait_for_timeout(500)
-            ui_scroll_log_to(page, header)
+            ui_scroll_log_to(page, f"rank {rank}: ")
             page.screenshot(path=str(shots / f"3-{source}-summary-group-expanded.png"))
             expanded = ui_log_items(page)
         finally:
