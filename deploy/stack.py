@@ -88,6 +88,7 @@ def airflow_settings(
     dags_folder: str,
     work_root: str,
     pipelines: str,
+    source_hosts: str = "",
 ) -> dict[str, str]:
     """Every setting the components share (environment variables), given the deployment's addresses
     and secrets. The long-run settings are explained in docs/operations.md."""
@@ -129,6 +130,7 @@ def airflow_settings(
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "llama_core.launch.cluster.node_address",
         "LLAMA_LORA_WORK_ROOT": work_root,
         "LLAMA_LORA_SOURCE_ROOTS": work_root,  # local sources: inside the work root (docs/operations.md)
+        "LLAMA_LORA_SOURCE_HOSTS": source_hosts,  # the http(s) hosts a trigger may name; empty: any
         "LLAMA_LORA_PIPELINES": pipelines,
     }
 
@@ -227,6 +229,7 @@ class Stack:
             dags_folder=str(self.repo / "dags"),
             work_root=str(self.root / "work"),
             pipelines=str(self.root / "pipelines"),
+            source_hosts=os.environ.get("LLAMA_LORA_SOURCE_HOSTS", ""),  # the operator's, as compose's .env
         )
         venv_bin = str(Path(sys.executable).parent)
         return {

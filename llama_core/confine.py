@@ -5,7 +5,10 @@ Anyone who may trigger a run may set its params, so a param is never trusted to 
 source must resolve (symlinks and `..` first) inside `LLAMA_LORA_SOURCE_ROOTS` and a config inside
 `LLAMA_LORA_CONFIG_ROOTS` (each colon-separated), and be a regular file or a folder. Pipeline files,
 like DAG files, stay trusted. `open_confined` repeats the check on the file actually opened, so a
-symlink swapped after validate does not escape either. No Airflow, no MindSpore.
+symlink swapped after validate does not escape either. An http(s) source may name only the hosts of
+`LLAMA_LORA_SOURCE_HOSTS` when it is set (comma-separated), its redirects too: a trigger cannot make a
+worker read an internal service (a cloud metadata address, an admin API) into the run folder, from
+where a stage's error message would quote it. No Airflow, no MindSpore.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from llama_core.errors import ConfigError
 
 SOURCE_ROOTS_ENV = "LLAMA_LORA_SOURCE_ROOTS"
+SOURCE_HOSTS_ENV = "LLAMA_LORA_SOURCE_HOSTS"
 CONFIG_ROOTS_ENV = "LLAMA_LORA_CONFIG_ROOTS"
 PIPELINES_ENV = "LLAMA_LORA_PIPELINES"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs (and pipelines)
@@ -39,6 +44,58 @@ def _env_roots(name: str) -> tuple[str, ...]:
 def source_roots(work_root: str | os.PathLike[str]) -> tuple[str, ...]:
     """The folders a local source must resolve inside: `LLAMA_LORA_SOURCE_ROOTS`, else the work root."""
     return tuple(os.path.realpath(root) for root in _env_roots(SOURCE_ROOTS_ENV) or (os.fspath(work_root),))
+
+
+def source_hosts() -> tuple[str, ...]:
+    """The hosts an http(s) source may name: `LLAMA_LORA_SOURCE_HOSTS`, comma-separated `host`,
+    `host:port`, `*.domain` or `[ipv6]:port` (a host without a port: any port); empty: any host.
+    A malformed entry raises ConfigError naming the variable."""
+    hosts = tuple(
+        part.strip().lower() for part in os.environ.get(SOURCE_HOSTS_ENV, "").split(",") if part.strip()
+    )
+    for pattern in hosts:
+        _pattern_parts(pattern)
+    return hosts
+
+
+def _pattern_parts(pattern: str) -> tuple[str, int | None]:
+    parts = urlsplit(f"//{pattern}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.hostname or port == -1 or parts.netloc != pattern or "@" in pattern:
+        raise ConfigError(f"{SOURCE_HOSTS_ENV}: {pattern!r} is not a host, host:port or *.domain")
+    return parts.hostname, port
+
+
+def check_host(url: str, hosts: Sequence[str]) -> None:
+    """An http(s) `url` must name one of `hosts` (see `source_hosts`; none: any host). The message names
+    the host and port only: the rest of the URL may hold a token."""
+    if not hosts:
+        return
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    # urlsplit and urllib3 disagree on some authorities ("a\\@b": urlsplit reads host b, urllib3 a):
+    # only a plain one is checked, so the host checked is the host requested
+    hostport = parts.netloc.rpartition("@")[2]
+    if not host or "\\" in parts.netloc or "%" in hostport or any(c.isspace() for c in parts.netloc):
+        raise ConfigError("the URL's host is not a plain host name or address")
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        raise ConfigError("the URL's port is not a number") from None
+    for pattern in hosts:
+        allowed, allowed_port = _pattern_parts(pattern)
+        if allowed_port not in (None, port):
+            continue
+        if host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:])):
+            return
+    shown = f"[{host}]" if ":" in host else host
+    raise ConfigError(
+        f"host {shown}:{port} is not among the allowed source hosts {','.join(hosts)} "
+        f"(set {SOURCE_HOSTS_ENV} on the workers to allow another host)"
+    )
 
 
 def config_roots(*trusted: str | os.PathLike[str]) -> tuple[str, ...]:

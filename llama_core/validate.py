@@ -26,9 +26,11 @@ from llama_core.config import Layout, TrainConfig, apply_overrides, load_config
 from llama_core.confine import (
     CONFIG_ROOTS_ENV,
     SOURCE_ROOTS_ENV,
+    check_host,
     check_path_overrides,
     config_roots,
     confined,
+    source_hosts,
     source_roots,
 )
 from llama_core.data.chat import CHAT_TEMPLATES
@@ -70,6 +72,7 @@ class ValidatedRun:
     ranks_per_node: int = 0  # world_size // nodes
     node_ranks: tuple[int, ...] = (0,)  # what the fine-tune is mapped over: one task per node
     source_roots: tuple[str, ...] = ()  # where the fetch tasks may read a local source
+    source_hosts: tuple[str, ...] = ()  # the hosts an http(s) source may name; empty: any
 
 
 def _param_error(name: str, problem: str) -> ConfigError:
@@ -103,9 +106,12 @@ def check_work_dir(work_dir: Any, work_root: str | os.PathLike[str]) -> str:
     return resolved
 
 
-def check_source(params: Mapping[str, Any], name: str, roots: Sequence[str]) -> None:
+def check_source(
+    params: Mapping[str, Any], name: str, roots: Sequence[str], hosts: Sequence[str] = ()
+) -> None:
     """`<name>_url` parses as a fetchable source (a local path must be absolute and resolve to a file
-    or folder inside `roots`) and `<name>_sha256`, when given, is 64 hex digits."""
+    or folder inside `roots`; an http(s) URL must name one of `hosts`, when given) and `<name>_sha256`,
+    when given, is 64 hex digits."""
     url = params.get(f"{name}_url")
     if not isinstance(url, str) or not url.strip():
         raise _param_error(f"{name}_url", "is empty")
@@ -118,6 +124,11 @@ def check_source(params: Mapping[str, Any], name: str, roots: Sequence[str]) -> 
             raise _param_error(f"{name}_url", f"a local path must be absolute, got {source.redacted!r}")
         try:
             confined(source.path, roots, SOURCE_ROOTS_ENV)
+        except ConfigError as exc:
+            raise _param_error(f"{name}_url", str(exc)) from exc
+    if source.scheme == "http":
+        try:
+            check_host(source.url, hosts)
         except ConfigError as exc:
             raise _param_error(f"{name}_url", str(exc)) from exc
     digest = params.get(f"{name}_sha256")
@@ -265,9 +276,9 @@ def validate_run(
 
     Local sources must resolve inside `source_roots(work_root)`, the config inside `config_root_dirs`
     (default: `config_roots()`)."""
-    sources = source_roots(work_root)
+    sources, hosts = source_roots(work_root), source_hosts()
     for name in SOURCES:
-        check_source(params, name, sources)
+        check_source(params, name, sources, hosts)
     work_dir = check_work_dir(params.get("work_dir"), work_root)
     device_target = params.get("device_target")
     if device_target not in DEVICE_TARGETS:
@@ -287,6 +298,7 @@ def validate_run(
     return ValidatedRun(
         work_dir, params["config"], overrides, world_size, seq_length, device_target, port,
         nodes=nodes, ranks_per_node=world_size // nodes, node_ranks=tuple(range(nodes)), source_roots=sources,
+        source_hosts=hosts,
     )  # fmt: skip
 
 

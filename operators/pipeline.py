@@ -492,6 +492,7 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
                 conn_id="{{ params.storage_conn_id or '' }}",
                 tokenizer=name == "tokenizer",  # hf://ORG/REPO: its tokenizer files, not its weights
                 source_roots="{{ ti.xcom_pull(task_ids='validate')[0]['source_roots'] }}",
+                source_hosts="{{ ti.xcom_pull(task_ids='validate')[0]['source_hosts'] }}",
             )
             for name in ("alpaca", "tokenizer", "weights")
         }

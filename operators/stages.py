@@ -136,9 +136,11 @@ class FetchOperator(StageOperator):
     source is a tokenizer, so an hf:// repo fetches only its tokenizer files (`tokenizer_source`).
     `source_roots` (validate's: a list, or colon-separated): a local source must resolve inside them,
     each file checked as it is opened, so a symlink changed since validate cannot point elsewhere.
+    `source_hosts` (validate's `LLAMA_LORA_SOURCE_HOSTS`; empty: any): the hosts an http(s) source and
+    its redirects may name.
     """
 
-    template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id", "source_roots")
+    template_fields: Sequence[str] = ("source", "dest", "sha256", "conn_id", "source_roots", "source_hosts")
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -150,11 +152,12 @@ class FetchOperator(StageOperator):
         conn_id: str | None = None,
         tokenizer: bool = False,
         source_roots: Sequence[str] | str | None = None,
+        source_hosts: Sequence[str] | str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.source, self.dest, self.sha256, self.conn_id = source, dest, sha256, conn_id
-        self.tokenizer, self.source_roots = tokenizer, source_roots
+        self.tokenizer, self.source_roots, self.source_hosts = tokenizer, source_roots, source_hosts
 
     def run_stage(self, context: Context) -> dict[str, Any]:
         from llama_core.fetch import Credentials, fetch
@@ -174,6 +177,9 @@ class FetchOperator(StageOperator):
                 endpoint_url=extra.get("endpoint_url") or conn.host or None,
             )
         roots = self.source_roots.split(":") if isinstance(self.source_roots, str) else self.source_roots
+        hosts = (
+            self.source_hosts.split(",") if isinstance(self.source_hosts, str) else self.source_hosts or ()
+        )
         return to_jsonable(
             fetch(
                 source,
@@ -181,6 +187,7 @@ class FetchOperator(StageOperator):
                 sha256=self.sha256 or None,
                 credentials=credentials,
                 local_roots=[r for r in roots if r] if roots else None,
+                allowed_hosts=[h.strip() for h in hosts if h.strip()],
             )
         )
 

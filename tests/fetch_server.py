@@ -2,7 +2,8 @@
 
 Each served path has a `Spec`: its body (bytes, or a file sent with sendfile), and what to do
 wrong: fail with 503 `fail` times, drop the connection half-way `drop` times, ignore Range,
-stall before answering, or trickle the body slowly. Every request is logged in `server.log`.
+stall before answering, trickle the body slowly, or redirect elsewhere. Every request is logged in
+`server.log`.
 Run as `python tests/fetch_server.py ROOT` to serve a folder (prints the port; used by bench).
 """
 
@@ -28,6 +29,7 @@ class Spec:
     stall: float = 0.0  # seconds to wait before answering
     trickle: float = 0.0  # seconds to wait between 64 KiB pieces of the body
     etag: str = field(default="")
+    redirect: str = ""  # answer 302 to this URL instead
 
     def size(self) -> int:
         return self.body.stat().st_size if isinstance(self.body, Path) else len(self.body)
@@ -107,6 +109,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status(404, "Not Found")
         if spec.stall:
             time.sleep(spec.stall)
+        if spec.redirect:
+            self._record(302, 0)
+            self.send_response(302)
+            self.send_header("Location", spec.redirect)
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         if spec.fail and not head:
             with self.server.lock:
                 spec.fail -= 1

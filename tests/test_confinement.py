@@ -24,7 +24,12 @@ from llama_core.validate import validate_run
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "lora_llama2_tiny.yaml")
 SECRET = "aws_secret_access_key: AKIA-DO-NOT-LEAK-1234567890"
-ENV = ("LLAMA_LORA_SOURCE_ROOTS", "LLAMA_LORA_CONFIG_ROOTS", "LLAMA_LORA_PIPELINES")
+ENV = (
+    "LLAMA_LORA_SOURCE_ROOTS",
+    "LLAMA_LORA_CONFIG_ROOTS",
+    "LLAMA_LORA_PIPELINES",
+    "LLAMA_LORA_SOURCE_HOSTS",
+)
 
 
 @pytest.fixture()
@@ -396,6 +401,78 @@ def test_the_cli_takes_the_source_roots_from_the_environment(
     assert json.loads(done.stdout)["source_roots"] == [str(root), str(tmp_path)]
 
 
+# ---------------------------------------------------------------- remote hosts
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("http://169.254.169.254/latest/meta-data/iam", "data.example.com"),  # a cloud metadata address
+        ("https://data.example.com:8443/a.json", "data.example.com:443"),  # another port
+        ("https://data.example.com.evil.net/a.json", "data.example.com,*.example.com"),
+        ("https://data.example.com@evil.net/a.json", "data.example.com"),  # userinfo, not the host
+        ("https://evil.net\\@data.example.com/a.json", "data.example.com"),  # urllib3 would ask evil.net
+        ("http://[::1]:8080/a.json", "[::1]:9090"),
+    ],
+)
+def test_an_http_source_must_name_an_allowed_host(
+    params: dict[str, Any], root: Path, monkeypatch: pytest.MonkeyPatch, url: str, hosts: str
+) -> None:
+    monkeypatch.setenv("LLAMA_LORA_SOURCE_HOSTS", hosts)
+    text = refused({**params, "weights_url": f"{url}?token=SECRET-1"}, root, "weights_url")
+    assert "LLAMA_LORA_SOURCE_HOSTS" in text or "not a plain host" in text, text
+    assert "SECRET-1" not in text and "/latest" not in text  # the host is named, not the rest of the URL
+
+
+@pytest.mark.parametrize(
+    ("url", "hosts"),
+    [
+        ("https://data.example.com/a.json", "data.example.com"),
+        ("https://data.example.com:8443/a.json", "data.example.com:8443"),
+        ("http://a.b.example.com/a.json", "other.org, *.example.com"),
+        ("http://[::1]:8080/a.json", "[::1]:8080"),
+        ("http://anything.else/a.json", ""),  # unset: any host
+    ],
+)
+def test_a_listed_host_passes_and_the_list_reaches_the_fetch_tasks(
+    params: dict[str, Any], root: Path, monkeypatch: pytest.MonkeyPatch, url: str, hosts: str
+) -> None:
+    monkeypatch.setenv("LLAMA_LORA_SOURCE_HOSTS", hosts)
+    run = validate_run({**params, "alpaca_url": url}, root)
+    assert run.source_hosts == tuple(h.strip() for h in hosts.split(",") if h.strip())
+
+
+def test_a_malformed_host_list_is_named(
+    params: dict[str, Any], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA_LORA_SOURCE_HOSTS", "data.example.com:http")
+    with pytest.raises(
+        ConfigError, match=r"LLAMA_LORA_SOURCE_HOSTS: 'data\.example\.com:http' is not a host"
+    ):
+        validate_run(params, root)
+
+
+def test_a_redirect_to_another_host_is_refused_before_it_is_followed(tmp_path: Path) -> None:
+    from tests.fetch_server import FetchServer
+
+    with FetchServer() as allowed, FetchServer() as internal:
+        secret = internal.add("/admin/keys", SECRET.encode())
+        url = allowed.add("/a.json", b"", redirect=secret)
+        host = allowed.base.removeprefix("http://")
+        with pytest.raises(ConfigError, match="redirects to another host") as info:
+            fetch(url, tmp_path / "d", allowed_hosts=[host])
+        assert "AKIA" not in str(info.value)
+        assert not internal.log, internal.log  # the internal host was never asked
+        kept = [
+            p.name for p in (tmp_path / "d").rglob("*") if p.is_file() and not p.name.endswith(".fetch.lock")
+        ]
+        assert not kept, kept
+        # without a host list the same redirect is followed (a library call; validate sets the list)
+        assert fetch(url, tmp_path / "any").path.read_bytes() == SECRET.encode()
+        with pytest.raises(ConfigError, match=r"host 127\.0\.0\.1:\d+ is not among"):
+            fetch(internal.base + "/admin/keys", tmp_path / "d", allowed_hosts=[host])
+
+
 # ---------------------------------------------------------------- the fetch checks again
 
 
@@ -481,11 +558,14 @@ def test_the_dag_hands_validates_roots_to_the_fetch_tasks() -> None:
     class ValidateOutput:
         def xcom_pull(self, task_ids: str) -> list[dict[str, Any]]:
             assert task_ids == "validate"
-            return [{"source_roots": ["/data", "/mnt/shared"], "node_rank": 0}]
+            return [
+                {"source_roots": ["/data", "/mnt/shared"], "source_hosts": ["hub.internal"], "node_rank": 0}
+            ]
 
     for name in ("alpaca", "tokenizer", "weights"):
         task = dag.get_task(f"fetch_{name}")
         assert task.render_template(task.source_roots, {"ti": ValidateOutput()}) == ["/data", "/mnt/shared"]
+        assert task.render_template(task.source_hosts, {"ti": ValidateOutput()}) == ["hub.internal"]
 
 
 def test_a_bad_number_in_the_config_file_itself_is_blamed_on_the_config(

@@ -73,13 +73,15 @@ def fetch(
     timeouts: Timeouts | None = None,
     progress_interval: float = 5.0,
     local_roots: Sequence[str] | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FetchResult:
     """Fetch `source` (path, file://, http(s)://, s3://, hf://) to `dest/<name>`.
 
     `sha256` pins a single-file source's digest: a mismatch raises and keeps nothing. With
     `cache_dir`, the download lands in that shared cache and is hard-linked (or copied) into
     `dest`. Credentials not given in `credentials` come from the environment. With `local_roots`, a
-    local source must resolve inside one of those folders, each file checked as it is opened.
+    local source must resolve inside one of those folders, each file checked as it is opened. With
+    `allowed_hosts`, an http(s) source and each redirect it answers with must name one of them.
     """
     t0 = time.monotonic()
     creds = credentials or Credentials()
@@ -92,8 +94,9 @@ def fetch(
         raise ConfigError(f"sha256 pins one file; hf source {src.redacted} is a folder")
     roots = None if local_roots is None else tuple(local_roots)
     req = FetchRequest(
-        src, creds, expected, retry or RetryPolicy(), timeouts or Timeouts(), progress_interval, roots
-    )
+        src, creds, expected, retry or RetryPolicy(), timeouts or Timeouts(), progress_interval, roots,
+        tuple(allowed_hosts),
+    )  # fmt: skip
     store = (
         Path(cache_dir) / hashlib.sha256(req.identity.encode()).hexdigest()[:24] if cache_dir else Path(dest)
     )

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urljoin
 
-from llama_core.confine import SOURCE_ROOTS_ENV, confined, open_confined
-from llama_core.errors import LlamaCoreError
+from llama_core.confine import SOURCE_ROOTS_ENV, check_host, confined, open_confined
+from llama_core.errors import ConfigError, LlamaCoreError
 from llama_core.fetch.redact import redact
 from llama_core.fetch.source import FetchRequest
 
@@ -133,8 +134,15 @@ class HttpReader:
         import requests
 
         _redact_urllib3_logs()
-        self.src, self.timeout = req.src, (req.timeouts.connect, req.timeouts.read)
+        self.src, self.timeout, self.hosts = (
+            req.src,
+            (req.timeouts.connect, req.timeouts.read),
+            req.allowed_hosts,
+        )
+        check_host(self.src.url, self.hosts)
         self.session = requests.Session()
+        if self.hosts:  # a response hook sees each redirect before requests follows it
+            self.session.hooks["response"].append(self._check_redirect)
         # "identity": Range offsets count the stored bytes, and we keep exactly those bytes.
         self.session.headers["Accept-Encoding"] = "identity"
         if req.creds.token:
@@ -157,6 +165,14 @@ class HttpReader:
                 f"HTTP {resp.status_code} {resp.reason} from {self.src.redacted}", _retry_after(resp.headers)
             )
         return resp
+
+    def _check_redirect(self, resp, **_kwargs) -> None:
+        if resp.is_redirect:
+            try:
+                check_host(urljoin(resp.url, resp.headers["Location"]), self.hosts)
+            except ConfigError as exc:
+                resp.close()
+                raise ConfigError(f"{self.src.redacted} redirects to another host: {exc}") from None
 
     def _fail(self, resp, method: str) -> FetchError:
         resp.close()

@@ -82,6 +82,8 @@ class FetchRequest:
     progress_interval: float
     # the folders a local source must resolve inside, checked on each file as it is opened; None: any
     local_roots: tuple[str, ...] | None = None
+    # the hosts an http(s) source and its redirects may name (llama_core.confine); empty: any
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def identity(self) -> str:
