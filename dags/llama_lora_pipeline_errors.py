@@ -8,7 +8,7 @@ the key ("key 'cluster.nodes': Input should be a valid integer"). Nothing is hid
 
 from __future__ import annotations
 
-from operators.pipeline import PipelineError, load_pipelines
+from operators.pipeline_file import PipelineError, load_pipelines
 
 _, _problems = load_pipelines()
 if _problems:

@@ -1,6 +1,7 @@
 """One fine-tune DAG per pipeline file in configs/pipelines/ (or the folder LLAMA_LORA_PIPELINES names).
 
-Each `<name>.yaml` there defines a DAG (operators/pipeline.py describes the keys and the DAG's shape).
+Each `<name>.yaml` there defines a DAG (operators/pipeline_file.py describes the keys,
+operators/pipeline.py the DAG's shape).
 A pipeline file that cannot become a DAG is left out here and reported by llama_lora_pipeline_errors.py
 as an import error naming the file, its DAG and the key; the other pipelines' DAGs load regardless.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
-from operators.pipeline import build_dag, load_pipelines
+from operators.pipeline import build_dag
+from operators.pipeline_file import load_pipelines
 
 
 def _level(name: str) -> int:

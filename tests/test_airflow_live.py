@@ -136,7 +136,7 @@ def demo_conf(inputs: Path, work_dir: Path, changes: dict[str, Any] | None = Non
 
 def quick_conf(inputs: Path, work_dir: Path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo's params cut to a quick run (`QUICK_RUN`), with `changes` applied."""
-    from operators.pipeline import load_pipeline
+    from operators.pipeline_file import load_pipeline
 
     pipeline = load_pipeline(REPO / "configs" / "pipelines" / f"{DAG_ID}.yaml")
     quick = {**QUICK_RUN, "overrides": {**pipeline.overrides, **QUICK_OVERRIDES}}

@@ -549,7 +549,8 @@ def test_the_fetch_operator_confines_local_sources(root: Path) -> None:
 
 
 def test_the_dag_hands_validates_roots_to_the_fetch_tasks() -> None:
-    from operators.pipeline import PIPELINES, build_dag, load_pipeline
+    from operators.pipeline import build_dag
+    from operators.pipeline_file import PIPELINES, load_pipeline
 
     pipeline = load_pipeline(PIPELINES / "llama2_tiny_lora_demo.yaml")
     dag = build_dag(pipeline)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from operators.finetune import override_args
-from operators.pipeline import PipelineError, load_pipeline, pipeline_files
+from operators.pipeline_file import PipelineError, load_pipeline, pipeline_files
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"

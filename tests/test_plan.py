@@ -224,7 +224,7 @@ def test_validate_passes_what_fits_and_leaves_cpu_alone(tmp_path: Path) -> None:
     ],
 )
 def test_the_13b_and_70b_pipelines_fit_one_node(dag_id: str, per_device_lora: int) -> None:
-    from operators.pipeline import load_pipeline
+    from operators.pipeline_file import load_pipeline
 
     spec = load_pipeline(CONFIGS / "pipelines" / f"{dag_id}.yaml")
     cfg, world_size = check_config(

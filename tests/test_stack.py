@@ -127,7 +127,7 @@ def inputs(stack: Stack, copy_demo_inputs: Callable[[Path], Path]) -> Path:
 def conf(stack: Stack, inputs: Path, **changes: Any) -> dict[str, Any]:
     """The demo's params (without LoRA dropout: exact curves), with `changes` applied."""
     from llama_core.demo import demo_params
-    from operators.pipeline import load_pipeline
+    from operators.pipeline_file import load_pipeline
 
     params = demo_params(str(inputs), stack.root / "work" / "demo")
     pipeline = load_pipeline(REPO / "configs" / "pipelines" / "llama2_tiny_lora_demo.yaml")

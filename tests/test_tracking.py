@@ -309,7 +309,8 @@ def test_params_are_flat_strings_within_mlflows_limits() -> None:
 
 TRACKED_DAG = """
 import json, sys
-from operators.pipeline import build_dag, load_pipeline
+from operators.pipeline import build_dag
+from operators.pipeline_file import load_pipeline
 dag = build_dag(load_pipeline(sys.argv[1]))
 print(json.dumps({"finetune": dag.get_task("finetune").partial_kwargs.get("tracking"),
                   "report": dag.get_task("report").tracking, "mlflow": "mlflow" in sys.modules}))
@@ -322,7 +323,7 @@ def test_the_tracking_section_reaches_both_tasks_and_parsing_imports_no_mlflow(t
 
     import yaml
 
-    from operators.pipeline import PipelineError, load_pipeline
+    from operators.pipeline_file import PipelineError, load_pipeline
 
     doc = yaml.safe_load((REPO / "configs" / "pipelines" / "llama2_tiny_lora_demo.yaml").read_text())
     path = tmp_path / "p.yaml"
