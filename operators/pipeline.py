@@ -208,14 +208,59 @@ def _params(p: Pipeline) -> dict[str, Any]:
     }
 
 
+# Jinja the tasks share: the run's folders and what earlier tasks produced. Data is keyed by the
+# fetched Alpaca file's content, so runs on different snapshots (a backfill) never share (or
+# overwrite) each other's files, and the same snapshot is prepared once.
+WORK = "{{ params.work_dir }}"
+RUN_DIR = f"{WORK}/runs/{{{{ run_id }}}}"
+DATA = f"{WORK}/data/alpaca-{{{{ ti.xcom_pull(task_ids='fetch_alpaca')['files'][0]['sha256'][:16] }}}}"
+EVAL_DATA = "{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['holdout']['output_file'] or '' }}"
+TOKENIZER = "{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}"
+BASE = "{{ ti.xcom_pull(task_ids='import_checkpoint')['output_path'] }}"
+CONFIG = {"config": "{{ params.config }}", "overrides": "{{ params.overrides }}"}
+
+
 def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, chatter_level: int = 10) -> Any:
-    """The fine-tune DAG of pipeline `p`."""
+    """The fine-tune DAG of pipeline `p`: preparation, the fine-tune (a task per node), its outputs,
+    and the report."""
     from airflow.sdk import DAG
 
-    from operators.evaluate import EvaluateOperator
-    from operators.export import ExportAdapterOperator, ExportMergedOperator
-    from operators.finetune import MsrunFinetuneOperator
-    from operators.report import ReportOperator
+    when = {
+        type(None): "manual runs only (set `schedule` in the pipeline file to retrain on a schedule)",
+        str: f"scheduled: {p.schedule} (UTC)",
+    }.get(type(p.schedule), f"runs when Asset {getattr(p.schedule, 'asset', '')} is updated")
+    tracking = (
+        {**p.tracking.model_dump(), "experiment": p.tracking.experiment or p.dag_id} if p.tracking else None
+    )
+    with DAG(
+        dag_id=p.dag_id,
+        description=(p.description.strip() + " " if p.description else "") + when[0].upper() + when[1:] + ".",
+        doc_md=f"Built from pipeline file `{source_file}`." if source_file else None,
+        schedule=schedule_of(p),
+        catchup=False,
+        max_active_runs=1,  # one fine-tune holds a whole node's NPUs (backfills: see finetune's pool)
+        render_template_as_native_obj=True,  # params keep their types (ints, the overrides dict)
+        default_args={"retries": p.retries, "retry_delay": timedelta(minutes=p.retry_delay_minutes)},
+        tags=[*p.tags, "llama", "lora", "pipeline"],
+        params=_params(p),
+    ) as dag:
+        validate, mindrecord, sharded = _preparation_tasks(p)
+        finetune = _finetune_task(p, validate, chatter_level, tracking)
+        outputs = _output_tasks(p)
+        report = _report_task(source_file, tracking)
+        [mindrecord, sharded] >> finetune >> outputs
+        # The report is validate's teardown: it runs once the rest is done, failed or not (a failed run
+        # gets its report too, and stays failed: a teardown does not decide the run's state); it does
+        # not run when validate refused the request (nothing was done, and work_dir may be refused).
+        # Not on_failure_fail_dagrun: that would make the report a leaf whose success passes a run whose
+        # fine-tune failed (seen with 3 nodes on 2 hosts); a report that fails shows red on its own.
+        outputs >> report.as_teardown(setups=validate)
+    return dag
+
+
+def _preparation_tasks(p: Pipeline) -> tuple[Any, Any, Any]:
+    """validate, the fetches, the data stages and the checkpoint stages, wired; returns validate and
+    the two tasks the fine-tune waits for (the MindRecord and the sharded checkpoint)."""
     from operators.stages import (
         AlpacaToConversationsOperator,
         FetchOperator,
@@ -225,170 +270,144 @@ def build_dag(p: Pipeline, source_file: str | os.PathLike[str] | None = None, ch
     )
     from operators.validate import ValidateParamsOperator
 
-    schedule = schedule_of(p)
-    when = {
-        type(None): "manual runs only (set `schedule` in the pipeline file to retrain on a schedule)",
-        str: f"scheduled: {p.schedule} (UTC)",
-    }.get(type(p.schedule), f"runs when Asset {getattr(p.schedule, 'asset', '')} is updated")
-    work = "{{ params.work_dir }}"
-    run_dir = f"{work}/runs/{{{{ run_id }}}}"
-    # data is keyed by the fetched Alpaca file's content, so runs on different snapshots (a backfill)
-    # never share (or overwrite) each other's files, and the same snapshot is prepared once
-    data = f"{work}/data/alpaca-{{{{ ti.xcom_pull(task_ids='fetch_alpaca')['files'][0]['sha256'][:16] }}}}"
-    npu = {"queue": p.cluster.queue, "pool": p.cluster.pool}
-    tracking = (
-        {**p.tracking.model_dump(), "experiment": p.tracking.experiment or p.dag_id} if p.tracking else None
+    validate = ValidateParamsOperator(
+        task_id="validate",
+        default_work_root=p.work_dir,
+        trusted_config=p.config_path,
+        trusted_conn_id=p.sources.storage_conn_id,
     )
-    with DAG(
-        dag_id=p.dag_id,
-        description=(p.description.strip() + " " if p.description else "") + when[0].upper() + when[1:] + ".",
-        doc_md=f"Built from pipeline file `{source_file}`." if source_file else None,
-        schedule=schedule,
-        catchup=False,
-        max_active_runs=1,  # one fine-tune holds a whole node's NPUs (backfills: see finetune's pool)
-        render_template_as_native_obj=True,  # params keep their types (ints, the overrides dict)
-        default_args={"retries": p.retries, "retry_delay": timedelta(minutes=p.retry_delay_minutes)},
-        tags=[*p.tags, "llama", "lora", "pipeline"],
-        params=_params(p),
-    ) as dag:
-        validate = ValidateParamsOperator(
-            task_id="validate",
-            default_work_root=p.work_dir,
-            trusted_config=p.config_path,
-            trusted_conn_id=p.sources.storage_conn_id,
+    fetch = {
+        name: FetchOperator(
+            task_id=f"fetch_{name}",
+            source=f"{{{{ params.{name}_url }}}}",
+            dest=f"{WORK}/downloads/{name}",
+            sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
+            conn_id="{{ params.storage_conn_id or '' }}",
+            tokenizer=name == "tokenizer",  # hf://ORG/REPO: its tokenizer files, not its weights
+            source_roots="{{ ti.xcom_pull(task_ids='validate')[0]['source_roots'] }}",
+            source_hosts="{{ ti.xcom_pull(task_ids='validate')[0]['source_hosts'] }}",
         )
-        fetch = {
-            name: FetchOperator(
-                task_id=f"fetch_{name}",
-                source=f"{{{{ params.{name}_url }}}}",
-                dest=f"{work}/downloads/{name}",
-                sha256=f"{{{{ params.{name}_sha256 or '' }}}}",
-                conn_id="{{ params.storage_conn_id or '' }}",
-                tokenizer=name == "tokenizer",  # hf://ORG/REPO: its tokenizer files, not its weights
-                source_roots="{{ ti.xcom_pull(task_ids='validate')[0]['source_roots'] }}",
-                source_hosts="{{ ti.xcom_pull(task_ids='validate')[0]['source_hosts'] }}",
-            )
-            for name in ("alpaca", "tokenizer", "weights")
-        }
-        conversations = AlpacaToConversationsOperator(
-            task_id="alpaca_to_conversations",
-            data_path="{{ ti.xcom_pull(task_ids='fetch_alpaca')['path'] }}",
-            output_path=f"{data}/alpaca-conversation.json",
-        )
-        layout = "{{ '-packed' if params.layout == 'packed' else '' }}"
-        holdout = "{{ '-holdout%g' % params.holdout_fraction if params.holdout_fraction else '' }}"
-        mindrecord = TokenizeToMindRecordOperator(
-            task_id="tokenize_to_mindrecord",
-            input_glob="{{ ti.xcom_pull(task_ids='alpaca_to_conversations')['output_path'] }}",
-            model_file="{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}",
-            seq_length="{{ params.seq_length }}",
-            packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
-            holdout_fraction="{{ params.holdout_fraction }}",
-            chat_template="{{ params.chat_template }}",
-            config="{{ params.config }}",  # its pad_token_id pads the records
-            overrides="{{ params.overrides }}",
-            # each layout and split keeps its own file: switching back and forth re-tokenizes nothing
-            output_file=f"{data}/seq{{{{ params.seq_length }}}}/alpaca{layout}{holdout}.mindrecord",
-        )
-        imported = ImportCheckpointOperator(
-            task_id="import_checkpoint",
-            input_path="{{ ti.xcom_pull(task_ids='fetch_weights')['path'] }}",
-            output_path=f"{work}/checkpoint/llama2.ckpt",
-        )
-        sharded = ShardCheckpointOperator(
-            task_id="shard_checkpoint",
-            load_checkpoint="{{ ti.xcom_pull(task_ids='import_checkpoint')['output_path'] }}",
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            output_dir=f"{work}/checkpoint/transformed",
-        )
-        eval_data = "{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['holdout']['output_file'] or '' }}"
-        finetune = MsrunFinetuneOperator.partial(
-            task_id="finetune",
-            map_index_template="node {{ task.node_rank }}",
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            train_dataset_dir="{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['output_file'] }}",
-            eval_dataset_dir=eval_data,  # the held-out split: eval loss during training, on the curve
-            load_checkpoint="{{ ti.xcom_pull(task_ids='shard_checkpoint')['output_dir'] }}",
-            seq_length="{{ params.seq_length }}",
-            output_dir=run_dir,
-            device_target="{{ params.device_target }}",
-            master_port="{{ params.master_port }}",
-            length_buckets="{{ params.layout != 'padded' }}",
-            nodes="{{ params.nodes }}",
-            node_start_timeout="{{ params.node_start_timeout }}",
-            # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
-            # max_active_tis_per_dag does so for this DAG even in the default pool.
-            max_active_tis_per_dag=p.cluster.queue_nodes,
-            retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
-            rank_chatter_level=chatter_level,
-            progress_interval_s=p.training.progress_interval_s,
-            tracking=tracking,
-            **npu,
-        ).expand(node_rank=validate.output.map(node_rank_of))
-        tokenizer = "{{ ti.xcom_pull(task_ids='fetch_tokenizer')['path'] }}"
-        base = "{{ ti.xcom_pull(task_ids='import_checkpoint')['output_path'] }}"
-        evaluate = EvaluateOperator(
-            task_id="evaluate",
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            base_checkpoint=base,
-            run_dir=run_dir,
-            eval_data=eval_data,
-            tokenizer=tokenizer,
-            chat_template="{{ params.chat_template }}",
-            prompts="{{ params.prompts }}",
-            max_new_tokens="{{ params.max_new_tokens }}",
-            seq_length="{{ params.seq_length }}",
-            device_target="{{ params.device_target }}",
-            **npu,
-        )
-        adapter = ExportAdapterOperator(
-            task_id="export_adapter",
-            run_dir=run_dir,
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            base_model="{{ params.base_model }}",
-            base_checkpoint=base,
-            tokenizer=tokenizer,
-            chat_template="{{ params.chat_template }}",
-            seq_length="{{ params.seq_length }}",
-            prompts="{{ params.prompts }}",
-            max_new_tokens="{{ params.max_new_tokens }}",
-            outlets=[adapter_asset(p.dag_id)],
-        )
-        merged = ExportMergedOperator(
-            task_id="export_merged",
-            enabled="{{ params.export_merged }}",
-            run_dir=run_dir,
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            base_checkpoint=base,
-            seq_length="{{ params.seq_length }}",
-            outlets=[merged_asset(p.dag_id)],
-        )
-        report = ReportOperator(
-            task_id="report",
-            run_dir=run_dir,
-            config="{{ params.config }}",
-            overrides="{{ params.overrides }}",
-            pipeline_file=str(source_file or ""),
-            tracking=tracking,
-        )
+        for name in ("alpaca", "tokenizer", "weights")
+    }
+    conversations = AlpacaToConversationsOperator(
+        task_id="alpaca_to_conversations",
+        data_path="{{ ti.xcom_pull(task_ids='fetch_alpaca')['path'] }}",
+        output_path=f"{DATA}/alpaca-conversation.json",
+    )
+    layout = "{{ '-packed' if params.layout == 'packed' else '' }}"
+    holdout = "{{ '-holdout%g' % params.holdout_fraction if params.holdout_fraction else '' }}"
+    mindrecord = TokenizeToMindRecordOperator(
+        task_id="tokenize_to_mindrecord",
+        input_glob="{{ ti.xcom_pull(task_ids='alpaca_to_conversations')['output_path'] }}",
+        model_file=TOKENIZER,
+        seq_length="{{ params.seq_length }}",
+        packing="{{ 'pack' if params.layout == 'packed' else 'none' }}",
+        holdout_fraction="{{ params.holdout_fraction }}",
+        chat_template="{{ params.chat_template }}",
+        **CONFIG,  # its pad_token_id pads the records
+        # each layout and split keeps its own file: switching back and forth re-tokenizes nothing
+        output_file=f"{DATA}/seq{{{{ params.seq_length }}}}/alpaca{layout}{holdout}.mindrecord",
+    )
+    imported = ImportCheckpointOperator(
+        task_id="import_checkpoint",
+        input_path="{{ ti.xcom_pull(task_ids='fetch_weights')['path'] }}",
+        output_path=f"{WORK}/checkpoint/llama2.ckpt",
+    )
+    sharded = ShardCheckpointOperator(
+        task_id="shard_checkpoint",
+        load_checkpoint=BASE,
+        **CONFIG,
+        output_dir=f"{WORK}/checkpoint/transformed",
+    )
+    validate >> list(fetch.values())
+    fetch["alpaca"] >> conversations >> mindrecord
+    fetch["tokenizer"] >> mindrecord
+    fetch["weights"] >> imported >> sharded
+    return validate, mindrecord, sharded
 
-        validate >> list(fetch.values())
-        fetch["alpaca"] >> conversations >> mindrecord
-        fetch["tokenizer"] >> mindrecord
-        fetch["weights"] >> imported >> sharded
-        [mindrecord, sharded] >> finetune >> [evaluate, adapter, merged]
-        # The report is validate's teardown: it runs once the rest is done, failed or not (a failed run
-        # gets its report too, and stays failed: a teardown does not decide the run's state); it does
-        # not run when validate refused the request (nothing was done, and work_dir may be refused).
-        # Not on_failure_fail_dagrun: that would make the report a leaf whose success passes a run whose
-        # fine-tune failed (seen with 3 nodes on 2 hosts); a report that fails shows red on its own.
-        [evaluate, adapter, merged] >> report.as_teardown(setups=validate)
-    return dag
+
+def _finetune_task(p: Pipeline, validate: Any, chatter_level: int, tracking: dict[str, Any] | None) -> Any:
+    """The fine-tune: one msrun task per node, mapped over validate's per-node plans."""
+    from operators.finetune import MsrunFinetuneOperator
+
+    return MsrunFinetuneOperator.partial(
+        task_id="finetune",
+        map_index_template="node {{ task.node_rank }}",
+        **CONFIG,
+        train_dataset_dir="{{ ti.xcom_pull(task_ids='tokenize_to_mindrecord')['output_file'] }}",
+        eval_dataset_dir=EVAL_DATA,  # the held-out split: eval loss during training, on the curve
+        load_checkpoint="{{ ti.xcom_pull(task_ids='shard_checkpoint')['output_dir'] }}",
+        seq_length="{{ params.seq_length }}",
+        output_dir=RUN_DIR,
+        device_target="{{ params.device_target }}",
+        master_port="{{ params.master_port }}",
+        length_buckets="{{ params.layout != 'padded' }}",
+        nodes="{{ params.nodes }}",
+        node_start_timeout="{{ params.node_start_timeout }}",
+        # A pool with one slot per NPU node serialises fine-tunes across DAGs and backfills;
+        # max_active_tis_per_dag does so for this DAG even in the default pool.
+        max_active_tis_per_dag=p.cluster.queue_nodes,
+        retries=0,  # a failed fine-tune wants a look at the failed rank, not a blind re-launch
+        rank_chatter_level=chatter_level,
+        progress_interval_s=p.training.progress_interval_s,
+        tracking=tracking,
+        queue=p.cluster.queue,
+        pool=p.cluster.pool,
+    ).expand(node_rank=validate.output.map(node_rank_of))
+
+
+def _output_tasks(p: Pipeline) -> list[Any]:
+    """What the fine-tuned run becomes: the evaluation (on an NPU node), the PEFT adapter and the
+    merged checkpoint, each export updating its Asset."""
+    from operators.evaluate import EvaluateOperator
+    from operators.export import ExportAdapterOperator, ExportMergedOperator
+
+    generation = {
+        "tokenizer": TOKENIZER,
+        "chat_template": "{{ params.chat_template }}",
+        "prompts": "{{ params.prompts }}",
+        "max_new_tokens": "{{ params.max_new_tokens }}",
+    }
+    evaluate = EvaluateOperator(
+        task_id="evaluate",
+        **CONFIG,
+        base_checkpoint=BASE,
+        run_dir=RUN_DIR,
+        eval_data=EVAL_DATA,
+        **generation,
+        seq_length="{{ params.seq_length }}",
+        device_target="{{ params.device_target }}",
+        queue=p.cluster.queue,
+        pool=p.cluster.pool,
+    )
+    adapter = ExportAdapterOperator(
+        task_id="export_adapter",
+        run_dir=RUN_DIR,
+        **CONFIG,
+        base_model="{{ params.base_model }}",
+        base_checkpoint=BASE,
+        seq_length="{{ params.seq_length }}",
+        **generation,
+        outlets=[adapter_asset(p.dag_id)],
+    )
+    merged = ExportMergedOperator(
+        task_id="export_merged",
+        enabled="{{ params.export_merged }}",
+        run_dir=RUN_DIR,
+        **CONFIG,
+        base_checkpoint=BASE,
+        seq_length="{{ params.seq_length }}",
+        outlets=[merged_asset(p.dag_id)],
+    )
+    return [evaluate, adapter, merged]
+
+
+def _report_task(source_file: str | os.PathLike[str] | None, tracking: dict[str, Any] | None) -> Any:
+    from operators.report import ReportOperator
+
+    return ReportOperator(
+        task_id="report", run_dir=RUN_DIR, **CONFIG, pipeline_file=str(source_file or ""), tracking=tracking
+    )
 
 
 def node_rank_of(plan: dict) -> int:
