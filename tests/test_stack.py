@@ -14,8 +14,8 @@ address and log folder (sharing this machine's disk, the shared storage multi-no
   scheduler SIGKILLed, the api-server and dag-processor restarted, its Celery message delivered a second
   time (visibility time-out cut to 60 s), Redis restarted, PostgreSQL down for 65 s, its worker given
   SIGTERM (a warm shutdown: it waits for the task); the same msrun job trains on and the run succeeds;
-- an Ascend worker SIGKILLed with its task: the ranks stop, the task is failed (heartbeat time-out cut
-  to 180 s) and a clear resumes it from its last checkpoint;
+- an Ascend worker SIGKILLed with its task: the ranks stop, the task is failed (after the heartbeat
+  time-out, production's 300 s) and a clear resumes it from its last checkpoint;
 - never two msrun jobs in one run folder, nothing left on either host, every checkpoint readable;
 - stopping leaves no process; starting again finds the earlier runs in the same database.
 """
@@ -58,7 +58,7 @@ from deploy.stack import DEMO_DAG, POOL, SUBNET, Stack, free_port
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(tempfile.gettempdir()) / "llama-stack-artifacts"  # the Fine-tune tab's screenshots
 VISIBILITY_S = 60
-HEARTBEAT_TIMEOUT_S = 180  # production: 300; above the 65 s outage with room for the recovery
+HEARTBEAT_TIMEOUT_S = 300  # production's: under CI load an api-server restart took 150-210 s
 PG_OUTAGE_S = 65
 # Longer than the faults of the control-plane test: they took 298 s of a 100-epoch run of 551 s on an
 # idle machine (54 epochs' time); a loaded one slows the training more than the faults.
@@ -87,7 +87,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     deployment = Stack(
         root,
         env_extra={
-            # a running task's message is delivered again after 60 s; a dead worker's task fails in 3 min
+            # a running task's message is delivered again after 60 s; a dead worker's task fails in 5 min
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(VISIBILITY_S),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
             "LLAMA_CORE_CACHE_DIR": str(root / "llama_core_cache"),
@@ -437,7 +437,7 @@ def heartbeat_at(stack: Stack, run_id: str) -> float | None:
     return float(value) if done.returncode == 0 and value else None
 
 
-def restarted(stack: Stack, client: AirflowLive, name: str, old_pid: int, timeout: float = 180) -> float:
+def restarted(stack: Stack, client: AirflowLive, name: str, old_pid: int, timeout: float = 300) -> float:
     """Wait until supervisord runs `name` again (a new pid) and the control plane is healthy, every
     component having heartbeat since: the seconds that took."""
     t0, now = time.monotonic(), datetime.now(timezone.utc)
@@ -520,11 +520,10 @@ def test_a_long_fine_tune_goes_on_through_control_plane_faults(
     took["api-server restart"] = restarted(stack, client, "api-server", old)
     goes_on("api-server restart")
     # The task's heartbeats failed while the api-server was down; each outage is to be survived on its
-    # own (this stack's heartbeat time-out is 180 s, production's 300 s), so the database goes down
-    # once the task has heartbeat through the new api-server
+    # own, so the database goes down once the task has heartbeat through the new api-server
     back = time.time()
     wait_for(
-        lambda: (heartbeat_at(stack, run_id) or 0) > back, 120, "a heartbeat after the restart", interval=2
+        lambda: (heartbeat_at(stack, run_id) or 0) > back, 300, "a heartbeat after the restart", interval=2
     )
     t0 = time.monotonic()
     stack.supervisor.ctl("stop", "data:postgres")
