@@ -134,11 +134,8 @@ class HttpReader:
         import requests
 
         _redact_urllib3_logs()
-        self.src, self.timeout, self.hosts = (
-            req.src,
-            (req.timeouts.connect, req.timeouts.read),
-            req.allowed_hosts,
-        )
+        self.src, self.timeout = req.src, (req.timeouts.connect, req.timeouts.read)
+        self.hosts = req.allowed_hosts
         check_host(self.src.url, self.hosts)
         self.session = requests.Session()
         if self.hosts:  # a response hook sees each redirect before requests follows it
