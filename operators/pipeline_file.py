@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llama_core.config import layout_from_config, load_config
+from llama_core.config import layout_from_config, load_config, read_yaml
 from llama_core.data.chat import CHAT_TEMPLATES
 from llama_core.errors import ConfigError
 
@@ -175,7 +175,7 @@ def load_pipeline(path: str | os.PathLike[str]) -> Pipeline:
     """The pipeline of one YAML file; any problem raises PipelineError naming the file and the key."""
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = read_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise PipelineError(f"{path}: not readable as YAML: {exc}") from exc
     if not isinstance(doc, dict):

@@ -11,10 +11,24 @@ venv="${VENV:-$repo/.venv}"
 export PATH="$venv/bin:$PATH"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-echo "== demo inputs in $out/inputs, served on 127.0.0.1"
+export AIRFLOW_HOME="$out/airflow"
+export AIRFLOW__CORE__DAGS_FOLDER="$repo/dags"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
+export LLAMA_LORA_WORK_ROOT="$out"  # the validate task refuses a work_dir outside it
+# Only the demo's pipeline becomes a DAG here: each DAG parse of `airflow dags test` serializes every
+# pipeline's DAG (seconds for the six shipped ones), and the demo runs one.
+mkdir -p "$out/pipelines"
+ln -sfn "$repo/configs/pipelines/llama2_tiny_lora_demo.yaml" "$out/pipelines/llama2_tiny_lora_demo.yaml"
+export LLAMA_LORA_PIPELINES="$out/pipelines"
+
+# The metadata DB is set up while the inputs are generated: neither needs the other.
+echo "== Airflow metadata DB (SQLite) in $AIRFLOW_HOME; demo inputs in $out/inputs, served on 127.0.0.1"
+airflow db migrate >"$out/airflow-db.log" 2>&1 &
+migrate=$!
 python -m llama_core.demo "$out/inputs" --serve >"$out/serve.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
+trap 'kill $server $migrate 2>/dev/null || true' EXIT
 for _ in $(seq 3000); do  # up to 5 min: generating the inputs pre-trains the base model (seconds when idle)
   url=$(sed -n 's/^serving .* at \(http[^ ]*\)$/\1/p' "$out/serve.log")
   [ -n "$url" ] && break
@@ -22,14 +36,7 @@ for _ in $(seq 3000); do  # up to 5 min: generating the inputs pre-trains the ba
   sleep 0.1
 done
 [ -n "$url" ] || { echo "the demo's HTTP server did not start: $out/serve.log" >&2; exit 1; }
-
-export AIRFLOW_HOME="$out/airflow"
-export AIRFLOW__CORE__DAGS_FOLDER="$repo/dags"
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
-export LLAMA_LORA_WORK_ROOT="$out"  # the validate task refuses a work_dir outside it
-echo "== Airflow metadata DB (SQLite) in $AIRFLOW_HOME"
-airflow db migrate >"$out/airflow-db.log" 2>&1 || { cat "$out/airflow-db.log"; exit 1; }
+wait $migrate || { cat "$out/airflow-db.log"; exit 1; }
 
 conf=$(python -c "import json,sys; from llama_core.demo import demo_params; print(json.dumps(demo_params(*sys.argv[1:])))" "$url" "$out/work")
 echo "== running DAG llama2_tiny_lora_demo (log: $out/dag-run.log)"
