@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
+from airflow.sdk import get_parsing_context
+
 from operators.pipeline import build_dag
 from operators.pipeline_file import load_pipelines
 
@@ -32,5 +34,9 @@ def _level(name: str) -> int:
 
 CHATTER_LEVEL = _level(os.environ.get("LLAMA_LORA_RANK_CHATTER_LEVEL", "DEBUG"))
 PIPELINES, _problems = load_pipelines()
+# A task's process parses this file for its own DAG (Airflow's parsing context names it): building
+# only that one spares every task the other pipelines' DAGs. The dag-processor builds them all.
+_WANTED = get_parsing_context().dag_id
 for _path, _pipeline in PIPELINES:
-    globals()[_pipeline.dag_id] = build_dag(_pipeline, source_file=_path, chatter_level=CHATTER_LEVEL)
+    if _WANTED in (None, _pipeline.dag_id):
+        globals()[_pipeline.dag_id] = build_dag(_pipeline, source_file=_path, chatter_level=CHATTER_LEVEL)
