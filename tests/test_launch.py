@@ -182,6 +182,34 @@ def test_a_stop_keeps_the_own_exit_of_a_rank_whose_command_just_ended(
     assert rank.result.exit_code == (3 if ended else -9)
 
 
+def test_a_rank_that_vanishes_while_the_job_is_stopped_was_stopped_by_it(tmp_path: Path) -> None:
+    """Once the launcher stops the job, msrun may SIGKILL a rank's wrapper (when the launcher killed
+    another rank first) before the launcher reaches it: that rank went down with the stop, it did not
+    fail."""
+    import psutil
+
+    from llama_core.launch import RankResult
+    from llama_core.launch.watch import WatchedProcess
+
+    def vanished(stopping: bool) -> RankResult:
+        wrapper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        rank = WatchedProcess("rank_1", RankResult(1, tmp_path / "worker_1.log"), tmp_path)
+        (tmp_path / "rank_1.pid.json").write_text(json.dumps({
+            "pid": wrapper.pid, "pgid": os.getpgid(wrapper.pid),
+            "create_time": psutil.Process(wrapper.pid).create_time(),
+        }))  # fmt: skip
+        assert not rank.poll()
+        rank.stopping = stopping
+        wrapper.kill()  # as msrun does, without a status
+        wrapper.wait(10)
+        rank.kill()
+        assert rank.done
+        return rank.result
+
+    assert vanished(stopping=True) == RankResult(1, tmp_path / "worker_1.log", None, True)
+    assert vanished(stopping=False) == RankResult(1, tmp_path / "worker_1.log", None, False)
+
+
 def test_a_rank_killed_without_status_is_reported(program: list[str], tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as info:
         run_two(program, "vanish", tmp_path / "logs")

@@ -339,6 +339,8 @@ class MsrunJob:
         assert self._msrun is not None
         write_json_atomic(self.status_dir / STOP_FILE, {"stopped_at": time.time()})
         for p in self._watched:
+            p.stopping = True
+        for p in self._watched:
             p.kill()
         # After the ranks: msrun, when still running, reaps the ones it started. Its process group
         # holds the scheduler and outlives msrun, so it is signalled even after msrun exited (msrun is

@@ -80,6 +80,9 @@ class WatchedProcess:
     create_time: float | None = None
     done: bool = False
     tail: LogTail | None = field(default=None)
+    # Set when the launcher begins stopping the job: a process that vanishes from then on went down
+    # with the stop (msrun SIGKILLs its other workers once the launcher killed one), not by itself.
+    stopping: bool = False
 
     def poll(self) -> bool:
         """Refresh; True once the process has ended (exit code recorded or vanished)."""
@@ -99,6 +102,7 @@ class WatchedProcess:
             # The wrapper died without writing (SIGKILL, OOM killer); re-check for a late write.
             status = read_json(self.status_dir / f"{self.name}.exit.json")
             self.result.exit_code = None if status is None else status["exit_code"]
+            self.result.killed_by_launcher = status is None and self.stopping
             self.done = True
         return self.done
 
