@@ -4,6 +4,7 @@
 # tokenizes (with a held-out split), shards, fine-tunes on 2 CPU ranks with msrun, evaluates the base
 # and the fine-tuned model, exports the adapter and the merged model, and writes the run's report.
 # Needs no network and no data of yours. Usage: scripts/demo.sh [DIR]
+# DEMO_PORT: the inputs' port (default 8765; a second demo with the same URLs hits the download cache).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 out="$(mkdir -p "${1:-$repo/demo_output}" && cd "${1:-$repo/demo_output}" && pwd)"
@@ -26,7 +27,7 @@ export LLAMA_LORA_PIPELINES="$out/pipelines"
 echo "== Airflow metadata DB (SQLite) in $AIRFLOW_HOME; demo inputs in $out/inputs, served on 127.0.0.1"
 airflow db migrate >"$out/airflow-db.log" 2>&1 &
 migrate=$!
-python -m llama_core.demo "$out/inputs" --serve >"$out/serve.log" 2>&1 &
+python -m llama_core.demo "$out/inputs" --serve --port "${DEMO_PORT:-8765}" >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill $server $migrate 2>/dev/null || true' EXIT
 for _ in $(seq 3000); do  # up to 5 min: generating the inputs pre-trains the base model (seconds when idle)

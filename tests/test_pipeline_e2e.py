@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from airflow_live import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_FINETUNE = [
@@ -23,8 +24,9 @@ BEFORE_FINETUNE = [
 ]
 
 
-def _run_demo(out: Path) -> tuple[str, dict]:
-    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1])}
+def _run_demo(out: Path, port: int) -> tuple[str, dict]:
+    # the same port for both demos (8765 may be taken on a CI machine): the same URLs, the cache's keys
+    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "DEMO_PORT": str(port)}
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "demo.sh"), str(out)], env=env, capture_output=True, text=True
     )
@@ -41,9 +43,10 @@ def _stages(report: dict) -> dict[str, dict]:
 def demo(tmp_path_factory: pytest.TempPathFactory, copy_demo_inputs: Callable[[Path], Path]) -> dict:
     out = tmp_path_factory.mktemp("demo")
     copy_demo_inputs(out / "inputs")  # the session's build: the demo keeps the inputs it finds there
-    first_stdout, first = _run_demo(out)
+    port = free_port()
+    first_stdout, first = _run_demo(out, port)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "work" / "data").rglob("*") if p.is_file()}
-    second_stdout, second = _run_demo(out)
+    second_stdout, second = _run_demo(out, port)
     return {"out": out, "first": first, "stdout": first_stdout, "second": second, "stamps": stamps,
             "second_stdout": second_stdout}  # fmt: skip
 
