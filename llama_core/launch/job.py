@@ -339,6 +339,7 @@ class MsrunJob:
         assert self._msrun is not None
         write_json_atomic(self.status_dir / STOP_FILE, {"stopped_at": time.time()})
         for p in self._watched:
+            p.poll()  # a process that ended before the stop keeps its own outcome
             p.stopping = True
         for p in self._watched:
             p.kill()
