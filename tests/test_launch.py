@@ -145,11 +145,11 @@ def test_stopping_waits_for_an_unregistered_rank_but_not_the_scheduler(tmp_path:
 # A stand-in rank wrapper: registers, runs a child for argv[2] s, records the child's code 0.5 s after.
 SLOW_RECORDER = """
 import json, os, subprocess, sys, time
-import psutil
+from llama_core.launch.status import start_time
 status_dir, child_s = sys.argv[1], sys.argv[2]
 os.setsid()
 child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({child_s}); raise SystemExit(3)"])
-me = {"pid": os.getpid(), "pgid": os.getpgid(0), "create_time": psutil.Process().create_time()}
+me = {"pid": os.getpid(), "pgid": os.getpgid(0), "start_time": start_time(os.getpid())}
 with open(os.path.join(status_dir, "rank_0.pid.json"), "w") as fh:
     json.dump(me, fh)
 code = child.wait()
@@ -182,13 +182,36 @@ def test_a_stop_keeps_the_own_exit_of_a_rank_whose_command_just_ended(
     assert rank.result.exit_code == (3 if ended else -9)
 
 
+def test_a_process_is_still_recognised_after_the_wall_clock_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher and the wrappers tell a live process from a later one with the same pid by its start
+    time. psutil's create_time is the boot time (from the wall clock) plus the start: once a clock step
+    or slew moves the boot time past a whole second, every process recorded before would look gone
+    (CI saw a healthy rank 0 reported "vanished" and the job stopped)."""
+    import psutil
+
+    from llama_core.launch.status import is_running, start_time
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = start_time(sleeper.pid)
+        before = psutil.Process(sleeper.pid).create_time()
+        boot = psutil.boot_time()
+        monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: boot + 1.0)
+        assert psutil.Process(sleeper.pid).create_time() == before + 1.0  # the clock did move for psutil
+        assert is_running(sleeper.pid, started)
+        assert not is_running(sleeper.pid, started + 0.01)  # another process given the same pid
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert not is_running(sleeper.pid, started)
+
+
 def test_a_rank_that_vanishes_while_the_job_is_stopped_was_stopped_by_it(tmp_path: Path) -> None:
     """Once the launcher stops the job, msrun may SIGKILL a rank's wrapper (when the launcher killed
     another rank first) before the launcher reaches it: that rank went down with the stop, it did not
     fail."""
-    import psutil
-
     from llama_core.launch import RankResult
+    from llama_core.launch.status import start_time
     from llama_core.launch.watch import WatchedProcess
 
     def vanished(stopping: bool) -> RankResult:
@@ -196,7 +219,7 @@ def test_a_rank_that_vanishes_while_the_job_is_stopped_was_stopped_by_it(tmp_pat
         rank = WatchedProcess("rank_1", RankResult(1, tmp_path / "worker_1.log"), tmp_path)
         (tmp_path / "rank_1.pid.json").write_text(json.dumps({
             "pid": wrapper.pid, "pgid": os.getpgid(wrapper.pid),
-            "create_time": psutil.Process(wrapper.pid).create_time(),
+            "start_time": start_time(wrapper.pid),
         }))  # fmt: skip
         assert not rank.poll()
         rank.stopping = stopping

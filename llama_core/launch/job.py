@@ -34,6 +34,7 @@ from llama_core.launch.status import (
     STATUS_DIRNAME,
     STOP_FILE,
     parent_death_signal,
+    start_time,
 )
 from llama_core.launch.watch import LogTail, WatchedProcess, describe_exit, last_lines
 
@@ -149,13 +150,13 @@ class MsrunJob:
     def _spawn(self, is_master: bool) -> None:
         shutil.rmtree(self.status_dir, ignore_errors=True)
         self.status_dir.mkdir(parents=True)
-        me = psutil.Process()
+        me = os.getpid()
         child_env = {
             **os.environ,
             **self.env,
             "PYTHONUNBUFFERED": "1",
-            LAUNCHER_PID_ENV: str(me.pid),
-            LAUNCHER_START_ENV: repr(me.create_time()),
+            LAUNCHER_PID_ENV: str(me),
+            LAUNCHER_START_ENV: repr(start_time(me)),
             LOG_DIR_ENV: str(self.log_dir),
         }
         if self.devices is not None:

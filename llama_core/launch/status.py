@@ -3,7 +3,7 @@
 Each process msrun starts runs under a wrapper that writes `STATUS_DIR/<name>.pid.json` when it
 starts and `STATUS_DIR/<name>.exit.json` when its command ends (`name` is `rank_<RANK_ID>` or
 `scheduler`). The launcher writes `STATUS_DIR/stop.json` before it stops the job. Every process of a
-job carries `LAUNCHER_PID_ENV` (the launcher's pid) and `LAUNCHER_START_ENV` (its start time), so a
+job carries `LAUNCHER_PID_ENV` (the launcher's pid) and `LAUNCHER_START_ENV` (its `start_time`), so a
 wrapper can tell when its launcher is gone and an orphan of a killed job can be recognised.
 """
 
@@ -26,6 +26,8 @@ LAUNCHER_PID_ENV = "LLAMA_LAUNCHER_PID"
 LAUNCHER_START_ENV = "LLAMA_LAUNCHER_START"
 LOG_DIR_ENV = "LLAMA_LAUNCH_LOG_DIR"
 _PR_SET_PDEATHSIG = 1
+# /proc/<pid>/stat: starttime is field 22, the 20th after the command name (field 2).
+_STARTTIME_AFTER_COMM = 19
 
 
 def status_name() -> str:
@@ -43,13 +45,32 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def is_running(pid: int | None, create_time: float | None) -> bool:
-    """True while the process `pid` started at `create_time` runs (a reused pid or a zombie is not it)."""
+def start_time(pid: int) -> float:
+    """When process `pid` started, as recorded to tell it from a later process given the same pid.
+
+    On Linux: seconds since boot, from the starttime field of /proc/<pid>/stat (proc(5)). psutil's
+    `create_time` adds the boot time, which the kernel derives from the wall clock: a clock step or
+    slew that moves it past a whole second makes a live process no longer match what another
+    process recorded for it (CI saw a healthy rank reported vanished). Elsewhere psutil's value.
+    Raises psutil.NoSuchProcess when the process is gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return psutil.Process(pid).create_time()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise psutil.NoSuchProcess(pid) from exc
+    # The command name (2nd field) may hold spaces and parentheses: count fields after its last ")".
+    return int(stat.rsplit(b")", 1)[1].split()[_STARTTIME_AFTER_COMM]) / os.sysconf("SC_CLK_TCK")
+
+
+def is_running(pid: int | None, started: float | None) -> bool:
+    """True while the process `pid` that started at `started` (its `start_time`) runs; a reused pid
+    or a zombie is not it."""
     if pid is None:
         return False
     try:
-        proc = psutil.Process(pid)
-        return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
+        return start_time(pid) == started and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

@@ -77,7 +77,7 @@ class WatchedProcess:
     status_dir: Path
     pid: int | None = None
     pgid: int | None = None
-    create_time: float | None = None
+    start_time: float | None = None
     done: bool = False
     tail: LogTail | None = field(default=None)
     # Set when the launcher begins stopping the job: a process that vanishes from then on went down
@@ -92,7 +92,7 @@ class WatchedProcess:
             info = read_json(self.status_dir / f"{self.name}.pid.json")
             if info is None:
                 return False
-            self.pid, self.pgid, self.create_time = info["pid"], info["pgid"], info["create_time"]
+            self.pid, self.pgid, self.start_time = info["pid"], info["pgid"], info["start_time"]
         status = read_json(self.status_dir / f"{self.name}.exit.json")
         if status is not None:
             self.result.exit_code = status["exit_code"]
@@ -107,7 +107,7 @@ class WatchedProcess:
         return self.done
 
     def alive(self) -> bool:
-        return is_running(self.pid, self.create_time)
+        return is_running(self.pid, self.start_time)
 
     def kill(self) -> None:
         """Refresh, then SIGKILL the process group (wrapper + command + anything they started) while

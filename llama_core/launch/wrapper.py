@@ -24,8 +24,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
-
 from llama_core.atomic import write_json_atomic
 from llama_core.launch.lock import hold_ranks_lock
 from llama_core.launch.status import (
@@ -34,14 +32,15 @@ from llama_core.launch.status import (
     is_running,
     launcher_of,
     parent_death_signal,
+    start_time,
     status_name,
 )
 
 WATCHDOG_S = 0.5
 
 
-def _watch_launcher(pid: int, create_time: float, name: str) -> None:
-    while is_running(pid, create_time):
+def _watch_launcher(pid: int, started: float, name: str) -> None:
+    while is_running(pid, started):
         time.sleep(WATCHDOG_S)
     print(f"[launcher pid {pid} is gone: stopping {name} and everything it started]", flush=True)
     # The wrapper's own group: a rank's wrapper leads its own session (msrun starts ranks with
@@ -52,10 +51,9 @@ def _watch_launcher(pid: int, create_time: float, name: str) -> None:
 def rank_wrapper(status_dir: Path, command: Sequence[str]) -> int:
     """Run `command` as a child, recording our pid first and the child's exit status last."""
     name = status_name()
-    me = psutil.Process()
+    me = os.getpid()
     write_json_atomic(
-        status_dir / f"{name}.pid.json",
-        {"pid": me.pid, "pgid": os.getpgid(0), "create_time": me.create_time()},
+        status_dir / f"{name}.pid.json", {"pid": me, "pgid": os.getpgid(0), "start_time": start_time(me)}
     )
     # The launcher writes STOP_FILE before it reads the pid files: either it sees ours and kills us,
     # or we see its file here, so no rank it meant to stop starts late and runs on unwatched.
