@@ -292,7 +292,6 @@ CASES = {
     "seq1024-batch2-vocab32000": Case(seq=1024, batch=2, vocab=32000),
     "seq512-batch4-recompute": Case(seq=512, batch=4, recompute=True),
     "seq2048-batch1": Case(seq=2048, batch=1),
-    "seq1024-batch4-recompute": Case(seq=1024, batch=4, recompute=True),
     "seq1024-batch4-select_recompute": Case(seq=1024, batch=4, select_recompute=True),
     "seq1024-batch2-model_parallel2": Case(seq=1024, batch=2, model_parallel=2, vocab=32000),
 }
