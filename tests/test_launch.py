@@ -191,10 +191,15 @@ def test_a_process_is_still_recognised_after_the_wall_clock_moved(monkeypatch: p
 
     from llama_core.launch.status import is_running, start_time
 
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a command name with the separators of /proc/<pid>/stat in it
+    name = "open('/proc/self/comm', 'w').write('r) (1 2'); print(flush=True); import time; time.sleep(60)"
+    sleeper = subprocess.Popen([sys.executable, "-c", name], stdout=subprocess.PIPE)
     try:
+        sleeper.stdout.readline()
+        assert psutil.Process(sleeper.pid).name() == "r) (1 2"
         started = start_time(sleeper.pid)
         before = psutil.Process(sleeper.pid).create_time()
+        assert started == pytest.approx(before - psutil.boot_time(), abs=0.02)
         boot = psutil.boot_time()
         monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: boot + 1.0)
         assert psutil.Process(sleeper.pid).create_time() == before + 1.0  # the clock did move for psutil

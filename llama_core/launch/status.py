@@ -60,8 +60,10 @@ def start_time(pid: int) -> float:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except (FileNotFoundError, ProcessLookupError) as exc:
         raise psutil.NoSuchProcess(pid) from exc
-    # The command name (2nd field) may hold spaces and parentheses: count fields after its last ")".
-    return int(stat.rsplit(b")", 1)[1].split()[_STARTTIME_AFTER_COMM]) / os.sysconf("SC_CLK_TCK")
+    try:  # the command name (2nd field) may hold spaces and ")": count the fields after its last ")"
+        return int(stat.rsplit(b")", 1)[1].split()[_STARTTIME_AFTER_COMM]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):  # not the layout proc(5) documents: psutil's own reading
+        return psutil.Process(pid).create_time()
 
 
 def is_running(pid: int | None, started: float | None) -> bool:
