@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from urllib.parse import quote
 
 import psutil
 import requests
+
+from llama_core.launch.preflight import free_port as any_free_port
 
 T = TypeVar("T")
 
@@ -53,12 +54,9 @@ QUICK_OVERRIDES = {"runner_config.epochs": 1, **EVAL_AT_END}
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (never 8793, the worker log server's default)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port != 8793:
-            return port
+    while (port := any_free_port()) == 8793:
+        pass
+    return port
 
 
 class WaitTimeout(AssertionError):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from llama_core.launch.preflight import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv-mlflow"
@@ -27,12 +28,6 @@ def mlflow_executable() -> Path:
     if proc.returncode != 0:
         pytest.fail(f"building .venv-mlflow failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return VENV / "bin" / "mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 
 from llama_core.fetch import Credentials, FetchError, RetryPolicy, fetch
+from llama_core.launch.preflight import free_port
 
 moto_server = pytest.importorskip("moto.server")
 
 KEY, SECRET = "AKIAFETCHTEST", "fetch-test-secret-value"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

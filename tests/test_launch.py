@@ -14,6 +14,7 @@ import pytest
 from processes import job_processes, sleeper_with_env, wait_until
 
 from llama_core.launch import LaunchError, LaunchStopped, MsrunJob, launch
+from llama_core.launch.preflight import free_port
 from llama_core.launch.watch import last_lines
 
 # Stand-in for `python -m llama_core.run`: msrun also starts the scheduler with the same command
@@ -36,12 +37,6 @@ elif rank == 1 and mode == "vanish":
 else:
     time.sleep(600)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -3,12 +3,12 @@
 import dataclasses
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
 from processes import job_processes, wait_until
 
+from llama_core.launch.preflight import free_port
 from llama_core.results import to_jsonable
 from operators.finetune import MsrunFinetuneOperator
 from operators.stages import ImportCheckpointOperator
@@ -43,12 +43,6 @@ def test_mindspore_checkpoint_is_passed_through(tmp_path: Path) -> None:
     assert not (tmp_path / "o.ckpt").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_failed_ranks_fail_the_task_with_their_logs_grouped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -61,7 +55,7 @@ def test_failed_ranks_fail_the_task_with_their_logs_grouped(
         train_dataset_dir=str(tmp_path / "missing.mindrecord"),
         output_dir=str(tmp_path / "run"),
         device_target="CPU",
-        master_port=_free_port(),
+        master_port=free_port(),
     )
     with caplog.at_level(logging.INFO), pytest.raises(LaunchError) as failure:
         op.execute({})

@@ -20,12 +20,13 @@ import pytest
 from test_train_runs import (
     BUCKETS,
     CONFIG,
-    free_port,
     lora_weights,
     write_documents,
     write_padded_records,
     write_records,
 )
+
+from llama_core.launch.preflight import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("tensor_parallel_worker.py")

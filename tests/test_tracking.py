@@ -20,9 +20,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from mlflow_server import MlflowServer, free_port
+from mlflow_server import MlflowServer
 from task_instance import TaskInstance
 
+from llama_core.launch.preflight import free_port
 from llama_core.tracking import HTTP_TIMEOUT_S, QUICK_HTTP, RUN_KEY_TAG, Tracker, TrackingTarget
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from llama_core.launch.preflight import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "lora_llama2_tiny.yaml"
@@ -91,12 +92,6 @@ def lora_weights(output_dir: Path, rank: int = 0) -> dict[str, np.ndarray]:
 
     ckpt = newest_checkpoint(output_dir / "checkpoint" / f"rank_{rank}")
     return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(ckpt)).items() if "lora" in k}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:

@@ -68,7 +68,7 @@ def _wait_for_orphans(stale: list[psutil.Process]) -> list[psutil.Process]:
     return stale
 
 
-def free_port(addr: str) -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     """A TCP port the OS reports free on `addr` now (for a master port chosen per launch)."""
     with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as sock:
         sock.bind((addr, 0))
