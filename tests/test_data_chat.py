@@ -17,7 +17,8 @@ import pytest
 
 from llama_core.data.alpaca_converter import PROMPT_NO_INPUT, convert_alpaca
 from llama_core.data.chat import CHATML_TEMPLATE, JinjaFormat, chat_format, default_chat_template
-from llama_core.data.llama_preprocess import MAX_LISTED, main, preprocess, report_path
+from llama_core.data.llama_preprocess import main, preprocess, report_path
+from llama_core.data.preprocess_runs import MAX_LISTED
 from llama_core.data.prompts import conversation_messages
 from llama_core.data.tokenizer import open_tokenizer, tokenizer_kind
 from llama_core.errors import InputError
