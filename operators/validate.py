@@ -25,10 +25,12 @@ class ValidateParamsOperator(StageOperator):
     `LLAMA_LORA_SOURCE_ROOTS` (else that work root), the config inside `LLAMA_LORA_CONFIG_ROOTS` (else
     configs/ and the pipelines folder) or be `trusted_config`, the one its pipeline file names (pipeline
     files are trusted like DAG files); `storage_conn_id`, when set, must be the pipeline file's own
-    (`trusted_conn_id`) or listed in `LLAMA_LORA_STORAGE_CONNECTIONS` (comma-separated), and exist.
-    A violation fails the run at once, naming the param, without
-    retries. Returns what was established (resolved work_dir, world size, nodes) once per node with
-    its `node_rank`: the list the fine-tune is mapped over.
+    (`trusted_conn_id`) or listed in `LLAMA_LORA_STORAGE_CONNECTIONS` (comma-separated), and exist. A
+    violation fails the run at once, naming the param, whatever the task's retries
+    (`AirflowFailException`): those are for a control plane that failed the task before it ran (an
+    api-server too slow to answer its start), which would otherwise fail the run. Returns what was
+    established (resolved work_dir, world size, nodes) once per node with its `node_rank`: the list the
+    fine-tune is mapped over.
     """
 
     ui_color = "#e8f8e0"
@@ -41,7 +43,6 @@ class ValidateParamsOperator(StageOperator):
         trusted_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("retries", 0)  # a wrong param stays wrong
         super().__init__(**kwargs)
         self.default_work_root = default_work_root
         self.trusted_config = trusted_config
