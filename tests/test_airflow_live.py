@@ -181,7 +181,8 @@ def airflow(
     conf = demo_conf(demo_inputs, work_root / "demo")
     for name in ("alpaca", "tokenizer", "weights"):
         demo["sources"][name]["url"] = conf[f"{name}_url"]
-    demo |= {"work_dir": conf["work_dir"], "schedule": schedule}
+    # retries as production pipelines have them: a wrong param must still fail validate at try 1
+    demo |= {"work_dir": conf["work_dir"], "schedule": schedule, "retries": 1}
     demo["cluster"]["pool"] = POOL
     (pipelines / f"{DAG_ID}.yaml").write_text(yaml.safe_dump(demo))
     broken = {**demo, "dag_id": "broken_pipeline", "cluster": {**demo["cluster"], "nodes": "two"}}
@@ -429,6 +430,7 @@ def test_bad_conf_fails_in_validate_within_seconds_without_retry(
 
     ti = wait_for(validate_done, 120, f"validate of {run_id}", interval=0.3, check=airflow.check_alive)
     wall_s = time.monotonic() - t0
+    assert ti["state"] != "up_for_retry", f"a wrong param is retried: {ti}"
     run = airflow.wait_run(run_id, 60)
     time.sleep(1)
     ti = airflow.task_instance(run_id, "validate")
