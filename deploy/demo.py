@@ -12,8 +12,11 @@ import requests
 
 from deploy.stack import DEMO_DAG, Stack
 
+# An api-server just (re)started takes ~10 s to answer (more under load): wait for it this long.
+API_WAIT_S = 60.0
 
-def rest_session(stack: Stack) -> tuple[requests.Session, str]:
+
+def rest_session(stack: Stack, wait_s: float = API_WAIT_S) -> tuple[requests.Session, str]:
     """A session logged in to the stack's API as its admin, and the API's base URL."""
     state = stack.load()
     if state is None:
@@ -22,7 +25,18 @@ def rest_session(stack: Stack) -> tuple[requests.Session, str]:
     http = requests.Session()
     http.trust_env = False
     login = {"username": "admin", "password": state.secrets["admin_password"]}
-    token = http.post(f"{api}/auth/token", json=login, timeout=30)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            token = http.post(f"{api}/auth/token", json=login, timeout=30)
+            break
+        except requests.ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the stack's api-server at {api} did not answer within {wait_s:.0f} s: is it up "
+                    f"(make airflow)? its log: {stack.root / 'logs' / 'api-server.log'}"
+                ) from exc
+            time.sleep(1)
     token.raise_for_status()
     http.headers["Authorization"] = "Bearer " + token.json()["access_token"]
     return http, api

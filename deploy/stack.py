@@ -487,6 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1, help="demo: nodes the fine-tune spans")
     parser.add_argument("--runs", type=int, default=20, help="burst: demo runs triggered at once")
     args = parser.parse_args(argv)
+    try:
+        return _run_action(args)
+    except RuntimeError as exc:  # the stack's own errors say what to do: no traceback around them
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_action(args: argparse.Namespace) -> int:
     stack = Stack(args.root)
     if args.action == "start":
         stack.start(args.ascend_workers, args.netns_hosts, args.api_port)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,29 @@ def test_images_are_pinned_and_fetch_nothing_at_run_time(compose: dict[str, Any]
     assert not re.search(r"\b(pip|curl|wget|apt-get)\b", entrypoint)
 
 
-def test_the_stack_cli_parses_every_action_and_says_when_there_is_no_stack(tmp_path: Path) -> None:
+def test_the_stack_cli_parses_every_action_and_says_when_there_is_no_stack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from deploy.stack import main
 
-    with pytest.raises(RuntimeError, match=f"no stack in {tmp_path}: make airflow first"):
-        main(["demo", "--root", str(tmp_path), "--nodes", "2"])
+    assert main(["demo", "--root", str(tmp_path), "--nodes", "2"]) == 1
+    assert capsys.readouterr().err == f"error: no stack in {tmp_path}: make airflow first\n"
     assert main(["status", "--root", str(tmp_path)]) == 0
     assert main(["stop", "--root", str(tmp_path)]) == 0  # nothing to stop is not an error
+
+
+def test_the_demo_waits_for_an_api_server_and_names_it_when_it_does_not_answer(tmp_path: Path) -> None:
+    from deploy.demo import rest_session
+    from deploy.stack import Stack, StackState
+    from llama_core.launch.preflight import free_port
+
+    stack = Stack(tmp_path)
+    port = free_port()  # nothing listens there
+    stack.state = StackState(port, 1, 2, 3, 4, {"admin_password": "x"})
+    stack.save()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        rest_session(stack, wait_s=2)
+    assert 2 <= time.monotonic() - t0 < 10  # it waited, then gave up
+    assert f"api-server at http://127.0.0.1:{port} did not answer within 2 s" in str(info.value)
+    assert str(tmp_path / "logs" / "api-server.log") in str(info.value)
