@@ -27,7 +27,9 @@ GOAL_S = 120
 
 
 def run_demo(out: Path, port: int) -> dict:
-    """One `scripts/demo.sh` into `out`: its phases' seconds and its run's report."""
+    """One `scripts/demo.sh` into `out`, as `make demo` runs it: its phases' seconds (`total`, `ready`),
+    its output (`stdout`, stderr merged) and its run's report. RuntimeError, with the output's tail,
+    when it fails. tests/test_pipeline_e2e.py runs the demo through this too."""
     env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "DEMO_PORT": str(port)}
     t0 = time.monotonic()
     ready = None
@@ -43,10 +45,10 @@ def run_demo(out: Path, port: int) -> dict:
     total = time.monotonic() - t0
     text = "".join(lines)
     if proc.returncode != 0 or ready is None:
-        raise SystemExit(f"scripts/demo.sh {out} failed (exit {proc.returncode}):\n{text[-3000:]}")
+        raise RuntimeError(f"scripts/demo.sh {out} failed (exit {proc.returncode}):\n{text[-3000:]}")
     (report_path,) = re.findall(r"^Report: (.+)$", text, re.M)
     report = json.loads(Path(report_path).with_suffix(".json").read_text())
-    return {"total": total, "ready": ready, "report": report}
+    return {"total": total, "ready": ready, "stdout": text, "report": report}
 
 
 def row(label: str, run: dict) -> str:

@@ -2,17 +2,14 @@
 inputs fetched over HTTP, ending with the run's report; the outputs are what they claim to be."""
 
 import json
-import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from airflow_live import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.demo import run_demo
+
 BEFORE_FINETUNE = [
     "fetch_alpaca",
     "fetch_tokenizer",
@@ -24,17 +21,6 @@ BEFORE_FINETUNE = [
 ]
 
 
-def _run_demo(out: Path, port: int) -> tuple[str, dict]:
-    # the same port for both demos (8765 may be taken on a CI machine): the same URLs, the cache's keys
-    env = {**os.environ, "VENV": str(Path(sys.executable).parents[1]), "DEMO_PORT": str(port)}
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo.sh"), str(out)], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (report_path,) = re.findall(r"^Report: (.+)$", proc.stdout, re.M)
-    return proc.stdout, json.loads(Path(report_path).with_suffix(".json").read_text())
-
-
 def _stages(report: dict) -> dict[str, dict]:
     return {stage["name"]: stage for stage in report["stages"]}
 
@@ -44,11 +30,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory, copy_demo_inputs: Callable[[P
     out = tmp_path_factory.mktemp("demo")
     copy_demo_inputs(out / "inputs")  # the session's build: the demo keeps the inputs it finds there
     port = free_port()
-    first_stdout, first = _run_demo(out, port)
+    first = run_demo(out, port)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "work" / "data").rglob("*") if p.is_file()}
-    second_stdout, second = _run_demo(out, port)
-    return {"out": out, "first": first, "stdout": first_stdout, "second": second, "stamps": stamps,
-            "second_stdout": second_stdout}  # fmt: skip
+    second = run_demo(out, port)
+    return {"out": out, "first": first["report"], "stdout": first["stdout"], "second": second["report"],
+            "stamps": stamps}  # fmt: skip
 
 
 @pytest.mark.slow
